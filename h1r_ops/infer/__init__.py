@@ -1,0 +1,1 @@
+"""h1r_ops.infer"""

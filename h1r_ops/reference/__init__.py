@@ -1,0 +1,5 @@
+"""Plain-torch ground truth for every h1r op, written from the math.
+
+Every backend (CPU, CUDA, Triton) is tested against these functions. They favour clarity over speed,
+compute in fp32 (or fp64 when given fp64), and return results in the input dtype like the kernels do.
+"""

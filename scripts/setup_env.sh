@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates ./.venv (if missing), installs the pinned requirements and builds h1r_ops._C in place.
+# Sourced by scripts/demo.sh and scripts/test.sh; safe to re-run (incremental build).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+# The stamp makes a re-run skip pip when requirements.txt has not changed.
+stamp=.venv/.h1r-requirements.sha
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  pip install --quiet --upgrade pip
+  pip install --quiet -r requirements.txt
+  echo "$want" > "$stamp"
+fi
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+pip install --quiet --no-build-isolation --no-deps -e . 2>&1 | tail -n 20
+python -c "import h1r_ops, json; print('h1r_ops backends:', json.dumps(h1r_ops.backends()))"
