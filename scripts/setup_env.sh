@@ -12,10 +12,10 @@ fi
 stamp=.venv/.h1r-requirements.sha
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  pip install --quiet --upgrade pip
-  pip install --quiet -r requirements.txt
+  # (the local package mirrors print one "is ignored" warning per package: hide those)
+  pip install --quiet -r requirements.txt 2>&1 | { grep -v "is ignored: it is neither" || true; }
   echo "$want" > "$stamp"
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-pip install --quiet --no-build-isolation --no-deps -e . 2>&1 | tail -n 20
+pip install --quiet --no-build-isolation --no-deps -e . 2>&1 | { grep -v "is ignored: it is neither" || true; } | tail -n 20
 python -c "import h1r_ops, json; print('h1r_ops backends:', json.dumps(h1r_ops.backends()))"
