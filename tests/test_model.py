@@ -1,0 +1,179 @@
+"""The native Falcon-H1 model against transformers' FalconH1ForCausalLM on the same random weights."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from h1r_ops.model import FalconH1Config, FalconH1ForCausalLM  # noqa: E402
+
+BASE = dict(
+    vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2,
+    mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=16, max_position_embeddings=512,
+    lm_head_multiplier=0.37, embedding_multiplier=3.1, mlp_multipliers=[0.8, 0.6], key_multiplier=0.45,
+    attention_out_multiplier=0.9, attention_in_multiplier=1.2, ssm_multipliers=[0.35, 0.25, 0.4, 0.5, 0.3],
+    ssm_in_multiplier=1.25, ssm_out_multiplier=0.24, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2,
+)
+
+VARIANTS = {
+    "norm_after_gate_untied": dict(mamba_rms_norm=True, mamba_norm_before_gate=False, tie_word_embeddings=False),
+    "norm_before_gate_tied": dict(mamba_rms_norm=True, mamba_norm_before_gate=True, tie_word_embeddings=True),
+    "no_norm_theta1e11": dict(mamba_rms_norm=False, tie_word_embeddings=False, rope_theta=1e11,
+                              mamba_conv_bias=False, mamba_proj_bias=True, projectors_bias=True),
+}
+
+
+def _hf_model(variant, seed=0):
+    kw = {**BASE, **VARIANTS[variant]}
+    theta = kw.pop("rope_theta", 1e4)
+    cfg = transformers.FalconH1Config(**kw, rope_parameters={"rope_type": "default", "rope_theta": theta})
+    torch.manual_seed(seed)
+    m = transformers.FalconH1ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.log(torch.rand_like(p) * 4 + 0.5))
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.randn_like(p) * 0.5 - 1.0)
+            elif p.dim() == 1:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.5 / math.sqrt(p.shape[-1])))
+    return m
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def pair(request, tmp_path_factory):
+    hf = _hf_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    ours = FalconH1ForCausalLM.from_pretrained(path)
+    return hf, ours, path
+
+
+@pytest.mark.parametrize("length", [1, 5, 16, 37])
+def test_logits_match_transformers(pair, length):
+    hf, ours, _ = pair
+    torch.manual_seed(length)
+    ids = torch.randint(3, 97, (2, length))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours(ids, return_logits=True)["logits"]
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
+def test_greedy_generation_matches_transformers(pair):
+    hf, ours, _ = pair
+    torch.manual_seed(1)
+    ids = torch.randint(3, 97, (1, 7))
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=32, do_sample=False, min_new_tokens=32, pad_token_id=0)
+    got = ours.generate_greedy(ids, 32)
+    assert got.tolist() == ref.tolist()
+
+
+def test_loss_and_gradients_match_transformers(pair):
+    hf, ours, _ = pair
+    torch.manual_seed(2)
+    ids = torch.randint(3, 97, (2, 21))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    ref = hf(ids, labels=labels).loss
+    ref.backward()
+    loss = ours(ids, labels=labels)["loss"]
+    loss.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    hp = dict(hf.named_parameters())
+    for name in ["model.layers.0.mamba.in_proj.weight", "model.layers.1.mamba.A_log", "model.layers.0.mamba.conv1d.weight",
+                 "model.layers.0.mamba.dt_bias", "model.layers.1.self_attn.q_proj.weight", "model.embed_tokens.weight"]:
+        g_ours = dict(ours.named_parameters())[name].grad
+        torch.testing.assert_close(g_ours, hp[name].grad, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+    hf.zero_grad()
+
+
+def test_save_pretrained_reads_back_in_transformers(pair, tmp_path):
+    hf, ours, _ = pair
+    ours.save_pretrained(tmp_path)
+    back = transformers.FalconH1ForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(3, 97, (1, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_checkpoint_roundtrip(pair, tmp_path):
+    _, ours, _ = pair
+    ours.save_pretrained(tmp_path, safe_max_shard_bytes=40_000)
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+    again = FalconH1ForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(3, 97, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, return_logits=True)["logits"], ours(ids, return_logits=True)["logits"])
+
+
+def test_bf16_load_runs_close_to_fp32(pair):
+    _, ours, path = pair
+    m16 = FalconH1ForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    assert m16.model.embed_tokens.weight.dtype == torch.bfloat16
+    ids = torch.randint(3, 97, (1, 23))
+    with torch.no_grad():
+        a = m16(ids, return_logits=True)["logits"].float()
+        b = ours(ids, return_logits=True)["logits"]
+    assert (a - b).abs().max() < 0.1 * b.abs().max() + 0.05
+
+
+def test_packed_sequences_equal_separate_ones(pair):
+    _, ours, _ = pair
+    torch.manual_seed(3)
+    a, b = torch.randint(3, 97, (1, 11)), torch.randint(3, 97, (1, 20))
+    packed = torch.cat([a, b], dim=1)
+    seq_idx = torch.tensor([[0] * 11 + [1] * 20], dtype=torch.int32)
+    with torch.no_grad():
+        got = ours(packed, seq_idx=seq_idx, return_logits=True)["logits"]
+        ra = ours(a, return_logits=True)["logits"]
+        rb = ours(b, return_logits=True)["logits"]
+    torch.testing.assert_close(got, torch.cat([ra, rb], dim=1), atol=1e-4, rtol=1e-4)
+
+
+# -- clear errors --------------------------------------------------------------------------------------
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        FalconH1ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_wrong_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type': expected 'falcon_h1', got 'llama'"):
+        FalconH1ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_unsupported_field(tmp_path):
+    d = FalconH1Config(**{k: v for k, v in BASE.items()}).to_dict()
+    d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="rope_type"):
+        FalconH1ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_missing_and_misshaped_tensors(pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, path = pair
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    bad = dict(sd)
+    del bad["model.layers.1.mamba.D"]
+    save_file(bad, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['model.layers.1.mamba.D'\]"):
+        FalconH1ForCausalLM.from_pretrained(tmp_path)
+    bad = dict(sd)
+    bad["model.layers.0.mamba.dt_bias"] = torch.zeros(5)
+    save_file(bad, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mamba.dt_bias': expected shape \(8,\), got \(5,\)"):
+        FalconH1ForCausalLM.from_pretrained(tmp_path)
