@@ -94,23 +94,34 @@ TORCH_LIBRARY(h1r, m) {
       "rotary_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? position_ids, bool inverse) -> ()");
 
   // ---- lm head fused with cross entropy / log-probs / entropy (chunked: never the full logits) ----
-  // hidden (T, d); weight (V, d); target (T,) int64; bias (V,). logits = (hidden @ weight^T + bias) * logit_scale.
-  // reduction: 0 none, 1 mean (over non-ignored tokens), 2 sum. When compute_grad, the gradients of the
-  // reduced loss w.r.t. hidden, weight and bias are computed in the same pass (Liger style) and backward
-  // only scales them; otherwise they come back empty. Returns loss (scalar, or (T,) for none), z_loss
-  // (same shape; lse^2 term, already weighted into loss), grad_hidden, grad_weight, grad_bias.
+  // hidden (T, d); weight (V, d); target (T,) int64 in [0, V) or ignore_index; bias (V,); all of one
+  // floating dtype. logits = (hidden @ weight^T + bias) * logit_scale; softmax statistics in fp32.
+  // loss_t = (1 - eps) (lse_t - logit_t,y) + eps (lse_t - mean_j logit_tj) + z_loss_scale lse_t^2.
+  // reduction: 0 none, 1 mean (over non-ignored tokens; 0 when there are none), 2 sum. When compute_grad,
+  // the gradients of the reduced loss ('none': of the sum) w.r.t. hidden, weight and bias are computed in
+  // the same pass (Liger style) and backward only scales them; otherwise they come back empty.
+  // Returns loss (fp32 scalar, or (T,) for none), z_loss (same shape; the lse^2 term, already weighted
+  // into loss), lse (T,) fp32 (0 for ignored tokens), grad_hidden, grad_weight, grad_bias.
   m.def(
       "fused_linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, "
       "int ignore_index, float label_smoothing, float z_loss_scale, float logit_scale, int reduction, "
-      "bool compute_grad) -> (Tensor loss, Tensor z_loss, Tensor grad_hidden, Tensor grad_weight, "
-      "Tensor grad_bias)");
-  // Per-token log p(target) and entropy of softmax(logits / temperature), plus the logsumexp (T,) fp32
-  // saved for the backward. Targets equal to ignore_index give 0.
+      "bool compute_grad) -> (Tensor loss, Tensor z_loss, Tensor lse, Tensor grad_hidden, "
+      "Tensor grad_weight, Tensor grad_bias)");
+  // Gradients for a per-token upstream gradient grad_loss (T,) fp32 (dL/dloss_t: reduction 'none' with a
+  // non-uniform grad_output, or a forward run without compute_grad), recomputing the logits chunk by
+  // chunk from the saved lse. grad_bias is empty when bias is absent.
+  m.def(
+      "fused_linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor target, "
+      "Tensor? bias, Tensor lse, int ignore_index, float label_smoothing, float z_loss_scale, "
+      "float logit_scale) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // Per-token log p(target) and entropy of softmax(logits / temperature), both fp32 (T,), plus the
+  // logsumexp of logits / temperature (T,) fp32 saved for the backward. Targets equal to ignore_index
+  // give 0 (log-prob, entropy and lse).
   m.def(
       "fused_linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, "
       "float temperature, float logit_scale, int ignore_index) -> (Tensor logprobs, Tensor entropy, "
       "Tensor lse)");
-  // Recomputes the logits chunk by chunk. dlogprobs, dentropy (T,) (either may be absent).
+  // Recomputes the logits chunk by chunk. dlogprobs, dentropy (T,) fp32 (either may be absent).
   m.def(
       "fused_linear_logprobs_bwd(Tensor? dlogprobs, Tensor? dentropy, Tensor hidden, Tensor weight, "
       "Tensor target, Tensor? bias, float temperature, float logit_scale, int ignore_index, Tensor lse) -> "

@@ -25,6 +25,7 @@ OP_FAMILIES: dict[str, tuple[str, ...]] = {
     "rotary": ("rotary", "rotary_"),
     "cross_entropy": (
         "fused_linear_cross_entropy_fwd",
+        "fused_linear_cross_entropy_bwd",
         "fused_linear_logprobs_fwd",
         "fused_linear_logprobs_bwd",
     ),

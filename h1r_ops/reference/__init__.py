@@ -3,3 +3,4 @@
 Every backend (CPU, CUDA, Triton) is tested against these functions. They favour clarity over speed,
 compute in fp32 (or fp64 when given fp64), and return results in the input dtype like the kernels do.
 """
+from .cross_entropy import fused_linear_cross_entropy, fused_linear_logprobs  # noqa: F401
