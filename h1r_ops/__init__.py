@@ -8,7 +8,10 @@ here as drop-in functions with the same arguments as their peers (mamba_ssm, cau
 from ._registry import ALL_OPS, OP_FAMILIES, backends, has_kernel  # noqa: F401
 from .ops.cross_entropy import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy, fused_linear_logprobs  # noqa: F401
 
+from .ops.paged_attention import paged_attention_decode, paged_attention_prefill, reshape_and_cache  # noqa: F401,E501
+
 __version__ = "0.1.0"
 
 __all__ = ["backends", "has_kernel", "ALL_OPS", "OP_FAMILIES"]
 __all__ += ["fused_linear_cross_entropy", "fused_linear_logprobs", "FusedLinearCrossEntropyLoss"]
+__all__ += ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefill"]

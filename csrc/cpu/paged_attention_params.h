@@ -1,0 +1,26 @@
+// Plain-data arguments of the paged-attention CPU kernels (shared by the glue and the per-ISA kernel
+// files; standard library only, so the SIMD translation units stay free of torch headers).
+#pragma once
+
+#include <cstdint>
+
+namespace h1r::cpu {
+
+enum class CacheDtype : int { f32 = 0, bf16 = 1, f16 = 2 };
+
+struct PagedAttentionParams {
+  // q (total_q, hq, hd) fp32 and out (total_q, hq, hd) fp32, contiguous. For decode total_q = batch.
+  const float* q;
+  float* out;
+  // key_cache, value_cache (num_blocks, block_size, hk, hd) contiguous, of dtype cache_dtype.
+  const void* key_cache;
+  const void* value_cache;
+  CacheDtype cache_dtype;
+  const int32_t* block_tables;  // (batch, max_blocks)
+  const int32_t* seq_lens;      // (batch,)
+  const int32_t* cu_seqlens_q;  // (batch + 1,) for prefill; nullptr for decode (one query per sequence)
+  int64_t batch, max_blocks, num_blocks, block_size, hq, hk, hd;
+  float scale;
+};
+
+}  // namespace h1r::cpu
