@@ -10,3 +10,5 @@ from ._registry import ALL_OPS, OP_FAMILIES, backends, has_kernel  # noqa: F401
 __version__ = "0.1.0"
 
 __all__ = ["backends", "has_kernel", "ALL_OPS", "OP_FAMILIES"]
+__all__ += ["selective_scan", "selective_state_update"]
+from .ops.selective_scan import selective_scan, selective_state_update  # noqa: F401,E402
