@@ -15,3 +15,5 @@ __version__ = "0.1.0"
 __all__ = ["backends", "has_kernel", "ALL_OPS", "OP_FAMILIES"]
 __all__ += ["fused_linear_cross_entropy", "fused_linear_logprobs", "FusedLinearCrossEntropyLoss"]
 __all__ += ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefill"]
+__all__ += ["selective_scan", "selective_state_update"]
+from .ops.selective_scan import selective_scan, selective_state_update  # noqa: F401,E402

@@ -1,0 +1,186 @@
+// CPU glue of the selective-scan family: argument checks, allocation, dispatch to the per-ISA kernels
+// (csrc/cpu/selective_scan_kernels.cpp). Schemas: csrc/registration.cpp.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+
+#include "checks.h"
+#include "cpu/isa.h"
+#include "cpu/selective_scan_params.h"
+
+using h1r::cpu::ScanDtype;
+using h1r::cpu::ScanParams;
+using h1r::cpu::StateUpdateParams;
+
+H1R_DECLARE_CPU_KERNEL(void, selective_scan_fwd_kernel, const h1r::cpu::ScanParams&);
+H1R_DECLARE_CPU_KERNEL(void, selective_scan_bwd_kernel, const h1r::cpu::ScanParams&);
+H1R_DECLARE_CPU_KERNEL(void, selective_state_update_kernel, const h1r::cpu::StateUpdateParams&);
+
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+ScanDtype scan_dtype(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ScanDtype::f32;
+    case at::kBFloat16: return ScanDtype::bf16;
+    default: return ScanDtype::f16;
+  }
+}
+
+// An optional fp32 parameter of fixed shape (A, D, dt_bias, initial states): checked, made fp32 contiguous.
+optional<Tensor> fp32_param(const optional<Tensor>& t, const char* name, std::initializer_list<int64_t> shape,
+                            const Tensor& ref) {
+  if (!t.has_value()) return c10::nullopt;
+  h1r::check_shape(*t, name, shape);
+  h1r::check_same_device(*t, name, ref, "x");
+  h1r::check_float(*t, name);
+  return t->to(at::kFloat).contiguous();
+}
+
+// An optional input in x's dtype: checked for shape, dtype and device, made contiguous.
+optional<Tensor> like_x(const optional<Tensor>& t, const char* name, std::initializer_list<int64_t> shape,
+                        const Tensor& x) {
+  if (!t.has_value()) return c10::nullopt;
+  h1r::check_shape(*t, name, shape);
+  h1r::check_same_device(*t, name, x, "x");
+  h1r::check_dtype(*t, name, x.scalar_type());
+  return t->contiguous();
+}
+
+template <typename T>
+const T* ptr_or_null(const optional<Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+const void* vptr_or_null(const optional<Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+// The checked, normalized arguments of a scan call and the kernel parameters pointing into them.
+struct ScanArgs {
+  Tensor x, dt, B, C;
+  optional<Tensor> A, D, z, dt_bias, init, seq;
+  ScanParams prm{};
+
+  ScanArgs(const Tensor& x_, const Tensor& dt_, const Tensor& A_, const Tensor& B_, const Tensor& C_, int64_t chunk,
+           const optional<Tensor>& D_, const optional<Tensor>& z_, const optional<Tensor>& dt_bias_,
+           const optional<Tensor>& init_, const optional<Tensor>& seq_, bool softplus, double dt_min, double dt_max) {
+    h1r::check_float(x_, "x");
+    TORCH_CHECK_VALUE(x_.dim() == 4, "argument 'x': expected shape (b, l, h, p), got ", h1r::shape_str(x_.sizes()));
+    const int64_t b = x_.size(0), l = x_.size(1), h = x_.size(2), p = x_.size(3);
+    TORCH_CHECK_VALUE(B_.dim() == 4, "argument 'B': expected shape (b, l, g, n), got ", h1r::shape_str(B_.sizes()));
+    const int64_t g = B_.size(2), n = B_.size(3);
+    TORCH_CHECK_VALUE(g > 0 && h % g == 0, "argument 'B': the number of groups ", g, " must divide nheads ", h);
+    TORCH_CHECK_VALUE(chunk > 0, "argument 'chunk_size': expected a positive integer, got ", chunk);
+    x = x_.contiguous();
+    dt = *like_x(dt_, "dt", {b, l, h}, x);
+    B = *like_x(B_, "B", {b, l, g, n}, x);
+    C = *like_x(C_, "C", {b, l, g, n}, x);
+    A = fp32_param(A_, "A", {h}, x);
+    D = fp32_param(D_, "D", {h, p}, x);
+    z = like_x(z_, "z", {b, l, h, p}, x);
+    dt_bias = fp32_param(dt_bias_, "dt_bias", {h}, x);
+    init = fp32_param(init_, "initial_states", {b, h, p, n}, x);
+    if (seq_.has_value()) {
+      h1r::check_shape(*seq_, "seq_idx", {b, l});
+      h1r::check_same_device(*seq_, "seq_idx", x, "x");
+      h1r::check_dtype(*seq_, "seq_idx", at::kInt);
+      seq = seq_->contiguous();
+    }
+    prm.batch = b; prm.seqlen = l; prm.nheads = h; prm.headdim = p; prm.ngroups = g; prm.dstate = n;
+    prm.chunk = chunk;
+    prm.dtype = scan_dtype(x);
+    prm.x = x.data_ptr(); prm.dt = dt.data_ptr(); prm.A = A->data_ptr<float>();
+    prm.B = B.data_ptr(); prm.C = C.data_ptr();
+    prm.D = ptr_or_null<float>(D); prm.z = vptr_or_null(z); prm.dt_bias = ptr_or_null<float>(dt_bias);
+    prm.initial_states = ptr_or_null<float>(init); prm.seq_idx = ptr_or_null<int32_t>(seq);
+    prm.dt_softplus = softplus;
+    prm.dt_min = static_cast<float>(dt_min);
+    prm.dt_max = dt_max >= (double)std::numeric_limits<float>::max() ? std::numeric_limits<float>::infinity()
+                                                                    : static_cast<float>(dt_max);
+  }
+  int64_t nchunks() const { return (prm.seqlen + prm.chunk - 1) / prm.chunk; }
+  Tensor cb_scratch() const {
+    return at::empty({prm.batch, prm.ngroups, nchunks(), prm.chunk, prm.chunk}, x.options().dtype(at::kFloat));
+  }
+};
+
+std::tuple<Tensor, Tensor> selective_scan_fwd_cpu(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B,
+                                                  const Tensor& C, int64_t chunk_size, const optional<Tensor>& D,
+                                                  const optional<Tensor>& z, const optional<Tensor>& dt_bias,
+                                                  const optional<Tensor>& initial_states,
+                                                  const optional<Tensor>& seq_idx, bool dt_softplus, double dt_min,
+                                                  double dt_max) {
+  ScanArgs a(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_min, dt_max);
+  const auto& p = a.prm;
+  Tensor out = at::empty_like(a.x);
+  Tensor final_states = at::empty({p.batch, p.nheads, p.headdim, p.dstate}, a.x.options().dtype(at::kFloat));
+  if (p.seqlen == 0) {
+    if (a.init.has_value()) final_states.copy_(*a.init); else final_states.zero_();
+    return {out, final_states};
+  }
+  Tensor cb = a.cb_scratch();
+  a.prm.cb = cb.data_ptr<float>();
+  a.prm.out = out.data_ptr();
+  a.prm.final_states = final_states.data_ptr<float>();
+  H1R_CPU_DISPATCH(selective_scan_fwd_kernel, a.prm);
+  return {out, final_states};
+}
+
+Tensor selective_state_update_cpu(Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B,
+                                  const Tensor& C, const optional<Tensor>& D, const optional<Tensor>& z,
+                                  const optional<Tensor>& dt_bias, bool dt_softplus,
+                                  const optional<Tensor>& state_batch_indices) {
+  h1r::check_float(state, "state");
+  h1r::check_float(x, "x");
+  TORCH_CHECK_VALUE(state.dim() == 4, "argument 'state': expected shape (S, h, p, n), got ",
+                    h1r::shape_str(state.sizes()));
+  h1r::check_contiguous(state, "state");
+  const int64_t S = state.size(0), h = state.size(1), p = state.size(2), n = state.size(3);
+  TORCH_CHECK_VALUE(x.dim() == 3, "argument 'x': expected shape (b, h, p), got ", h1r::shape_str(x.sizes()));
+  const int64_t b = x.size(0);
+  h1r::check_shape(x, "x", {b, h, p});
+  h1r::check_same_device(x, "x", state, "state");
+  TORCH_CHECK_VALUE(B.dim() == 3, "argument 'B': expected shape (b, g, n), got ", h1r::shape_str(B.sizes()));
+  const int64_t g = B.size(1);
+  TORCH_CHECK_VALUE(g > 0 && h % g == 0, "argument 'B': the number of groups ", g, " must divide nheads ", h);
+  Tensor xc = x.contiguous();
+  Tensor dtc = *like_x(dt, "dt", {b, h}, xc);
+  Tensor Bc = *like_x(B, "B", {b, g, n}, xc);
+  Tensor Cc = *like_x(C, "C", {b, g, n}, xc);
+  auto Af = fp32_param(A, "A", {h}, xc);
+  auto Df = fp32_param(D, "D", {h, p}, xc);
+  auto zc = like_x(z, "z", {b, h, p}, xc);
+  auto biasf = fp32_param(dt_bias, "dt_bias", {h}, xc);
+  optional<Tensor> idx;
+  if (state_batch_indices.has_value()) {
+    h1r::check_shape(*state_batch_indices, "state_batch_indices", {b});
+    h1r::check_dtype(*state_batch_indices, "state_batch_indices", at::kInt);
+    h1r::check_same_device(*state_batch_indices, "state_batch_indices", state, "state");
+    idx = state_batch_indices->contiguous();
+    if (b > 0) {
+      const int64_t mx = idx->max().item<int64_t>();
+      TORCH_CHECK_VALUE(mx < S, "argument 'state_batch_indices': index ", mx, " out of range for ", S, " state rows");
+    }
+  } else {
+    TORCH_CHECK_VALUE(b <= S, "argument 'state': expected at least b = ", b, " rows, got ", S);
+  }
+  Tensor out = at::empty_like(xc);
+  StateUpdateParams prm{};
+  prm.batch = b; prm.nheads = h; prm.headdim = p; prm.ngroups = g; prm.dstate = n;
+  prm.dtype = scan_dtype(xc); prm.state_dtype = scan_dtype(state);
+  prm.state = state.data_ptr(); prm.x = xc.data_ptr(); prm.dt = dtc.data_ptr(); prm.A = Af->data_ptr<float>();
+  prm.B = Bc.data_ptr(); prm.C = Cc.data_ptr(); prm.D = ptr_or_null<float>(Df); prm.z = vptr_or_null(zc);
+  prm.dt_bias = ptr_or_null<float>(biasf); prm.dt_softplus = dt_softplus;
+  prm.state_batch_indices = ptr_or_null<int32_t>(idx); prm.out = out.data_ptr();
+  if (b > 0) H1R_CPU_DISPATCH(selective_state_update_kernel, prm);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(h1r, CPU, m) {
+  m.impl("selective_scan_fwd", &selective_scan_fwd_cpu);
+  m.impl("selective_state_update", &selective_state_update_cpu);
+}

@@ -1,0 +1,396 @@
+// Mamba2 selective scan (chunked SSD) and its decode step, CPU SIMD kernels (compiled once per ISA).
+//
+// The scan follows mamba_ssm's stages, for one head and one chunk of Q tokens [t0, t0 + q):
+//   chunk cumsum   dt' = clamp(softplus(dt + dt_bias)), cs_i = sum_{j <= i} dt'_j A   (log-decay)
+//   bmm            CB = C_c B_c^T (q x q), once per group (shared by the group's heads)
+//   chunk scan     Y  = (CB o Lmask) (dt' x)                 Lmask_ij = exp(cs_i - cs_j), j <= i, same document
+//                  Y += (e o C) S_prev                        e_i = exp(cs_i) (0 after a document boundary)
+//   chunk state    S  = e_last S_prev + B^T (w o dt' x)      w_j = exp(cs_last - cs_j) (same document as last)
+// and loops the chunks of one (batch, head) in order, so the state passing is the loop itself and the
+// only per-head intermediates are one chunk's q x q, q x p and n x p blocks. The four products are
+// register-blocked GEMMs (gemm() below); the state is kept as (n, p) so that every product reads its
+// right-hand operand along contiguous rows. Work is parallel over batch x heads (OpenMP).
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu/selective_scan_params.h"
+
+namespace h1r::cpu::H1R_ISA {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t VL = Vec::size();
+
+// ---- conversions --------------------------------------------------------------------------------------
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+template <typename T>
+inline void from_float(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// Load / store `count` (<= VL) elements of T as one float vector.
+template <typename T>
+inline Vec load_f(const T* p, int64_t count = VL) {
+  if constexpr (std::is_same_v<T, float>) {
+    return count == VL ? Vec::loadu(p) : Vec::loadu(p, count);
+  } else {
+    auto v = at::vec::Vectorized<T>::loadu(p, count);
+    return std::get<0>(at::vec::convert_to_float<T>(v));
+  }
+}
+template <typename T>
+inline void store_f(T* p, Vec v, int64_t count = VL) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (count == VL) v.store(p); else v.store(p, count);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, count);
+  }
+}
+
+inline float hsum(Vec v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+inline float softplus(float v) { return v <= 20.f ? std::log1p(std::exp(v)) : v; }
+
+// ---- register-blocked GEMM ----------------------------------------------------------------------------
+// Cm[i][j] (+)= sum_k A(i, k) Bm[k][j] for i < M, j < N, with A(i, k) = A[i * rsa + k * csa] (any strides:
+// A's entries are broadcast, so a transposed A costs nothing) and Bm, Cm row-major (ldb, ldc). A tile of
+// MR rows x NV vectors of accumulators stays in registers over the whole K loop. `lower`: A is lower
+// triangular (A(i, k) = 0 for k > i), so row block [i0, i0 + MR) stops at k = i0 + MR.
+constexpr int MR = 6;
+constexpr int NV = 2;
+
+template <int R, bool FULL>
+inline void gemm_tile(int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bm, int64_t ldb,
+                      float* Cm, int64_t ldc, bool acc, int64_t ncols) {
+  Vec c[R][NV];
+  int64_t cnt[NV];
+  for (int v = 0; v < NV; ++v) cnt[v] = std::clamp<int64_t>(ncols - v * VL, 0, VL);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) {
+      if (!acc) c[r][v] = Vec(0.f);
+      else if (FULL) c[r][v] = Vec::loadu(Cm + r * ldc + v * VL);
+      else c[r][v] = Vec::loadu(Cm + r * ldc + v * VL, cnt[v]);
+    }
+  for (int64_t k = 0; k < K; ++k) {
+    Vec b[NV];
+    for (int v = 0; v < NV; ++v)
+      b[v] = FULL ? Vec::loadu(Bm + k * ldb + v * VL) : Vec::loadu(Bm + k * ldb + v * VL, cnt[v]);
+    const float* a = A + k * csa;
+    for (int r = 0; r < R; ++r) {
+      Vec ar(a[r * rsa]);
+      for (int v = 0; v < NV; ++v) c[r][v] = at::vec::fmadd(ar, b[v], c[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) {
+      if (FULL) c[r][v].store(Cm + r * ldc + v * VL);
+      else if (cnt[v] > 0) c[r][v].store(Cm + r * ldc + v * VL, cnt[v]);
+    }
+}
+
+template <int R>
+inline void gemm_rows(int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bm, int64_t ldb,
+                      float* Cm, int64_t ldc, bool acc, int64_t ncols) {
+  if (ncols == NV * VL) gemm_tile<R, true>(K, A, rsa, csa, Bm, ldb, Cm, ldc, acc, ncols);
+  else gemm_tile<R, false>(K, A, rsa, csa, Bm, ldb, Cm, ldc, acc, ncols);
+}
+
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bm, int64_t ldb,
+          float* Cm, int64_t ldc, bool acc, bool lower = false) {
+  for (int64_t j0 = 0; j0 < N; j0 += NV * VL) {
+    const int64_t nc = std::min<int64_t>(NV * VL, N - j0);
+    for (int64_t i0 = 0; i0 < M; i0 += MR) {
+      const int64_t mr = std::min<int64_t>(MR, M - i0);
+      const int64_t kk = lower ? std::min(K, i0 + mr) : K;
+      const float* Ai = A + i0 * rsa;
+      float* Ci = Cm + i0 * ldc + j0;
+      switch (mr) {
+        case 6: gemm_rows<6>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
+        case 5: gemm_rows<5>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
+        case 4: gemm_rows<4>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
+        case 3: gemm_rows<3>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
+        case 2: gemm_rows<2>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
+        default: gemm_rows<1>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
+      }
+    }
+  }
+}
+
+// dst[i] *= s over n floats.
+inline void scale(float* dst, float s, int64_t n) {
+  const Vec vs(s);
+  int64_t i = 0;
+  for (; i + VL <= n; i += VL) (Vec::loadu(dst + i) * vs).store(dst + i);
+  if (i < n) (Vec::loadu(dst + i, n - i) * vs).store(dst + i, n - i);
+}
+
+// ---- shared per-chunk preparation ---------------------------------------------------------------------
+// Geometry and per-(batch, head) views of the inputs.
+template <typename T>
+struct ScanView {
+  const ScanParams& p;
+  int64_t L, H, P, G, N, Q, nc, hpg;
+  const T *x, *dt, *B, *C, *z;
+  explicit ScanView(const ScanParams& prm)
+      : p(prm), L(prm.seqlen), H(prm.nheads), P(prm.headdim), G(prm.ngroups), N(prm.dstate), Q(prm.chunk),
+        nc((prm.seqlen + prm.chunk - 1) / prm.chunk), hpg(prm.nheads / prm.ngroups),
+        x(static_cast<const T*>(prm.x)), dt(static_cast<const T*>(prm.dt)), B(static_cast<const T*>(prm.B)),
+        C(static_cast<const T*>(prm.C)), z(static_cast<const T*>(prm.z)) {}
+  int32_t doc(int64_t b, int64_t t) const { return p.seq_idx ? p.seq_idx[b * L + t] : 0; }
+  const float* cb(int64_t b, int64_t g, int64_t c) const { return p.cb + ((b * G + g) * nc + c) * Q * Q; }
+};
+
+// Per-chunk quantities of one head: dt', cumulative log-decay, documents.
+struct ChunkDecay {
+  std::vector<float> dtp, cs, e, w;
+  std::vector<int64_t> dstart;  // first position of token i's document inside the chunk
+  std::vector<int32_t> doc;
+  float e_last = 0.f;  // decay of the entering state over the whole chunk (0 after a document boundary)
+  explicit ChunkDecay(int64_t Q) : dtp(Q), cs(Q), e(Q), w(Q), dstart(Q), doc(Q) {}
+
+  // Chunk cumsum for head h of batch b, tokens [t0, t0 + q); prev_doc: document of the entering state.
+  template <typename T>
+  void compute(const ScanView<T>& v, int64_t b, int64_t h, int64_t t0, int64_t q, int32_t prev_doc) {
+    const ScanParams& p = v.p;
+    const float A = p.A[h];
+    const float bias = p.dt_bias ? p.dt_bias[h] : 0.f;
+    float run = 0.f;
+    for (int64_t i = 0; i < q; ++i) {
+      float d = static_cast<float>(v.dt[(b * v.L + t0 + i) * v.H + h]) + bias;
+      if (p.dt_softplus) d = softplus(d);
+      d = std::min(std::max(d, p.dt_min), p.dt_max);
+      dtp[i] = d;
+      run += d * A;
+      cs[i] = run;
+      doc[i] = v.doc(b, t0 + i);
+      dstart[i] = (i > 0 && doc[i] == doc[i - 1]) ? dstart[i - 1] : i;
+    }
+    for (int64_t i = 0; i < q; ++i) e[i] = doc[i] == prev_doc ? std::exp(cs[i]) : 0.f;
+    for (int64_t j = 0; j < q; ++j) w[j] = doc[j] == doc[q - 1] ? std::exp(cs[q - 1] - cs[j]) : 0.f;
+    e_last = e[q - 1];
+  }
+
+  // Lm = CB o Lmask (q x q, row-major, zero above the diagonal and before each row's document start).
+  void decay_matrix(const float* cb, int64_t ldcb, int64_t q, float* Lm) const {
+    for (int64_t i = 0; i < q; ++i) {
+      float* row = Lm + i * q;
+      const float* cbr = cb + i * ldcb;
+      const Vec ci(cs[i]);
+      const int64_t j1 = i + 1;
+      int64_t j = 0;
+      for (; j + VL <= j1; j += VL) ((ci - Vec::loadu(&cs[j])).exp() * Vec::loadu(cbr + j)).store(row + j);
+      if (j < j1) ((ci - Vec::loadu(&cs[j], j1 - j)).exp() * Vec::loadu(cbr + j, j1 - j)).store(row + j, j1 - j);
+      std::fill(row, row + dstart[i], 0.f);
+      std::fill(row + j1, row + q, 0.f);
+    }
+  }
+};
+
+// Stage "bmm": CB[b, g, c] = C_c B_c^T for every (batch, group, chunk), fp32 (q x q, leading dim Q).
+template <typename T>
+void chunk_bmm(const ScanView<T>& v) {
+  const int64_t nb = v.p.batch;
+#pragma omp parallel
+  {
+    std::vector<float> Cf(v.Q * v.N), Bt(v.N * v.Q);
+#pragma omp for schedule(dynamic)
+    for (int64_t idx = 0; idx < nb * v.G * v.nc; ++idx) {
+      const int64_t c = idx % v.nc, g = (idx / v.nc) % v.G, b = idx / (v.nc * v.G);
+      const int64_t t0 = c * v.Q, q = std::min(v.Q, v.L - t0);
+      for (int64_t i = 0; i < q; ++i) {
+        const int64_t off = ((b * v.L + t0 + i) * v.G + g) * v.N;
+        to_float(v.C + off, &Cf[i * v.N], v.N);
+        for (int64_t n = 0; n < v.N; ++n) Bt[n * q + i] = static_cast<float>(v.B[off + n]);
+      }
+      gemm(q, q, v.N, Cf.data(), v.N, 1, Bt.data(), q, v.p.cb + ((b * v.G + g) * v.nc + c) * v.Q * v.Q, v.Q, false);
+    }
+  }
+}
+
+// Copy chunk rows of B or C (group g) into fp32 (q x N).
+template <typename T>
+inline void load_group_rows(const ScanView<T>& v, const T* src, int64_t b, int64_t g, int64_t t0, int64_t q, float* dst) {
+  for (int64_t i = 0; i < q; ++i) to_float(src + ((b * v.L + t0 + i) * v.G + g) * v.N, dst + i * v.N, v.N);
+}
+
+// Copy chunk rows of x (head h) into fp32 (q x P), optionally scaled per row.
+template <typename T>
+inline void load_head_rows(const ScanView<T>& v, const T* src, int64_t b, int64_t h, int64_t t0, int64_t q, float* dst) {
+  for (int64_t i = 0; i < q; ++i) to_float(src + ((b * v.L + t0 + i) * v.H + h) * v.P, dst + i * v.P, v.P);
+}
+
+// ---- forward ------------------------------------------------------------------------------------------
+template <typename T>
+void scan_fwd(const ScanParams& p) {
+  const ScanView<T> v(p);
+  const int64_t L = v.L, H = v.H, P = v.P, N = v.N, Q = v.Q;
+  chunk_bmm(v);
+  T* out = static_cast<T*>(p.out);
+#pragma omp parallel
+  {
+    ChunkDecay dc(Q);
+    std::vector<float> X(Q * P), Xs(Q * P), Cf(Q * N), Bf(Q * N), Lm(Q * Q), Y(Q * P), S(N * P), zr(P);
+#pragma omp for schedule(dynamic)
+    for (int64_t bh = 0; bh < p.batch * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H, g = h / v.hpg;
+      // The state entering chunk 0, as (n, p).
+      if (p.initial_states) {
+        const float* s0 = p.initial_states + bh * P * N;
+        for (int64_t i = 0; i < P; ++i)
+          for (int64_t n = 0; n < N; ++n) S[n * P + i] = s0[i * N + n];
+      } else {
+        std::fill(S.begin(), S.end(), 0.f);
+      }
+      int32_t prev_doc = v.doc(b, 0);
+      for (int64_t c = 0; c < v.nc; ++c) {
+        const int64_t t0 = c * Q, q = std::min(Q, L - t0);
+        dc.compute(v, b, h, t0, q, prev_doc);
+        load_head_rows(v, v.x, b, h, t0, q, X.data());
+        // Xs = dt' x (the input each token writes into the state)
+        for (int64_t i = 0; i < q; ++i) {
+          const Vec d(dc.dtp[i]);
+          for (int64_t j = 0; j < P; j += VL) {
+            const int64_t k = std::min(VL, P - j);
+            (Vec::loadu(&X[i * P + j], k) * d).store(&Xs[i * P + j], k);
+          }
+        }
+        load_group_rows(v, v.C, b, g, t0, q, Cf.data());
+        load_group_rows(v, v.B, b, g, t0, q, Bf.data());
+
+        // Chunk scan, diagonal block: Y = (CB o Lmask) Xs (lower-triangular left operand).
+        dc.decay_matrix(v.cb(b, g, c), Q, q, Lm.data());
+        gemm(q, P, q, Lm.data(), q, 1, Xs.data(), P, Y.data(), P, false, /*lower=*/true);
+        // Off-diagonal: Y += (e o C) S_prev.
+        bool any_e = false;
+        for (int64_t i = 0; i < q; ++i) {
+          any_e |= dc.e[i] != 0.f;
+          scale(&Cf[i * N], dc.e[i], N);
+        }
+        if (any_e) gemm(q, P, N, Cf.data(), N, 1, S.data(), P, Y.data(), P, true);
+
+        // Chunk state and state passing: S = e_last S + B^T (w o Xs).
+        scale(S.data(), dc.e_last, N * P);
+        for (int64_t i = 0; i < q; ++i) scale(&Xs[i * P], dc.w[i], P);
+        gemm(N, P, q, Bf.data(), 1, N, Xs.data(), P, S.data(), P, true);
+        prev_doc = dc.doc[q - 1];
+
+        // out = (Y + D x) * silu(z)
+        for (int64_t i = 0; i < q; ++i) {
+          const int64_t off = ((b * L + t0 + i) * H + h) * P;
+          float* y = &Y[i * P];
+          if (v.z) to_float(v.z + off, zr.data(), P);
+          for (int64_t j = 0; j < P; j += VL) {
+            const int64_t k = std::min(VL, P - j);
+            Vec yv = Vec::loadu(y + j, k);
+            if (p.D) yv = at::vec::fmadd(Vec::loadu(p.D + h * P + j, k), Vec::loadu(&X[i * P + j], k), yv);
+            if (v.z) {
+              const Vec zv = Vec::loadu(&zr[j], k);
+              yv = yv * zv / (Vec(1.f) + zv.neg().exp());
+            }
+            yv.store(y + j, k);
+          }
+          from_float(y, out + off, P);
+        }
+      }
+      // Final state, back to (p, n).
+      float* sf = p.final_states + bh * P * N;
+      for (int64_t i = 0; i < P; ++i)
+        for (int64_t n = 0; n < N; ++n) sf[i * N + n] = S[n * P + i];
+    }
+  }
+}
+
+void selective_scan_fwd_kernel(const ScanParams& p) {
+  switch (p.dtype) {
+    case ScanDtype::f32: return scan_fwd<float>(p);
+    case ScanDtype::bf16: return scan_fwd<c10::BFloat16>(p);
+    default: return scan_fwd<c10::Half>(p);
+  }
+}
+
+// ---- decode step --------------------------------------------------------------------------------------
+// For each (batch, head): dt' and the decay exp(dt' A) once, then for every channel row of the state
+// (n contiguous): s = decay s + (dt' x) B, y = s . C (vectorized over n), out = (y + D x) silu(z).
+template <typename T, typename TS>
+void state_update(const StateUpdateParams& p) {
+  const int64_t H = p.nheads, P = p.headdim, G = p.ngroups, N = p.dstate, hpg = H / G;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dt = static_cast<const T*>(p.dt);
+  const T* Bp = static_cast<const T*>(p.B);
+  const T* Cp = static_cast<const T*>(p.C);
+  const T* z = static_cast<const T*>(p.z);
+  T* out = static_cast<T*>(p.out);
+  TS* state = static_cast<TS*>(p.state);
+#pragma omp parallel
+  {
+    std::vector<float> Bf(N), Cf(N), yr(P);
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < p.batch * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H, g = h / hpg;
+      const int64_t row = p.state_batch_indices ? p.state_batch_indices[b] : b;
+      T* o = out + bh * P;
+      if (row < 0) {  // padded slot: no state to update
+        for (int64_t i = 0; i < P; ++i) o[i] = static_cast<T>(0.f);
+        continue;
+      }
+      float d = static_cast<float>(dt[bh]) + (p.dt_bias ? p.dt_bias[h] : 0.f);
+      if (p.dt_softplus) d = softplus(d);
+      const Vec decay(std::exp(d * p.A[h]));
+      to_float(Bp + (b * G + g) * N, Bf.data(), N);
+      to_float(Cp + (b * G + g) * N, Cf.data(), N);
+      TS* s = state + (row * H + h) * P * N;
+      const T* xr = x + bh * P;
+      for (int64_t i = 0; i < P; ++i, s += N) {
+        const float xv = static_cast<float>(xr[i]);
+        const Vec dx(d * xv);
+        Vec acc(0.f);
+        for (int64_t n = 0; n < N; n += VL) {
+          const int64_t k = std::min(VL, N - n);
+          Vec sv = load_f(s + n, k);
+          sv = at::vec::fmadd(sv, decay, dx * Vec::loadu(&Bf[n], k));
+          store_f(s + n, sv, k);
+          acc = at::vec::fmadd(sv, Vec::loadu(&Cf[n], k), acc);
+        }
+        float y = hsum(acc);
+        if (p.D) y += p.D[h * P + i] * xv;
+        if (z) {
+          const float zv = static_cast<float>(z[bh * P + i]);
+          y *= zv / (1.f + std::exp(-zv));
+        }
+        yr[i] = y;
+      }
+      from_float(yr.data(), o, P);
+    }
+  }
+}
+
+template <typename T>
+void state_update_by_state(const StateUpdateParams& p) {
+  switch (p.state_dtype) {
+    case ScanDtype::f32: return state_update<T, float>(p);
+    case ScanDtype::bf16: return state_update<T, c10::BFloat16>(p);
+    default: return state_update<T, c10::Half>(p);
+  }
+}
+
+void selective_state_update_kernel(const StateUpdateParams& p) {
+  switch (p.dtype) {
+    case ScanDtype::f32: return state_update_by_state<float>(p);
+    case ScanDtype::bf16: return state_update_by_state<c10::BFloat16>(p);
+    default: return state_update_by_state<c10::Half>(p);
+  }
+}
+
+}  // namespace h1r::cpu::H1R_ISA

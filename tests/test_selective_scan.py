@@ -1,0 +1,269 @@
+"""selective_scan / selective_state_update: references against each other, kernels against the reference.
+
+Tolerances (max abs error relative to the reference's max magnitude, both computed in fp32 from the same
+rounded inputs): fp32 1e-4; bf16 / fp16 one output rounding, 2e-2 / 4e-3. Gradients: fp32 1e-3, bf16 4e-2.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import h1r_ops
+from h1r_ops import _registry
+from h1r_ops.reference import selective_scan_ref, selective_scan_sequential_ref, selective_state_update_ref
+
+HAS_CPU = _registry.has_kernel("selective_scan_fwd", "cpu")
+HAS_BWD = _registry.has_kernel("selective_scan_bwd", "cpu")
+needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="h1r_ops._C not built with the selective_scan CPU kernels")
+needs_bwd = pytest.mark.skipif(not HAS_BWD, reason="no selective_scan_bwd CPU kernel")
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float64: 1e-10}
+
+
+def make_inputs(b, l, h, p, g, n, dtype=torch.float32, D="hp", z=True, dt_bias=True, init=True, seq=True,
+                seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=gen) * scale).to(dt)
+
+    kw = {}
+    args = dict(x=r(b, l, h, p), dt=r(b, l, h, scale=0.5), A=-(torch.rand(h, generator=gen) + 0.3),
+                B=r(b, l, g, n, scale=n ** -0.5), C=r(b, l, g, n, scale=n ** -0.5))
+    if D == "hp":
+        kw["D"] = r(h, p, dt=torch.float32)
+    elif D == "h":
+        kw["D"] = r(h, dt=torch.float32)
+    if z:
+        kw["z"] = r(b, l, h, p)
+    if dt_bias:
+        kw["dt_bias"] = r(h, scale=0.5, dt=torch.float32)
+    if init:
+        kw["initial_states"] = r(b, h, p, n, scale=0.5, dt=torch.float32)
+    if seq and l > 1:
+        cuts = torch.sort(torch.randint(0, l, (b, 2), generator=gen), dim=1).values
+        pos = torch.arange(l)[None]
+        kw["seq_idx"] = ((pos >= cuts[:, :1]).int() + (pos >= cuts[:, 1:]).int()).to(torch.int32)
+    if requires_grad:
+        for d in (args, kw):
+            for k, v in d.items():
+                if v.is_floating_point():
+                    v.requires_grad_(True)
+    return args, kw
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+
+
+def upcast(args, kw):
+    f = lambda v: v.detach().float() if v.is_floating_point() else v  # noqa: E731
+    return {k: f(v) for k, v in args.items()}, {k: f(v) for k, v in kw.items()}
+
+
+# ---- the references against each other ---------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(2, 7, 4, 3, 2, 5, 4), (1, 17, 2, 4, 1, 8, 8), (2, 1, 2, 2, 1, 3, 4),
+                                   (1, 33, 4, 5, 2, 6, 8), (2, 24, 2, 3, 2, 4, 8)])
+@pytest.mark.parametrize("opts", [{}, dict(D="h", z=False, dt_bias=False, init=False, seq=False)])
+def test_chunked_ref_matches_sequential(shape, opts):
+    b, l, h, p, g, n, Q = shape
+    args, kw = make_inputs(b, l, h, p, g, n, dtype=torch.float64, **opts)
+    kw = {k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()}
+    args["A"] = args["A"].double()
+    for softplus, limit in [(True, (0.0, math.inf)), (False, (0.05, 0.7))]:
+        o1, s1 = selective_scan_ref(**args, chunk_size=Q, **kw, dt_softplus=softplus, dt_limit=limit,
+                                    return_final_states=True)
+        o2, s2 = selective_scan_sequential_ref(**args, **kw, dt_softplus=softplus, dt_limit=limit,
+                                               return_final_states=True)
+        assert rel_err(o1, o2) < 1e-10 and rel_err(s1, s2) < 1e-10
+
+
+@pytest.mark.parametrize("g", [1, 2])
+def test_state_update_ref_reproduces_scan(g):
+    b, l, h, p, n = 2, 9, 4, 3, 5
+    args, kw = make_inputs(b, l, h, p, g, n, seq=False)
+    out, final = selective_scan_ref(**args, chunk_size=4, **kw, dt_softplus=True, return_final_states=True)
+    state = kw["initial_states"].clone()
+    ys = [selective_state_update_ref(state, args["x"][:, t], args["dt"][:, t], args["A"], args["B"][:, t],
+                                     args["C"][:, t], D=kw["D"], z=kw["z"][:, t], dt_bias=kw["dt_bias"],
+                                     dt_softplus=True) for t in range(l)]
+    assert rel_err(torch.stack(ys, 1), out) < 1e-5
+    assert rel_err(state, final) < 1e-5
+
+
+# ---- forward kernel -----------------------------------------------------------------------------------
+Q = 8
+LENGTHS = [1, 2, 7, Q - 1, Q, Q + 1, 3 * Q + 5]
+
+
+def check_fwd(b, l, h, p, g, n, chunk, dtype=torch.float32, **opts):
+    args, kw = make_inputs(b, l, h, p, g, n, dtype=dtype, **opts)
+    for softplus, limit in [(True, (0.0, math.inf))] + ([(False, (0.05, 0.7))] if dtype == torch.float32 else []):
+        out, fs = h1r_ops.selective_scan(**args, chunk_size=chunk, **kw, dt_softplus=softplus, dt_limit=limit,
+                                         return_final_states=True)
+        a32, k32 = upcast(args, kw)
+        ro, rs = selective_scan_ref(**a32, chunk_size=chunk, **k32, dt_softplus=softplus, dt_limit=limit,
+                                    return_final_states=True)
+        assert out.dtype == dtype and out.shape == args["x"].shape
+        assert fs.dtype == torch.float32
+        assert rel_err(out, ro) < TOL[dtype], (l, dtype, opts)
+        assert rel_err(fs, rs) < 1e-4, (l, dtype, opts)
+
+
+@needs_cpu
+@pytest.mark.parametrize("l", LENGTHS)
+@pytest.mark.parametrize("g", [1, 2])
+def test_fwd_lengths(l, g):
+    check_fwd(2, l, 4, 5, g, 6, Q)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("opts", [{}, dict(D=None, z=False, dt_bias=False, init=False, seq=False),
+                                  dict(D="h", z=False, init=False), dict(seq=False, z=False)])
+def test_fwd_options(dtype, opts):
+    check_fwd(2, 3 * Q + 5, 4, 19, 2, 12, Q, dtype=dtype, **opts)
+
+
+@needs_cpu
+@pytest.mark.parametrize("shape", [(1, 70, 2, 64, 1, 256, 32), (1, 45, 4, 33, 2, 40, 16), (2, 37, 3, 17, 3, 65, 64)])
+def test_fwd_big(shape):
+    b, l, h, p, g, n, chunk = shape
+    check_fwd(b, l, h, p, g, n, chunk)
+
+
+@needs_cpu
+def test_fwd_bf16_big_state():
+    check_fwd(1, 40, 2, 32, 1, 256, 16, dtype=torch.bfloat16)
+
+
+# ---- decode step --------------------------------------------------------------------------------------
+@needs_cpu
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("g,n", [(1, 16), (2, 37), (1, 256)])
+def test_state_update(dtype, state_dtype, g, n):
+    b, h, p = 3, 4, 10
+    gen = torch.Generator().manual_seed(1)
+    S = 5
+    state = torch.randn(S, h, p, n, generator=gen).to(state_dtype)
+    x = torch.randn(b, h, p, generator=gen).to(dtype)
+    dt = torch.randn(b, h, generator=gen).to(dtype)
+    A = -torch.rand(h, generator=gen) - 0.3
+    B = torch.randn(b, g, n, generator=gen).to(dtype)
+    C = torch.randn(b, g, n, generator=gen).to(dtype)
+    D = torch.randn(h, p, generator=gen)
+    z = torch.randn(b, h, p, generator=gen).to(dtype)
+    bias = torch.randn(h, generator=gen)
+    idx = torch.tensor([4, 0, 2], dtype=torch.int32)
+    ref_state = state.float().clone()
+    ro = selective_state_update_ref(ref_state, x.float(), dt.float(), A, B.float(), C.float(), D=D, z=z.float(),
+                                    dt_bias=bias, dt_softplus=True, state_batch_indices=idx)
+    st = state.clone()
+    out = h1r_ops.selective_state_update(st, x, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True,
+                                         state_batch_indices=idx)
+    tol = max(TOL[dtype], TOL[state_dtype])
+    assert rel_err(out, ro) < tol
+    assert rel_err(st.float(), ref_state) < tol
+    assert torch.equal(st[[1, 3]], state[[1, 3]])  # rows not picked are untouched
+
+
+@needs_cpu
+def test_state_update_mamba_ssm_shapes():
+    """mamba_ssm / transformers pass head-tied expansions: dt (b, h, p), A (h, p, n), D, dt_bias (h, p)."""
+    b, h, p, g, n = 2, 4, 6, 2, 8
+    gen = torch.Generator().manual_seed(2)
+    state = torch.randn(b, h, p, n, generator=gen)
+    x = torch.randn(b, h, p, generator=gen)
+    dt = torch.randn(b, h, generator=gen)
+    A = -torch.rand(h, generator=gen) - 0.3
+    B, C = torch.randn(b, g, n, generator=gen), torch.randn(b, g, n, generator=gen)
+    D, bias = torch.randn(h, generator=gen), torch.randn(h, generator=gen)
+    s1, s2 = state.clone(), state.clone()
+    o1 = h1r_ops.selective_state_update(s1, x, dt, A, B, C, D=D, dt_bias=bias, dt_softplus=True)
+    o2 = h1r_ops.selective_state_update(
+        s2, x, dt[:, :, None].expand(b, h, p), A[:, None, None].expand(h, p, n), B, C,
+        D=D[:, None].expand(h, p), dt_bias=bias[:, None].expand(h, p), dt_softplus=True)
+    assert torch.equal(o1, o2) and torch.equal(s1, s2)
+    with pytest.raises(ValueError, match="'dt'"):
+        h1r_ops.selective_state_update(s1, x, torch.randn(b, h, p), A, B, C)
+    with pytest.raises(ValueError, match="'A'"):
+        h1r_ops.selective_state_update(s1, x, dt, torch.randn(h, p, n), B, C)
+
+
+@needs_cpu
+def test_state_update_steps_reproduce_scan_kernel():
+    b, l, h, p, g, n = 2, 11, 4, 8, 2, 16
+    args, kw = make_inputs(b, l, h, p, g, n, seq=False)
+    out, final = h1r_ops.selective_scan(**args, chunk_size=4, **kw, dt_softplus=True, return_final_states=True)
+    state = kw["initial_states"].clone()
+    ys = [h1r_ops.selective_state_update(state, args["x"][:, t], args["dt"][:, t], args["A"], args["B"][:, t],
+                                         args["C"][:, t], D=kw["D"], z=kw["z"][:, t], dt_bias=kw["dt_bias"],
+                                         dt_softplus=True) for t in range(l)]
+    assert rel_err(torch.stack(ys, 1), out) < 1e-5
+    assert rel_err(state, final) < 1e-5
+
+
+# ---- validation, opcheck, compile ---------------------------------------------------------------------
+@needs_cpu
+def test_bad_inputs():
+    args, kw = make_inputs(2, 7, 4, 3, 2, 5)
+    bad = dict(args, dt=torch.randn(2, 7, 5))
+    with pytest.raises(ValueError, match="'dt'"):
+        h1r_ops.selective_scan(**bad, chunk_size=4)
+    with pytest.raises(ValueError, match="'B'"):
+        h1r_ops.selective_scan(**dict(args, B=torch.randn(2, 7, 3, 5), C=torch.randn(2, 7, 3, 5)), chunk_size=4)
+    with pytest.raises(ValueError, match="'initial_states'"):
+        h1r_ops.selective_scan(**args, chunk_size=4, initial_states=torch.randn(2, 4, 3, 6))
+    with pytest.raises(ValueError, match="'chunk_size'"):
+        h1r_ops.selective_scan(**args, chunk_size=0)
+    with pytest.raises(ValueError, match="'x'"):
+        h1r_ops.selective_scan(**dict(args, x=args["x"].double()), chunk_size=4)
+    with pytest.raises(ValueError, match="'seq_idx'"):
+        h1r_ops.selective_scan(**args, chunk_size=4, seq_idx=torch.zeros(2, 7))
+
+
+@needs_cpu
+def test_opcheck():
+    args, kw = make_inputs(2, 11, 4, 3, 2, 5)
+    a = (args["x"], args["dt"], args["A"], args["B"], args["C"], 4, kw["D"], kw["z"], kw["dt_bias"],
+         kw["initial_states"], kw["seq_idx"], True, 0.0, float("inf"))
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    torch.library.opcheck(torch.ops.h1r.selective_scan_fwd.default, a, test_utils=tests)
+    state = torch.randn(3, 4, 3, 5)
+    u = (state, args["x"][:, 0], args["dt"][:, 0], args["A"], args["B"][:, 0], args["C"][:, 0], kw["D"],
+         kw["z"][:, 0], kw["dt_bias"], True, torch.tensor([2, 0], dtype=torch.int32))
+    torch.library.opcheck(torch.ops.h1r.selective_state_update.default, u, test_utils=tests)
+
+
+@needs_cpu
+def test_compile_fullgraph():
+    args, kw = make_inputs(1, 13, 2, 4, 1, 8)
+    f = torch.compile(h1r_ops.selective_scan, fullgraph=True, backend="aot_eager")
+    out = f(**args, chunk_size=4, **kw, dt_softplus=True)
+    ref = h1r_ops.selective_scan(**args, chunk_size=4, **kw, dt_softplus=True)
+    assert torch.allclose(out, ref)
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_lower_isa_subprocess(isa):
+    """The avx2 and scalar builds of the kernels give the same results (small subset, in a subprocess)."""
+    code = (
+        "import torch, tests.test_selective_scan as t\n"
+        f"assert torch.ops.h1r.cpu_isa() == '{isa}', torch.ops.h1r.cpu_isa()\n"
+        "t.check_fwd(2, 29, 4, 19, 2, 12, 8)\n"
+        "t.check_fwd(1, 20, 2, 5, 1, 37, 8, dtype=torch.bfloat16)\n"
+        "t.test_state_update(torch.bfloat16, torch.float32, 2, 37)\n"
+        "t.test_state_update(torch.float32, torch.float32, 1, 16)\n"
+        "if t.HAS_BWD:\n    t.check_bwd(2, 21, 4, 7, 2, 12, 8, torch.float32)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, H1R_CPU_ISA=isa, PYTHONPATH=root)
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
