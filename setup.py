@@ -57,6 +57,7 @@ COMMON_FLAGS = [
     "-fvisibility-inlines-hidden",
     "-Wall",
     "-Wno-unused-function",
+    "-Wno-unknown-pragmas",  # ATen's vec headers carry #pragma unroll
     f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
 ]
 
