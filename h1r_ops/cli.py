@@ -1,0 +1,35 @@
+"""The ``h1r`` command line: ``h1r info``, ``h1r demo`` (more subcommands join as the engine and trainer land)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info(argv) -> int:
+    import h1r_ops
+
+    print(json.dumps(h1r_ops.backends(), indent=2))
+    return 0
+
+
+def _demo(argv) -> int:
+    from h1r_ops import demo
+
+    return demo.main(argv)
+
+
+COMMANDS = {"info": (_info, "backends and kernels of this build"), "demo": (_demo, "every op vs its reference, timed")}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(prog="h1r", description="h1r: kernels, model, decoder and trainer for Falcon-H1R")
+    ap.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))
+    args, rest = ap.parse_known_args(argv[:1])
+    return COMMANDS[args.command][0](argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
