@@ -142,6 +142,69 @@ def test_fwd_bf16_big_state():
     check_fwd(1, 40, 2, 32, 1, 256, 16, dtype=torch.bfloat16)
 
 
+# ---- backward kernel ----------------------------------------------------------------------------------
+GTOL = {torch.float32: 1e-3, torch.bfloat16: 4e-2, torch.float16: 1e-2}
+
+
+def check_bwd(b, l, h, p, g, n, chunk, dtype=torch.float32, softplus=True, limit=(0.0, math.inf),
+              final_grad=True, **opts):
+    """Gradients of every input (out and final states both used) against the reference's autograd."""
+    args, kw = make_inputs(b, l, h, p, g, n, dtype=dtype, requires_grad=True, **opts)
+    names = [k for k in list(args) + list(kw) if (args.get(k) if k in args else kw[k]).is_floating_point()]
+    out, fs = h1r_ops.selective_scan(**args, chunk_size=chunk, **kw, dt_softplus=softplus, dt_limit=limit,
+                                     return_final_states=True)
+    gen = torch.Generator().manual_seed(5)
+    go = torch.randn(out.shape, generator=gen).to(dtype)
+    gs = torch.randn(fs.shape, generator=gen) if final_grad else torch.zeros(fs.shape)
+    loss = (out.float() * go.float()).sum() + ((fs * gs).sum() if final_grad else 0)
+    grads = torch.autograd.grad(loss, [args[k] if k in args else kw[k] for k in names])
+    a32, k32 = upcast(args, kw)
+    for v in list(a32.values()) + list(k32.values()):
+        if v.is_floating_point():
+            v.requires_grad_(True)
+    ro, rs = selective_scan_ref(**a32, chunk_size=chunk, **k32, dt_softplus=softplus, dt_limit=limit,
+                                return_final_states=True)
+    ref = torch.autograd.grad((ro * go.float()).sum() + (rs * gs).sum(), [a32[k] if k in a32 else k32[k] for k in names])
+    for name, g1, g2 in zip(names, grads, ref):
+        src = args.get(name, kw.get(name))
+        assert g1.dtype == src.dtype and g1.shape == src.shape, name
+        assert rel_err(g1, g2) < GTOL[dtype], (name, rel_err(g1, g2), l, dtype, opts)
+
+
+@needs_bwd
+@pytest.mark.parametrize("l", [1, 7, Q, Q + 1, 3 * Q + 5])
+@pytest.mark.parametrize("g", [1, 2])
+def test_bwd_lengths(l, g):
+    check_bwd(2, l, 4, 5, g, 6, Q)
+
+
+@needs_bwd
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opts", [{}, dict(D=None, z=False, dt_bias=False, init=False, seq=False),
+                                  dict(D="h", z=False, init=False), dict(seq=False, final_grad=False)])
+def test_bwd_options(dtype, opts):
+    check_bwd(2, 3 * Q + 5, 4, 19, 2, 12, Q, dtype=dtype, **opts)
+
+
+@needs_bwd
+def test_bwd_no_softplus_clamped():
+    check_bwd(1, 29, 2, 5, 1, 12, 8, softplus=False, limit=(0.05, 0.7))
+
+
+@needs_bwd
+def test_bwd_big():
+    check_bwd(1, 70, 2, 64, 1, 256, 32)
+
+
+@needs_bwd
+def test_opcheck_bwd():
+    args, kw = make_inputs(2, 11, 4, 3, 2, 5, requires_grad=True)
+    a = (args["x"], args["dt"], args["A"], args["B"], args["C"], 4, kw["D"], kw["z"], kw["dt_bias"],
+         kw["initial_states"], kw["seq_idx"], True, 0.0, float("inf"))
+    torch.library.opcheck(torch.ops.h1r.selective_scan_fwd.default, a,
+                          test_utils=("test_autograd_registration", "test_aot_dispatch_dynamic"))
+
+
 # ---- decode step --------------------------------------------------------------------------------------
 @needs_cpu
 @pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),

@@ -128,6 +128,56 @@ std::tuple<Tensor, Tensor> selective_scan_fwd_cpu(const Tensor& x, const Tensor&
   return {out, final_states};
 }
 
+// Gradients for every input, in each input's dtype (empty where the input was absent).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> selective_scan_bwd_cpu(
+    const Tensor& dout, const optional<Tensor>& dfinal_states, const Tensor& x, const Tensor& dt, const Tensor& A,
+    const Tensor& B, const Tensor& C, int64_t chunk_size, const optional<Tensor>& D, const optional<Tensor>& z,
+    const optional<Tensor>& dt_bias, const optional<Tensor>& initial_states, const optional<Tensor>& seq_idx,
+    bool dt_softplus, double dt_min, double dt_max) {
+  ScanArgs a(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_min, dt_max);
+  auto& p = a.prm;
+  const int64_t b = p.batch, l = p.seqlen, h = p.nheads, hp = p.headdim, g = p.ngroups, n = p.dstate;
+  Tensor dout_c = *like_x(dout, "dout", {b, l, h, hp}, a.x);
+  auto dfin = fp32_param(dfinal_states, "dfinal_states", {b, h, hp, n}, a.x);
+  const auto f32 = a.x.options().dtype(at::kFloat);
+  Tensor dx = at::zeros({b, l, h, hp}, f32), ddt = at::zeros({b, l, h}, f32);
+  Tensor dA = at::zeros({b, h}, f32), dBh = at::zeros({b, l, h, n}, f32), dCh = at::zeros({b, l, h, n}, f32);
+  Tensor dD = a.D.has_value() ? at::zeros({b, h, hp}, f32) : Tensor();
+  Tensor dz = a.z.has_value() ? at::zeros({b, l, h, hp}, f32) : Tensor();
+  Tensor dbias = a.dt_bias.has_value() ? at::zeros({b, h}, f32) : Tensor();
+  Tensor dinit = a.init.has_value() ? at::zeros({b, h, hp, n}, f32) : Tensor();
+  if (l > 0) {
+    Tensor cb = a.cb_scratch();
+    Tensor states = at::empty({b, h, a.nchunks(), n, hp}, f32);
+    p.cb = cb.data_ptr<float>();
+    p.chunk_states = states.data_ptr<float>();
+    p.dout = dout_c.data_ptr();
+    p.dfinal_states = ptr_or_null<float>(dfin);
+    p.dx = dx.data_ptr<float>(); p.ddt = ddt.data_ptr<float>(); p.dA = dA.data_ptr<float>();
+    p.dB = dBh.data_ptr<float>(); p.dC = dCh.data_ptr<float>();
+    p.dD = dD.defined() ? dD.data_ptr<float>() : nullptr;
+    p.dz = dz.defined() ? dz.data_ptr<float>() : nullptr;
+    p.ddt_bias = dbias.defined() ? dbias.data_ptr<float>() : nullptr;
+    p.dinitial_states = dinit.defined() ? dinit.data_ptr<float>() : nullptr;
+    H1R_CPU_DISPATCH(selective_scan_bwd_kernel, p);
+  } else if (dinit.defined() && dfin.has_value()) {
+    dinit.copy_(*dfin);
+  }
+  // Per-head dB, dC summed over the heads of each group; per-batch partial sums of the parameters.
+  auto like = [&](const Tensor& grad, const c10::optional<Tensor>& input) {
+    return input.has_value() ? grad.to(input->scalar_type()) : at::empty({0}, f32);
+  };
+  return {dx.to(x.scalar_type()),
+          ddt.to(dt.scalar_type()),
+          dA.sum(0).to(A.scalar_type()),
+          dBh.view({b, l, g, h / g, n}).sum(3).to(B.scalar_type()),
+          dCh.view({b, l, g, h / g, n}).sum(3).to(C.scalar_type()),
+          D.has_value() ? dD.sum(0).to(D->scalar_type()) : at::empty({0}, f32),
+          like(dz, z),
+          dt_bias.has_value() ? dbias.sum(0).to(dt_bias->scalar_type()) : at::empty({0}, f32),
+          like(dinit, initial_states)};
+}
+
 Tensor selective_state_update_cpu(Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B,
                                   const Tensor& C, const optional<Tensor>& D, const optional<Tensor>& z,
                                   const optional<Tensor>& dt_bias, bool dt_softplus,
@@ -182,5 +232,6 @@ Tensor selective_state_update_cpu(Tensor& state, const Tensor& x, const Tensor& 
 
 TORCH_LIBRARY_IMPL(h1r, CPU, m) {
   m.impl("selective_scan_fwd", &selective_scan_fwd_cpu);
+  m.impl("selective_scan_bwd", &selective_scan_bwd_cpu);
   m.impl("selective_state_update", &selective_state_update_cpu);
 }

@@ -61,6 +61,9 @@ inline float hsum(Vec v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
+// dt_limit = (0, inf) means no clamp at all (as in mamba_ssm), so that a raw negative dt passes unchanged.
+inline bool clamp_dt(const ScanParams& p) { return !(p.dt_min == 0.f && std::isinf(p.dt_max) && p.dt_max > 0.f); }
+
 inline float softplus(float v) { return v <= 20.f ? std::log1p(std::exp(v)) : v; }
 
 // ---- register-blocked GEMM ----------------------------------------------------------------------------
@@ -170,7 +173,7 @@ struct ChunkDecay {
     for (int64_t i = 0; i < q; ++i) {
       float d = static_cast<float>(v.dt[(b * v.L + t0 + i) * v.H + h]) + bias;
       if (p.dt_softplus) d = softplus(d);
-      d = std::min(std::max(d, p.dt_min), p.dt_max);
+      if (clamp_dt(p)) d = std::min(std::max(d, p.dt_min), p.dt_max);
       dtp[i] = d;
       run += d * A;
       cs[i] = run;
@@ -182,16 +185,19 @@ struct ChunkDecay {
     e_last = e[q - 1];
   }
 
-  // Lm = CB o Lmask (q x q, row-major, zero above the diagonal and before each row's document start).
+  // Lm = CB o Lmask (q x q, row-major, zero above the diagonal and before each row's document start);
+  // with cb == nullptr, Lmask itself.
   void decay_matrix(const float* cb, int64_t ldcb, int64_t q, float* Lm) const {
     for (int64_t i = 0; i < q; ++i) {
       float* row = Lm + i * q;
-      const float* cbr = cb + i * ldcb;
       const Vec ci(cs[i]);
       const int64_t j1 = i + 1;
-      int64_t j = 0;
-      for (; j + VL <= j1; j += VL) ((ci - Vec::loadu(&cs[j])).exp() * Vec::loadu(cbr + j)).store(row + j);
-      if (j < j1) ((ci - Vec::loadu(&cs[j], j1 - j)).exp() * Vec::loadu(cbr + j, j1 - j)).store(row + j, j1 - j);
+      for (int64_t j = 0; j < j1; j += VL) {
+        const int64_t k = std::min(VL, j1 - j);
+        Vec d = (ci - Vec::loadu(&cs[j], k)).exp();
+        if (cb) d = d * Vec::loadu(cb + i * ldcb + j, k);
+        d.store(row + j, k);
+      }
       std::fill(row, row + dstart[i], 0.f);
       std::fill(row + j1, row + q, 0.f);
     }
@@ -317,6 +323,227 @@ void selective_scan_fwd_kernel(const ScanParams& p) {
     case ScanDtype::f32: return scan_fwd<float>(p);
     case ScanDtype::bf16: return scan_fwd<c10::BFloat16>(p);
     default: return scan_fwd<c10::Half>(p);
+  }
+}
+
+// ---- backward -----------------------------------------------------------------------------------------
+// dst (cols x rows) = src (rows x cols, leading dim ld)^T.
+inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * ld + c];
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec acc(0.f);
+  for (int64_t i = 0; i < n; i += VL) {
+    const int64_t k = std::min(VL, n - i);
+    acc = at::vec::fmadd(Vec::loadu(a + i, k), Vec::loadu(b + i, k), acc);
+  }
+  return hsum(acc);
+}
+
+// dst += s * src over n floats.
+inline void axpy(float* dst, float s, const float* src, int64_t n) {
+  const Vec vs(s);
+  for (int64_t i = 0; i < n; i += VL) {
+    const int64_t k = std::min(VL, n - i);
+    at::vec::fmadd(vs, Vec::loadu(src + i, k), Vec::loadu(dst + i, k)).store(dst + i, k);
+  }
+}
+
+// Per (batch, head): pass 1 re-runs the state recurrence and keeps the state entering each chunk; pass 2
+// walks the chunks backwards carrying dS (the gradient of the state leaving the chunk) and differentiates
+// the four products of the forward (see the file header) plus the decays, chunk cumsum and dt processing:
+//   dY   = dout silu(z);                         dz = dout y silu'(z);    dD += x . dY
+//   off-diagonal  Y += (e o C) S_prev:           dS_prev  = C^T (e o dY); dC += e o (dY S_prev^T); de = C . (dY S_prev^T)
+//   chunk state   S = e_last S_prev + B^T (w o Xs): dS_prev += e_last dS; dXs += w o (B dS); dw = Xs . (B dS);
+//                                                dB += (w o Xs) dS^T;    de_last += <dS, S_prev>
+//   diagonal      Y = (CB o Lmask) Xs:           dXs += (CB o Lmask)^T dY; dGL = dY Xs^T; dC += (dGL o Lmask) B;
+//                                                dB += (dGL o Lmask)^T C; dcs from dGL o CB o Lmask
+//   decays        e = exp(cs), w = exp(cs_last - cs), Lmask = exp(cs_i - cs_j) -> dcs -> da (reverse cumsum)
+//   Xs = dt' x, a = dt' A                        dx += dt' dXs; ddt' = x . dXs + A da; dA += dt' . da
+template <typename T>
+void scan_bwd(const ScanParams& p) {
+  const ScanView<T> v(p);
+  const int64_t L = v.L, H = v.H, P = v.P, N = v.N, Q = v.Q, nc = v.nc;
+  chunk_bmm(v);
+  const T* dout = static_cast<const T*>(p.dout);
+#pragma omp parallel
+  {
+    ChunkDecay dc(Q);
+    std::vector<float> X(Q * P), Xs(Q * P), Xw(Q * P), XsT(P * Q), Cf(Q * N), Bf(Q * N), Dm(Q * Q), Lm(Q * Q),
+        dGL(Q * Q), dY(Q * P), dYe(Q * P), Yr(Q * P), dXs(Q * P), BdS(Q * P), T1(Q * N), dCc(Q * N), dBc(Q * N),
+        S(N * P), dS(N * P), dSp(N * P), SpT(P * N), dST(P * N), zr(P), dcs(Q), de(Q), dw(Q), colacc(Q), dDh(P);
+#pragma omp for schedule(dynamic)
+    for (int64_t bh = 0; bh < p.batch * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H, g = h / v.hpg;
+      const float A = p.A[h];
+      float* states = p.chunk_states + bh * nc * N * P;
+      // Pass 1: the state entering each chunk.
+      if (p.initial_states) {
+        transpose(p.initial_states + bh * P * N, P, N, N, S.data());
+      } else {
+        std::fill(S.begin(), S.end(), 0.f);
+      }
+      int32_t prev_doc = v.doc(b, 0);
+      std::vector<int32_t> prev_docs(nc);
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t t0 = c * Q, q = std::min(Q, L - t0);
+        std::copy(S.begin(), S.end(), states + c * N * P);
+        prev_docs[c] = prev_doc;
+        dc.compute(v, b, h, t0, q, prev_doc);
+        load_head_rows(v, v.x, b, h, t0, q, X.data());
+        for (int64_t i = 0; i < q; ++i)
+          for (int64_t j = 0; j < P; ++j) Xw[i * P + j] = X[i * P + j] * dc.dtp[i] * dc.w[i];
+        load_group_rows(v, v.B, b, g, t0, q, Bf.data());
+        scale(S.data(), dc.e_last, N * P);
+        gemm(N, P, q, Bf.data(), 1, N, Xw.data(), P, S.data(), P, true);
+        prev_doc = dc.doc[q - 1];
+      }
+
+      // Pass 2: backwards over the chunks.
+      if (p.dfinal_states) transpose(p.dfinal_states + bh * P * N, P, N, N, dS.data());
+      else std::fill(dS.begin(), dS.end(), 0.f);
+      std::fill(dDh.begin(), dDh.end(), 0.f);
+      float dA_acc = 0.f, dbias_acc = 0.f;
+      for (int64_t c = nc - 1; c >= 0; --c) {
+        const int64_t t0 = c * Q, q = std::min(Q, L - t0);
+        const float* Sp = states + c * N * P;
+        dc.compute(v, b, h, t0, q, prev_docs[c]);
+        load_head_rows(v, v.x, b, h, t0, q, X.data());
+        for (int64_t i = 0; i < q; ++i)
+          for (int64_t j = 0; j < P; ++j) Xs[i * P + j] = X[i * P + j] * dc.dtp[i];
+        load_group_rows(v, v.C, b, g, t0, q, Cf.data());
+        load_group_rows(v, v.B, b, g, t0, q, Bf.data());
+        dc.decay_matrix(nullptr, 0, q, Dm.data());
+        const float* cb = v.cb(b, g, c);
+        for (int64_t i = 0; i < q; ++i)
+          for (int64_t j = 0; j <= i; ++j) Lm[i * q + j] = Dm[i * q + j] * cb[i * Q + j];
+        for (int64_t i = 0; i < q; ++i) std::fill(&Lm[i * q + i + 1], &Lm[i * q + q], 0.f);
+
+        // Gate: recompute y = Y_diag + Y_off + D x where z needs it; dY = dout silu(z), dz = dout y silu'(z).
+        load_head_rows(v, dout, b, h, t0, q, dY.data());
+        if (v.z) {
+          gemm(q, P, q, Lm.data(), q, 1, Xs.data(), P, Yr.data(), P, false, true);
+          for (int64_t i = 0; i < q; ++i) {  // T1 = e o C
+            std::copy(&Cf[i * N], &Cf[i * N] + N, &T1[i * N]);
+            scale(&T1[i * N], dc.e[i], N);
+          }
+          gemm(q, P, N, T1.data(), N, 1, Sp, P, Yr.data(), P, true);
+          for (int64_t i = 0; i < q; ++i) {
+            const int64_t off = ((b * L + t0 + i) * H + h) * P;
+            to_float(v.z + off, zr.data(), P);
+            float* dzo = p.dz + off;
+            for (int64_t j = 0; j < P; ++j) {
+              const float y = Yr[i * P + j] + (p.D ? p.D[h * P + j] * X[i * P + j] : 0.f);
+              const float zz = zr[j], sg = 1.f / (1.f + std::exp(-zz));
+              const float go = dY[i * P + j];
+              dzo[j] = go * y * sg * (1.f + zz * (1.f - sg));
+              dY[i * P + j] = go * zz * sg;
+            }
+          }
+        }
+        // Skip connection: dD += x . dY, dx = D dY (+ the scan's part below).
+        if (p.D)
+          for (int64_t i = 0; i < q; ++i) {
+            for (int64_t j = 0; j < P; ++j) dDh[j] += X[i * P + j] * dY[i * P + j];
+          }
+
+        // Off-diagonal: dS_prev = C^T (e o dY); T1 = dY S_prev^T; dC = e o T1; de = C . T1.
+        for (int64_t i = 0; i < q; ++i) {
+          std::copy(&dY[i * P], &dY[i * P] + P, &dYe[i * P]);
+          scale(&dYe[i * P], dc.e[i], P);
+        }
+        gemm(N, P, q, Cf.data(), 1, N, dYe.data(), P, dSp.data(), P, false);
+        transpose(Sp, N, P, P, SpT.data());
+        gemm(q, N, P, dY.data(), P, 1, SpT.data(), N, T1.data(), N, false);
+        for (int64_t i = 0; i < q; ++i) {
+          de[i] = dot(&T1[i * N], &Cf[i * N], N);
+          for (int64_t n = 0; n < N; ++n) dCc[i * N + n] = dc.e[i] * T1[i * N + n];
+        }
+
+        // Chunk state: dS_prev += e_last dS; BdS = B dS; dXs = w o BdS; dw = Xs . BdS; dB = (w o Xs) dS^T.
+        de[q - 1] += dot(dS.data(), Sp, N * P);
+        axpy(dSp.data(), dc.e_last, dS.data(), N * P);
+        gemm(q, P, N, Bf.data(), N, 1, dS.data(), P, BdS.data(), P, false);
+        for (int64_t i = 0; i < q; ++i) {
+          dw[i] = dot(&BdS[i * P], &Xs[i * P], P);
+          for (int64_t j = 0; j < P; ++j) {
+            dXs[i * P + j] = dc.w[i] * BdS[i * P + j];
+            Xw[i * P + j] = dc.w[i] * Xs[i * P + j];
+          }
+        }
+        transpose(dS.data(), N, P, P, dST.data());
+        gemm(q, N, P, Xw.data(), P, 1, dST.data(), N, dBc.data(), N, false);
+
+        // Diagonal: dXs += Lm^T dY; dGL = dY Xs^T; dG = dGL o Lmask; dC += dG B; dB += dG^T C;
+        // t = dGL o Lm gives dcs_i += sum_j t_ij, dcs_j -= sum_i t_ij.
+        gemm(q, P, q, Lm.data(), 1, q, dY.data(), P, dXs.data(), P, true);
+        transpose(Xs.data(), q, P, P, XsT.data());
+        gemm(q, q, P, dY.data(), P, 1, XsT.data(), q, dGL.data(), q, false);
+        std::fill(colacc.begin(), colacc.begin() + q, 0.f);
+        for (int64_t i = 0; i < q; ++i) {
+          float rs = 0.f;
+          for (int64_t j = 0; j <= i; ++j) {
+            const float t = dGL[i * q + j] * Lm[i * q + j];
+            rs += t;
+            colacc[j] += t;
+            dGL[i * q + j] *= Dm[i * q + j];
+          }
+          std::fill(&dGL[i * q + i + 1], &dGL[i * q + q], 0.f);
+          dcs[i] = rs;
+        }
+        for (int64_t j = 0; j < q; ++j) dcs[j] -= colacc[j];
+        gemm(q, N, q, dGL.data(), q, 1, Bf.data(), N, dCc.data(), N, true, true);
+        gemm(q, N, q, dGL.data(), 1, q, Cf.data(), N, dBc.data(), N, true);
+
+        // Decays: e_i = exp(cs_i) -> dcs_i += de_i e_i; w_j = exp(cs_last - cs_j) -> dcs_last += dw_j w_j,
+        // dcs_j -= dw_j w_j. Then da = reverse cumsum of dcs.
+        for (int64_t i = 0; i < q; ++i) {
+          dcs[i] += de[i] * dc.e[i];
+          const float t = dw[i] * dc.w[i];
+          dcs[q - 1] += t;
+          dcs[i] -= t;
+        }
+        float run = 0.f;
+        for (int64_t i = q - 1; i >= 0; --i) {
+          run += dcs[i];
+          // run = da_i: a_i = dt'_i A; Xs_i = dt'_i x_i.
+          float ddtp = A * run + dot(&X[i * P], &dXs[i * P], P);
+          dA_acc += dc.dtp[i] * run;
+          // back through clamp and softplus
+          const int64_t tok = (b * L + t0 + i) * H + h;
+          float raw = static_cast<float>(v.dt[tok]) + (p.dt_bias ? p.dt_bias[h] : 0.f);
+          float pre = p.dt_softplus ? softplus(raw) : raw;
+          if (clamp_dt(p) && (pre < p.dt_min || pre > p.dt_max)) ddtp = 0.f;
+          if (p.dt_softplus) ddtp *= 1.f / (1.f + std::exp(-raw));
+          p.ddt[tok] = ddtp;
+          dbias_acc += ddtp;
+          // dx = dt' dXs + D dY
+          float* dxo = p.dx + tok * P;
+          for (int64_t j = 0; j < P; ++j)
+            dxo[j] = dc.dtp[i] * dXs[i * P + j] + (p.D ? p.D[h * P + j] * dY[i * P + j] : 0.f);
+        }
+        for (int64_t i = 0; i < q; ++i) {
+          const int64_t tok = (b * L + t0 + i) * H + h;
+          std::copy(&dBc[i * N], &dBc[i * N] + N, p.dB + tok * N);
+          std::copy(&dCc[i * N], &dCc[i * N] + N, p.dC + tok * N);
+        }
+        std::swap(dS, dSp);
+      }
+      if (p.dinitial_states) transpose(dS.data(), N, P, P, p.dinitial_states + bh * P * N);
+      p.dA[bh] = dA_acc;
+      if (p.ddt_bias) p.ddt_bias[bh] = dbias_acc;
+      if (p.dD) std::copy(dDh.begin(), dDh.end(), p.dD + bh * P);
+    }
+  }
+}
+
+void selective_scan_bwd_kernel(const ScanParams& p) {
+  switch (p.dtype) {
+    case ScanDtype::f32: return scan_bwd<float>(p);
+    case ScanDtype::bf16: return scan_bwd<c10::BFloat16>(p);
+    default: return scan_bwd<c10::Half>(p);
   }
 }
 

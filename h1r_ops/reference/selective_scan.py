@@ -39,7 +39,7 @@ def _process_dt(dt, dt_bias, dt_softplus, dt_limit, cdt):
     if dt_softplus:
         dt = F.softplus(dt)
     lo, hi = dt_limit
-    if lo > 0.0 or hi != math.inf:
+    if (lo, hi) != (0.0, math.inf):  # the default limits mean no clamp (mamba_ssm)
         dt = dt.clamp(min=lo, max=hi)
     return dt
 
