@@ -10,3 +10,7 @@ from ._registry import ALL_OPS, OP_FAMILIES, backends, has_kernel  # noqa: F401
 __version__ = "0.1.0"
 
 __all__ = ["backends", "has_kernel", "ALL_OPS", "OP_FAMILIES"]
+
+from .ops.causal_conv1d import causal_conv1d, causal_conv1d_fn, causal_conv1d_update  # noqa: E402
+
+__all__ += ["causal_conv1d", "causal_conv1d_fn", "causal_conv1d_update"]
