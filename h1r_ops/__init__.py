@@ -17,3 +17,7 @@ __all__ += ["fused_linear_cross_entropy", "fused_linear_logprobs", "FusedLinearC
 __all__ += ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefill"]
 __all__ += ["selective_scan", "selective_state_update"]
 from .ops.selective_scan import selective_scan, selective_state_update  # noqa: F401,E402
+
+from .ops.causal_conv1d import causal_conv1d, causal_conv1d_fn, causal_conv1d_update  # noqa: E402
+
+__all__ += ["causal_conv1d", "causal_conv1d_fn", "causal_conv1d_update"]
