@@ -10,6 +10,9 @@ from .ops.cross_entropy import FusedLinearCrossEntropyLoss, fused_linear_cross_e
 
 from .ops.paged_attention import paged_attention_decode, paged_attention_prefill, reshape_and_cache  # noqa: F401,E501
 
+from .ops.rms_norm import RMSNorm, RMSNormGated, gated_rms_norm, rms_norm  # noqa: F401
+from .ops.rotary import rotary, rotary_, rotary_cos_sin  # noqa: F401
+
 __version__ = "0.1.0"
 
 __all__ = ["backends", "has_kernel", "ALL_OPS", "OP_FAMILIES"]
@@ -21,3 +24,5 @@ from .ops.selective_scan import selective_scan, selective_state_update  # noqa: 
 from .ops.causal_conv1d import causal_conv1d, causal_conv1d_fn, causal_conv1d_update  # noqa: E402
 
 __all__ += ["causal_conv1d", "causal_conv1d_fn", "causal_conv1d_update"]
+__all__ += ["rms_norm", "gated_rms_norm", "RMSNorm", "RMSNormGated"]
+__all__ += ["rotary", "rotary_", "rotary_cos_sin"]

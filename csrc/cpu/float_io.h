@@ -1,0 +1,110 @@
+// Floating element types for the raw-pointer CPU kernels, and (inside a per-ISA kernel file) vector
+// loads/stores that widen fp32 / bf16 / fp16 to fp32 lanes and narrow back.
+//
+// The torch-facing glue includes this header only for FloatType (H1R_ISA undefined); the *_kernels.cpp
+// files, compiled once per ISA with H1R_ISA set, also get the helpers below in their own ISA namespace
+// (Vectorized<float> is 16, 8 or 1 lanes wide depending on the ISA, so the helpers must not be shared).
+#pragma once
+
+#include <cstdint>
+
+namespace h1r::cpu {
+
+enum class FloatType : int8_t { f32 = 0, bf16 = 1, f16 = 2 };
+
+}  // namespace h1r::cpu
+
+#ifdef H1R_ISA
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <utility>
+
+namespace h1r::cpu::H1R_ISA {
+
+using VF = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = VF::size();
+
+// Call f(T{}) with T the C++ type of `t`.
+template <typename F>
+inline decltype(auto) with_float_type(FloatType t, F&& f) {
+  switch (t) {
+    case FloatType::bf16: return f(c10::BFloat16{});
+    case FloatType::f16: return f(c10::Half{});
+    default: return f(float{});
+  }
+}
+
+// Load kLanes elements (or n < kLanes, the rest zero) as fp32 lanes.
+template <typename T>
+inline VF load_f(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return VF::loadu(p);
+  } else {
+    VF v;
+    at::vec::load_to_float<T>(p, v);
+    return v;
+  }
+}
+template <typename T>
+inline VF load_f(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return VF::loadu(p, n);
+  } else {
+    __at_align__ float buf[kLanes] = {};
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+    return VF::loadu(buf);
+  }
+}
+
+// Store fp32 lanes as T (round to nearest even for bf16 / fp16).
+template <typename T>
+inline void store_f(T* p, const VF& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, kLanes);
+  }
+}
+template <typename T>
+inline void store_f(T* p, const VF& v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, n);
+  } else {
+    __at_align__ float buf[kLanes];
+    v.store(buf);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(buf[i]);
+  }
+}
+
+// v rounded to T and widened back: what storing to T and reloading would give.
+template <typename T>
+inline VF round_to(const VF& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
+  }
+}
+
+// Apply body(i, n) to [0, len) in chunks of kLanes; n == kLanes except for the tail.
+template <typename Body>
+inline void for_lanes(int64_t len, Body&& body) {
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) body(i, kLanes);
+  if (i < len) body(i, len - i);
+}
+
+// Load / store of one chunk, full or partial.
+template <typename T>
+inline VF load_n(const T* p, int64_t n) { return n == kLanes ? load_f(p) : load_f(p, n); }
+template <typename T>
+inline void store_n(T* p, const VF& v, int64_t n) {
+  if (n == kLanes) store_f(p, v);
+  else store_f(p, v, n);
+}
+
+}  // namespace h1r::cpu::H1R_ISA
+#endif  // H1R_ISA

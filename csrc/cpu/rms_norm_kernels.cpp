@@ -1,0 +1,279 @@
+// RMSNorm and Mamba2's gated RMSNorm on CPU: rows in parallel (OpenMP), each row vectorized over the
+// hidden dimension with at::vec in fp32 lanes (bf16 / fp16 are widened on load, narrowed on store).
+//
+// A row of a few thousand channels fits in L1/L2, so every kernel makes two sweeps over its row: the
+// first reduces the statistic (mean of squares, or the mean of g * xn in the backward), the second
+// writes the outputs. Memory traffic is then one read of each input and one write of each output.
+//
+// dweight is reduced deterministically: the rows are cut into at most kDweightBlocks fixed blocks, each
+// block accumulates its own partial row of dweight, and the partials are summed in block order at the
+// end. The result does not depend on the number of threads.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu/float_io.h"
+#include "cpu/rms_norm.h"
+
+namespace h1r::cpu::H1R_ISA {
+namespace {
+
+inline float sum_lanes(const VF& v) {
+  return at::vec::vec_reduce_all<float>([](const VF& a, const VF& b) { return a + b; }, v);
+}
+
+// sigmoid(z), silu(z) = z * sigmoid(z), silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z))).
+inline VF sigmoid(const VF& z) { return VF(1.f) / (VF(1.f) + z.neg().exp()); }
+inline VF dsilu(const VF& z, const VF& sig) { return sig * (VF(1.f) + z * (VF(1.f) - sig)); }
+
+// Rows [begin, end) of block `blk` when `rows` rows are cut into `nblocks` equal blocks.
+inline std::pair<int64_t, int64_t> block_rows(int64_t blk, int64_t rows, int64_t nblocks) {
+  const int64_t per = (rows + nblocks - 1) / nblocks;
+  return {std::min(rows, blk * per), std::min(rows, (blk + 1) * per)};
+}
+
+// dweight[j] = sum over blocks (in order) of partial[blk, j].
+void reduce_dweight(const float* partial, float* dweight, int64_t nblocks, int64_t d) {
+  constexpr int64_t kCols = 1024;
+#pragma omp parallel for schedule(static)
+  for (int64_t j0 = 0; j0 < d; j0 += kCols) {
+    const int64_t len = std::min(kCols, d - j0);
+    for_lanes(len, [&](int64_t i, int64_t n) {
+      VF acc(0.f);
+      for (int64_t blk = 0; blk < nblocks; ++blk) acc = acc + load_n(partial + blk * d + j0 + i, n);
+      store_n(dweight + j0 + i, acc, n);
+    });
+  }
+}
+
+// ---- RMSNorm (+ residual) ----------------------------------------------------------------------
+
+template <typename T, typename W>
+void rms_norm_fwd_impl(const RmsNormFwdParams& p) {
+  const T* x = static_cast<const T*>(p.x);
+  const T* residual = static_cast<const T*>(p.residual);
+  const W* w = static_cast<const W*>(p.weight);
+  T* out = static_cast<T*>(p.out);
+  T* residual_out = static_cast<T*>(p.residual_out);
+  const int64_t d = p.d;
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < p.rows; ++row) {
+    const T* xr = x + row * d;
+    T* outr = out + row * d;
+    // 1. h = x (+ residual, rounded to T: it is also the new residual), and sum(h^2) in fp32.
+    const T* h = xr;
+    VF sumsq(0.f);
+    if (residual) {
+      const T* rr = residual + row * d;
+      T* hr = residual_out + row * d;
+      for_lanes(d, [&](int64_t i, int64_t n) {
+        const VF hv = round_to<T>(load_n(xr + i, n) + load_n(rr + i, n));
+        store_n(hr + i, hv, n);
+        sumsq = at::vec::fmadd(hv, hv, sumsq);
+      });
+      h = hr;
+    } else {
+      for_lanes(d, [&](int64_t i, int64_t n) {
+        const VF hv = load_n(xr + i, n);
+        sumsq = at::vec::fmadd(hv, hv, sumsq);
+      });
+    }
+    const float rstd = 1.f / std::sqrt(sum_lanes(sumsq) / static_cast<float>(d) + p.eps);
+    p.rstd[row] = rstd;
+    // 2. out = T(w * T(h * rstd)): normalized in fp32, cast to the input type, then scaled.
+    const VF vrstd(rstd);
+    for_lanes(d, [&](int64_t i, int64_t n) {
+      const VF xn = round_to<T>(load_n(h + i, n) * vrstd);
+      store_n(outr + i, load_n(w + i, n) * xn, n);
+    });
+  }
+}
+
+template <typename T, typename W>
+void rms_norm_bwd_impl(const RmsNormBwdParams& p) {
+  const T* dout = static_cast<const T*>(p.dout);
+  const T* dres = static_cast<const T*>(p.dresidual_out);
+  const T* h = static_cast<const T*>(p.h);
+  const W* w = static_cast<const W*>(p.weight);
+  T* dh = static_cast<T*>(p.dh);
+  const int64_t d = p.d;
+#pragma omp parallel for schedule(static)
+  for (int64_t blk = 0; blk < p.nblocks; ++blk) {
+    float* dw = p.dweight_partial + blk * d;
+    std::fill(dw, dw + d, 0.f);
+    const auto [begin, end] = block_rows(blk, p.rows, p.nblocks);
+    for (int64_t row = begin; row < end; ++row) {
+      const T* dyr = dout + row * d;
+      const T* hr = h + row * d;
+      const VF vrstd(p.rstd[row]);
+      // 1. c = mean(g * xn), g = dout * w the gradient w.r.t. the normalized row xn = h * rstd.
+      VF acc(0.f);
+      for_lanes(d, [&](int64_t i, int64_t n) {
+        const VF g = load_n(dyr + i, n) * load_n(w + i, n);
+        acc = at::vec::fmadd(g, load_n(hr + i, n) * vrstd, acc);
+      });
+      const VF c(sum_lanes(acc) / static_cast<float>(d));
+      // 2. dh = rstd * (g - xn * c) (+ dresidual_out); dweight += dout * T(xn).
+      T* dhr = dh + row * d;
+      const T* drr = dres ? dres + row * d : nullptr;
+      for_lanes(d, [&](int64_t i, int64_t n) {
+        const VF dy = load_n(dyr + i, n);
+        const VF xn = load_n(hr + i, n) * vrstd;
+        VF dhv = vrstd * (dy * load_n(w + i, n) - xn * c);
+        if (drr) dhv = dhv + load_n(drr + i, n);
+        store_n(dhr + i, dhv, n);
+        store_n(dw + i, at::vec::fmadd(dy, round_to<T>(xn), load_n(dw + i, n)), n);
+      });
+    }
+  }
+  reduce_dweight(p.dweight_partial, p.dweight, p.nblocks, d);
+}
+
+// ---- gated RMSNorm (Mamba2) --------------------------------------------------------------------
+
+template <typename T, typename W>
+void gated_rms_norm_fwd_impl(const GatedRmsNormFwdParams& p) {
+  const T* x = static_cast<const T*>(p.x);
+  const T* z = static_cast<const T*>(p.z);
+  const W* w = static_cast<const W*>(p.weight);
+  T* out = static_cast<T*>(p.out);
+  const int64_t d = p.d, gs = p.group_size, ngroups = d / gs;
+  const bool gate_before = z && !p.norm_before_gate;  // normalize u = x * silu(z)
+  const bool gate_after = z && p.norm_before_gate;    // out = norm(x) * w * silu(z)
+#pragma omp parallel
+  {
+    std::vector<float> u(gs);  // the row's group being normalized, in fp32
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < p.rows; ++row) {
+      for (int64_t grp = 0; grp < ngroups; ++grp) {
+        const int64_t off = row * d + grp * gs;
+        // 1. u = x (or x * silu(z)) and sum(u^2).
+        VF sumsq(0.f);
+        for_lanes(gs, [&](int64_t i, int64_t n) {
+          VF uv = load_n(x + off + i, n);
+          if (gate_before) {
+            const VF zv = load_n(z + off + i, n);
+            uv = uv * zv * sigmoid(zv);
+          }
+          store_n(u.data() + i, uv, n);
+          sumsq = at::vec::fmadd(uv, uv, sumsq);
+        });
+        const float rstd = 1.f / std::sqrt(sum_lanes(sumsq) / static_cast<float>(gs) + p.eps);
+        p.rstd[row * ngroups + grp] = rstd;
+        // 2. out = u * rstd * w (* silu(z)), one cast at the end.
+        const VF vrstd(rstd);
+        for_lanes(gs, [&](int64_t i, int64_t n) {
+          VF y = load_n(u.data() + i, n) * vrstd * load_n(w + grp * gs + i, n);
+          if (gate_after) {
+            const VF zv = load_n(z + off + i, n);
+            y = y * zv * sigmoid(zv);
+          }
+          store_n(out + off + i, y, n);
+        });
+      }
+    }
+  }
+}
+
+template <typename T, typename W>
+void gated_rms_norm_bwd_impl(const GatedRmsNormBwdParams& p) {
+  const T* dout = static_cast<const T*>(p.dout);
+  const T* x = static_cast<const T*>(p.x);
+  const T* z = static_cast<const T*>(p.z);
+  const W* w = static_cast<const W*>(p.weight);
+  T* dx = static_cast<T*>(p.dx);
+  T* dz = static_cast<T*>(p.dz);
+  const int64_t d = p.d, gs = p.group_size, ngroups = d / gs;
+  const bool gate_before = z && !p.norm_before_gate;
+#pragma omp parallel
+  {
+    // Per group: xh the normalized input (xn = x * rstd, or un = x * silu(z) * rstd), g the gradient
+    // w.r.t. xh, sig = sigmoid(z).
+    std::vector<float> xh(gs), g(gs), sig(gs);
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < p.nblocks; ++blk) {
+      float* dw = p.dweight_partial + blk * d;
+      std::fill(dw, dw + d, 0.f);
+      const auto [begin, end] = block_rows(blk, p.rows, p.nblocks);
+      for (int64_t row = begin; row < end; ++row) {
+        for (int64_t grp = 0; grp < ngroups; ++grp) {
+          const int64_t off = row * d + grp * gs;
+          const W* wg = w + grp * gs;
+          float* dwg = dw + grp * gs;
+          const VF vrstd(p.rstd[row * ngroups + grp]);
+          // 1. xh, g and c = mean(g * xh); dz when the gate comes after the norm (it needs no c);
+          //    dweight += (gradient reaching w * xh) * xh.
+          VF acc(0.f);
+          for_lanes(gs, [&](int64_t i, int64_t n) {
+            VF dy = load_n(dout + off + i, n);
+            VF xv = load_n(x + off + i, n);
+            VF xhv;
+            if (z) {
+              const VF zv = load_n(z + off + i, n);
+              const VF sg = sigmoid(zv);
+              store_n(sig.data() + i, sg, n);
+              if (gate_before) {
+                xhv = xv * zv * sg * vrstd;
+              } else {  // out = xn * w * silu(z)
+                xhv = xv * vrstd;
+                store_n(dz + off + i, dy * xhv * load_n(wg + i, n) * dsilu(zv, sg), n);
+                dy = dy * zv * sg;
+              }
+            } else {
+              xhv = xv * vrstd;
+            }
+            const VF gv = dy * load_n(wg + i, n);
+            store_n(dwg + i, at::vec::fmadd(dy, xhv, load_n(dwg + i, n)), n);
+            store_n(xh.data() + i, xhv, n);
+            store_n(g.data() + i, gv, n);
+            acc = at::vec::fmadd(gv, xhv, acc);
+          });
+          const VF c(sum_lanes(acc) / static_cast<float>(gs));
+          // 2. d(pre-norm) = rstd * (g - xh * c); through the gate when it came first.
+          for_lanes(gs, [&](int64_t i, int64_t n) {
+            const VF du = vrstd * (load_n(g.data() + i, n) - load_n(xh.data() + i, n) * c);
+            if (gate_before) {
+              const VF zv = load_n(z + off + i, n);
+              const VF sg = load_n(sig.data() + i, n);
+              store_n(dx + off + i, du * zv * sg, n);
+              store_n(dz + off + i, du * load_n(x + off + i, n) * dsilu(zv, sg), n);
+            } else {
+              store_n(dx + off + i, du, n);
+            }
+          });
+        }
+      }
+    }
+  }
+  reduce_dweight(p.dweight_partial, p.dweight, p.nblocks, d);
+}
+
+// Instantiate body<T, W> for the runtime types (x and weight types are independent).
+template <template <typename, typename> class Impl, typename P>
+void dispatch_types(const P& p) {
+  with_float_type(p.dtype, [&](auto t) {
+    with_float_type(p.wdtype, [&](auto wt) { Impl<decltype(t), decltype(wt)>::run(p); });
+  });
+}
+
+#define H1R_IMPL_STRUCT(name, Params)                      \
+  template <typename T, typename W>                        \
+  struct name##_s {                                        \
+    static void run(const Params& p) { name<T, W>(p); }    \
+  };
+H1R_IMPL_STRUCT(rms_norm_fwd_impl, RmsNormFwdParams)
+H1R_IMPL_STRUCT(rms_norm_bwd_impl, RmsNormBwdParams)
+H1R_IMPL_STRUCT(gated_rms_norm_fwd_impl, GatedRmsNormFwdParams)
+H1R_IMPL_STRUCT(gated_rms_norm_bwd_impl, GatedRmsNormBwdParams)
+#undef H1R_IMPL_STRUCT
+
+}  // namespace
+
+void rms_norm_fwd_kernel(const RmsNormFwdParams& p) { dispatch_types<rms_norm_fwd_impl_s>(p); }
+void rms_norm_bwd_kernel(const RmsNormBwdParams& p) { dispatch_types<rms_norm_bwd_impl_s>(p); }
+void gated_rms_norm_fwd_kernel(const GatedRmsNormFwdParams& p) { dispatch_types<gated_rms_norm_fwd_impl_s>(p); }
+void gated_rms_norm_bwd_kernel(const GatedRmsNormBwdParams& p) { dispatch_types<gated_rms_norm_bwd_impl_s>(p); }
+
+}  // namespace h1r::cpu::H1R_ISA

@@ -1,0 +1,41 @@
+"""Shared helpers for the rms_norm and rotary tests: per-dtype tolerances, and running a subset of a
+test file under another CPU ISA in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Max abs error allowed, relative to max(1, max |expected|): about 2-4 ulps of the output dtype
+# (kernels round once from fp32; the reference may round at a different point).
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_IDS = ["f32", "bf16", "f16"]
+
+
+def assert_close(actual, expected, dtype, what="", factor=1.0):
+    actual, expected = actual.float(), expected.float()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= TOL[dtype] * factor * scale, f"{what}: max abs error {err:.3g} > {TOL[dtype] * factor:.3g} * {scale:.3g}"
+
+
+def run_subset_under_isa(test_file: str, keyword: str, isa: str):
+    """Run `pytest test_file -k keyword` with H1R_CPU_ISA=isa (read when h1r_ops._C loads)."""
+    env = dict(os.environ, H1R_CPU_ISA=isa)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file, "-k", keyword],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout, r.stdout[-2000:]
+
+
+def isa_in_use() -> str:
+    return torch.ops.h1r.cpu_isa()

@@ -1,0 +1,317 @@
+"""RMSNorm (+ fused residual) and gated RMSNorm: every backend against h1r_ops.reference, forward and backward.
+
+Tolerances (tests/_norm_helpers.py TOL, max abs error relative to max(1, max |expected|)): fp32 2e-5,
+bf16 2e-2, fp16 3e-3; backward errors are allowed 2x (more fp32 terms are summed). Forward outputs are
+compared with the reference run in the input dtype (transformers' numerics), gradients with the
+reference's autograd in fp32 on the same (rounded) inputs.
+
+The Triton kernels run on CUDA tensors when a GPU is present, else under TRITON_INTERPRET=1 on CPU tensors
+in a subprocess (test_triton_kernels_in_interpreter). The interpreter rounds fp32 -> bf16 / fp16 by
+truncation where GPUs round to nearest even, one more reason why bf16 / fp16 are compared with tolerances.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import h1r_ops
+from h1r_ops import reference as R
+from _norm_helpers import DTYPE_IDS, DTYPES, assert_close, run_subset_under_isa
+from _triton_interp import run_interpreted, triton_device
+
+EPS = 1e-6
+TRITON_DEVICE = triton_device()
+needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="runs in the TRITON_INTERPRET=1 subprocess")
+
+
+def _inputs(rows, d, dtype, device="cpu", wdtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, d, generator=g).to(dtype)
+    w = (1 + 0.5 * torch.randn(d, generator=g)).to(wdtype or dtype)
+    return x.to(device), w.to(device), g
+
+
+# ---- the references, against independent formulations -------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_reference_rms_norm_matches_transformers(dtype):
+    from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RMSNorm
+
+    x, w, g = _inputs(6, 40, dtype)
+    r = torch.randn(6, 40, generator=g).to(dtype)
+    m = FalconH1RMSNorm(40, eps=EPS).to(dtype)
+    m.weight.data.copy_(w)
+    torch.testing.assert_close(R.rms_norm(x, w, EPS), m(x), rtol=0, atol=0)
+    out, h = R.rms_norm(x, w, EPS, residual=r)
+    torch.testing.assert_close(h, x + r, rtol=0, atol=0)
+    torch.testing.assert_close(out, m(x + r), rtol=0, atol=0)
+    # an explicit per-row loop, in fp64
+    for i in range(6):
+        hi = h[i].double()
+        ref = (hi / torch.sqrt(hi.pow(2).mean() + EPS)).to(dtype).double() * w.double()
+        assert_close(out[i], ref, dtype)
+
+
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS[:2])
+def test_reference_gated_matches_transformers(dtype, norm_before_gate):
+    from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RMSNormGated
+
+    d, ngroups = 48, 4
+    x, w, g = _inputs(5, d, dtype)
+    z = torch.randn(5, d, generator=g).to(dtype)
+    m = FalconH1RMSNormGated(d, eps=EPS, n_groups=ngroups, norm_before_gate=norm_before_gate).to(dtype)
+    m.weight.data.copy_(w)
+    for zz in (z, None):
+        ref = R.gated_rms_norm(x, zz, w, EPS, d // ngroups, norm_before_gate)
+        torch.testing.assert_close(ref, m(x, zz), rtol=1e-6, atol=1e-6)
+    # an explicit loop over groups, in fp64
+    xd, zd = x.double(), z.double()
+    u = xd * F.silu(zd) if not norm_before_gate else xd
+    gs = d // ngroups
+    out = torch.empty_like(xd)
+    for j in range(ngroups):
+        sl = slice(j * gs, (j + 1) * gs)
+        out[:, sl] = u[:, sl] / torch.sqrt(u[:, sl].pow(2).mean(-1, keepdim=True) + EPS) * w[sl].double()
+    if norm_before_gate:
+        out = out * F.silu(zd)
+    assert_close(R.gated_rms_norm(x, z, w, EPS, gs, norm_before_gate), out, dtype)
+
+
+# ---- kernels (CPU C++ and Triton) against the reference ------------------------------------------------------
+
+
+class CpuOps:
+    """The C++ kernels, through torch.ops.h1r on CPU tensors."""
+
+    device = "cpu"
+    rms_norm_fwd = staticmethod(lambda *a: torch.ops.h1r.rms_norm_fwd(*a))
+    rms_norm_bwd = staticmethod(lambda *a: torch.ops.h1r.rms_norm_bwd(*a))
+    gated_rms_norm_fwd = staticmethod(lambda *a: torch.ops.h1r.gated_rms_norm_fwd(*a))
+    gated_rms_norm_bwd = staticmethod(lambda *a: torch.ops.h1r.gated_rms_norm_bwd(*a))
+
+
+class TritonOps:
+    """The Triton launchers, called directly (on CPU tensors in the interpreter)."""
+
+    device = TRITON_DEVICE
+
+    def __getattr__(self, name):
+        return getattr(importlib.import_module("h1r_ops.triton_kernels.rms_norm"), name)
+
+
+def check_rms_norm(ops, dtype, rows, d, fused, wdtype=None):
+    x, w, g = _inputs(rows, d, dtype, ops.device, wdtype)
+    r = torch.randn(rows, d, generator=g).to(dtype).to(ops.device) if fused else None
+    out, h, rstd = ops.rms_norm_fwd(x, w, EPS, r)
+    ref = R.rms_norm(x.cpu(), w.cpu(), EPS, r.cpu() if fused else None)
+    ref_out, ref_h = ref if fused else (ref, x.cpu())
+    assert_close(out.cpu(), ref_out, dtype, "out")
+    if fused:
+        assert_close(h.cpu(), ref_h, dtype, "residual_out")
+    else:
+        assert h.numel() == 0
+    assert_close(rstd.cpu(), torch.rsqrt(h.cpu().float().pow(2).mean(-1) + EPS) if fused else
+                 torch.rsqrt(x.cpu().float().pow(2).mean(-1) + EPS), torch.float32, "rstd", factor=10)
+    # backward: against autograd through the fp32 reference on the same rounded h
+    dout = torch.randn(rows, d, generator=g).to(dtype)
+    dres = torch.randn(rows, d, generator=g).to(dtype) if fused else None
+    hf = ref_h.float().requires_grad_()
+    wf = w.cpu().float().requires_grad_()
+    (R.rms_norm(hf, wf, EPS) * dout.float()).sum().backward()
+    ref_dh = hf.grad + (dres.float() if fused else 0)
+    dh, dw = ops.rms_norm_bwd(dout.to(ops.device), dres.to(ops.device) if fused else None,
+                              (h if fused else x), w, rstd)
+    assert dw.dtype == torch.float32
+    assert_close(dh.cpu(), ref_dh, dtype, "dh", factor=2)
+    assert_close(dw.cpu(), wf.grad, dtype, "dweight", factor=2)
+
+
+def check_gated(ops, dtype, rows, d, group_size, has_z, norm_before_gate):
+    x, w, g = _inputs(rows, d, dtype, ops.device)
+    z = torch.randn(rows, d, generator=g).to(dtype).to(ops.device) if has_z else None
+    out, rstd = ops.gated_rms_norm_fwd(x, z, w, EPS, group_size, norm_before_gate)
+    assert rstd.shape == (rows, d // group_size)
+    zc = z.cpu() if has_z else None
+    assert_close(out.cpu(), R.gated_rms_norm(x.cpu(), zc, w.cpu(), EPS, group_size, norm_before_gate), dtype, "out")
+    dout = torch.randn(rows, d, generator=g).to(dtype)
+    xf = x.cpu().float().requires_grad_()
+    zf = zc.float().requires_grad_() if has_z else None
+    wf = w.cpu().float().requires_grad_()
+    (R.gated_rms_norm(xf, zf, wf, EPS, group_size, norm_before_gate) * dout.float()).sum().backward()
+    dx, dz, dw = ops.gated_rms_norm_bwd(dout.to(ops.device), x, z, w, rstd, EPS, group_size, norm_before_gate)
+    assert_close(dx.cpu(), xf.grad, dtype, "dx", factor=2)
+    if has_z:
+        assert_close(dz.cpu(), zf.grad, dtype, "dz", factor=2)
+    else:
+        assert dz.numel() == 0
+    assert_close(dw.cpu(), wf.grad, dtype, "dweight", factor=2)
+
+
+RMS_SHAPES = [(1, 1), (37, 1), (1, 7), (37, 7), (5, 3072), (1, 8191), (3, 8191), (130, 96)]
+GATED_SHAPES = [(1, 1, 1), (9, 7, 7), (1, 12, 4), (9, 12, 3), (4, 3072, 1536), (2, 8191, 8191)]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("rows,d", RMS_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cpu_rms_norm(dtype, rows, d, fused):
+    check_rms_norm(CpuOps, dtype, rows, d, fused)
+
+
+@pytest.mark.parametrize("xdtype,wdtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_cpu_rms_norm_mixed_weight_dtype(xdtype, wdtype):
+    check_rms_norm(CpuOps, xdtype, 11, 70, True, wdtype)
+
+
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+@pytest.mark.parametrize("has_z", [True, False])
+@pytest.mark.parametrize("rows,d,group_size", GATED_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cpu_gated(dtype, rows, d, group_size, has_z, norm_before_gate):
+    check_gated(CpuOps, dtype, rows, d, group_size, has_z, norm_before_gate)
+
+
+@needs_triton
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("rows,d", [(1, 1), (5, 7), (3, 3072), (2, 8191), (37, 96)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_triton_rms_norm(dtype, rows, d, fused):
+    check_rms_norm(TritonOps(), dtype, rows, d, fused)
+
+
+@needs_triton
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+@pytest.mark.parametrize("has_z", [True, False])
+@pytest.mark.parametrize("rows,d,group_size", [(1, 1, 1), (6, 7, 7), (5, 12, 3), (2, 3072, 1536), (1, 8191, 8191)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_triton_gated(dtype, rows, d, group_size, has_z, norm_before_gate):
+    check_gated(TritonOps(), dtype, rows, d, group_size, has_z, norm_before_gate)
+
+
+def test_interpreted_triton_kernels():
+    if TRITON_DEVICE is not None:
+        pytest.skip("the Triton tests run in this process")
+    run_interpreted("tests/test_rms_norm.py", "test_triton_rms_norm or test_triton_gated")
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_cpu_isa_variants(isa):
+    if h1r_ops.backends()["cpu"]["isa"] != "avx512":
+        pytest.skip("the lower ISA is the one in use")
+    run_subset_under_isa("tests/test_rms_norm.py",
+                         "(test_cpu_rms_norm or test_cpu_gated) and (f32 or bf16) and not 3072 and not 8191", isa)
+
+
+def test_dweight_deterministic_across_thread_counts():
+    x, w, g = _inputs(301, 257, torch.float32)
+    dout = torch.randn(301, 257, generator=g)
+    _, _, rstd = torch.ops.h1r.rms_norm_fwd(x, w, EPS, None)
+    z = torch.randn(301, 257, generator=g)
+    _, grstd = torch.ops.h1r.gated_rms_norm_fwd(x, z, w, EPS, 257, False)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append((torch.ops.h1r.rms_norm_bwd(dout, None, x, w, rstd)[1],
+                            torch.ops.h1r.gated_rms_norm_bwd(dout, x, z, w, grstd, EPS, 257, False)[2]))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in results[1:]:
+        assert torch.equal(a, results[0][0]) and torch.equal(b, results[0][1])
+
+
+# ---- public API: autograd, modules, opcheck, compile, bad input ----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS[:2])
+def test_api_autograd_fused_residual(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 33, generator=g).to(dtype).requires_grad_()
+    r = torch.randn(2, 5, 33, generator=g).to(dtype).requires_grad_()
+    m = h1r_ops.RMSNorm(33, eps=1e-5)
+    with torch.no_grad():
+        m.weight.add_(0.3 * torch.randn(33, generator=g))
+    out, h = m(x, r)
+    go, gh = torch.randn_like(out), torch.randn_like(h)
+    ((out * go).sum() + (h * gh).sum()).backward()
+    xf, rf = x.detach().float().requires_grad_(), r.detach().float().requires_grad_()
+    wf = m.weight.detach().clone().requires_grad_()
+    of, hf = R.rms_norm(xf, wf, 1e-5, rf)
+    ((of * go.float()).sum() + (hf * gh.float()).sum()).backward()
+    assert_close(out, of, dtype, "out")
+    assert_close(x.grad, xf.grad, dtype, "dx", factor=2)
+    assert_close(r.grad, rf.grad, dtype, "dresidual", factor=2)
+    assert_close(m.weight.grad, wf.grad, dtype, "dweight", factor=2)
+    assert m.weight.grad.dtype == torch.float32 and out.dtype == dtype
+
+
+def test_api_gated_module_autograd():
+    g = torch.Generator().manual_seed(2)
+    m = h1r_ops.RMSNormGated(24, eps=1e-5, group_size=8, norm_before_gate=False)
+    x = torch.randn(3, 4, 24, generator=g, requires_grad=True)
+    z = torch.randn(3, 4, 24, generator=g, requires_grad=True)
+    m(x, z).square().sum().backward()
+    xf, zf = x.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+    wf = m.weight.detach().clone().requires_grad_()
+    R.gated_rms_norm(xf, zf, wf, 1e-5, 8, False).square().sum().backward()
+    for a, b in ((x.grad, xf.grad), (z.grad, zf.grad), (m.weight.grad, wf.grad)):
+        assert_close(a, b, torch.float32, factor=2)
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 10, generator=g)
+    r = torch.randn(4, 10, generator=g)
+    z = torch.randn(4, 10, generator=g)
+    w = torch.randn(10, generator=g, requires_grad=True)
+    xg = x.clone().requires_grad_()
+    for res in (None, r.clone().requires_grad_()):
+        torch.library.opcheck(torch.ops.h1r.rms_norm_fwd, (xg, w, EPS, res))
+    out, h, rstd = torch.ops.h1r.rms_norm_fwd(x, w.detach(), EPS, r)
+    torch.library.opcheck(torch.ops.h1r.rms_norm_bwd, (x, r, h, w.detach(), rstd))
+    for nbg in (True, False):
+        torch.library.opcheck(torch.ops.h1r.gated_rms_norm_fwd, (xg, z.clone().requires_grad_(), w, EPS, 5, nbg))
+        _, grstd = torch.ops.h1r.gated_rms_norm_fwd(x, z, w.detach(), EPS, 5, nbg)
+        torch.library.opcheck(torch.ops.h1r.gated_rms_norm_bwd, (r, x, z, w.detach(), grstd, EPS, 5, nbg))
+    torch.library.opcheck(torch.ops.h1r.gated_rms_norm_fwd, (xg, None, w, EPS, 10, True))
+
+
+def test_torch_compile_fullgraph():
+    def f(x, r, w, z, wg):
+        out, h = h1r_ops.rms_norm(x, w, 1e-6, r)
+        return h1r_ops.gated_rms_norm(out, z, wg, 1e-6, 4, False), h
+
+    args = [torch.randn(3, 8), torch.randn(3, 8), torch.randn(8), torch.randn(3, 8), torch.randn(8)]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(*args), f(*args)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "call,arg",
+    [
+        (lambda: h1r_ops.rms_norm(torch.randn(3, 8), torch.randn(7)), "weight"),
+        (lambda: h1r_ops.rms_norm(torch.randn(3, 8).double(), torch.randn(8)), "x"),
+        (lambda: h1r_ops.rms_norm("x", torch.randn(8)), "x"),
+        (lambda: h1r_ops.rms_norm(torch.randn(3, 8), torch.randn(8), residual=torch.randn(3, 9)), "residual"),
+        (lambda: h1r_ops.rms_norm(torch.randn(3, 8), torch.randn(8), residual=torch.randn(3, 8).half()), "residual"),
+        (lambda: h1r_ops.rms_norm(torch.randn(3, 8), torch.randn(8), eps=-1.0), "eps"),
+        (lambda: h1r_ops.gated_rms_norm(torch.randn(3, 8), torch.randn(3, 7), torch.randn(8)), "z"),
+        (lambda: h1r_ops.gated_rms_norm(torch.randn(3, 8), None, torch.randn(8), group_size=3), "group_size"),
+        (lambda: torch.ops.h1r.rms_norm_fwd(torch.randn(3, 8).t(), torch.randn(3), 1e-6, None), "x"),
+        (lambda: torch.ops.h1r.rms_norm_bwd(torch.randn(3, 8), None, torch.randn(3, 8), torch.randn(8),
+                                            torch.randn(2)), "rstd"),
+        (lambda: torch.ops.h1r.gated_rms_norm_fwd(torch.randn(3, 8), None, torch.randn(8), 1e-6, 3, True),
+         "group_size"),
+    ],
+)
+def test_bad_input_raises_value_error(call, arg):
+    with pytest.raises(ValueError, match=f"'{arg}'"):
+        call()
