@@ -10,11 +10,16 @@ Tolerances (against the fp32 reference, which uses fp32 logits):
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from h1r_ops import reference as ref
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _loop_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, logit_scale):
@@ -114,8 +119,11 @@ TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 4e-2), torch.float16:
 def _close_rel(got, want, rel, name=""):
     """|got - want| <= rel * max|want| (+ a tiny floor), elementwise; for gradients."""
     got, want = got.double(), want.double()
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if not want.numel():
+        return
     scale = want.abs().max().item() + 1e-12
-    err = (got - want).abs().max().item() if got.numel() else 0.0
+    err = (got - want).abs().max().item()
     assert err <= rel * scale + 1e-7, f"{name}: max err {err:.3g} > {rel} * {scale:.3g}"
 
 
@@ -333,11 +341,89 @@ print("ok")
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 def test_lower_isa_levels(isa):
-    import os
-    import subprocess
-    import sys
-
     env = dict(os.environ, H1R_CPU_ISA=isa)
     r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.replace("{isa}", isa)], env=env, capture_output=True,
-                       text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                       text=True, timeout=120, cwd=_ROOT)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------- Triton kernels (TRITON_INTERPRET=1)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture
+def triton_ce():
+    """h1r_ops/triton_kernels/cross_entropy.py, its kernels running in Triton's interpreter on CPU tensors.
+
+    @triton.jit (triton.language's own helpers included) picks the interpreter when Triton is first
+    imported, so these tests run in a subprocess started with TRITON_INTERPRET=1
+    (test_triton_kernels_under_interpreter below)."""
+    if not _INTERPRETED:
+        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_triton_kernels_under_interpreter")
+    from h1r_ops.triton_kernels import cross_entropy as mod
+
+    return mod
+
+
+@pytest.mark.skipif(_INTERPRETED, reason="this is the driver of the interpreted run")
+def test_triton_kernels_under_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton_ and interpreted"],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=_ROOT)
+    assert r.returncode == 0 and " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+TRITON_CASES = [  # T, d, V, dtype, bias, n_ignored, block_v (small blocks: several per row, with a tail)
+    (1, 1, 5, torch.float32, False, 0, None),
+    (7, 7, 1000, torch.bfloat16, True, 2, 128),
+    (5, 300, 4099, torch.float32, False, 1, 1024),
+]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_cross_entropy_interpreted(triton_ce, case):
+    T, d, V, dtype, bias, n_ign, bv = case
+    h, W, y, b = _inputs(T, d, V, dtype, bias, n_ign, seed=V)
+    args = (-100, 0.1, 1e-3, 0.7)
+    atol, rel = TOL[dtype]
+    for reduction in (1, 0):
+        got = triton_ce.fused_linear_cross_entropy_fwd(h, W, y, b, *args, reduction, True, block_v=bv)
+        want = torch.ops.h1r.fused_linear_cross_entropy_fwd(h, W, y, b, *args, reduction, True)
+        for name, g_, w_ in zip(("loss", "z_loss", "lse", "gh", "gw", "gb"), got, want):
+            assert g_.shape == w_.shape and g_.dtype == w_.dtype, name
+            _close_rel(g_, w_, rel, name)
+    lr = ref.fused_linear_cross_entropy(h, W, y, b, reduction="none", label_smoothing=0.1, z_loss=1e-3, logit_scale=0.7)
+    torch.testing.assert_close(got[0], lr, atol=atol, rtol=1e-4)
+    g = torch.rand(T)
+    got = triton_ce.fused_linear_cross_entropy_bwd(g, h, W, y, b, want[2], *args, block_v=bv)
+    want = torch.ops.h1r.fused_linear_cross_entropy_bwd(g, h, W, y, b, want[2], *args)
+    for name, g_, w_ in zip(("gh", "gw", "gb"), got, want):
+        _close_rel(g_, w_, rel, name)
+
+
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_logprobs_interpreted(triton_ce, case):
+    T, d, V, dtype, bias, n_ign, bv = case
+    h, W, y, b = _inputs(T, d, V, dtype, bias, n_ign, seed=V + 1)
+    atol, rel = TOL[dtype]
+    lp, ent, lse = triton_ce.fused_linear_logprobs_fwd(h, W, y, b, 0.8, 1.2, -100, block_v=bv)
+    lpr, entr = ref.fused_linear_logprobs(h, W, y, b, temperature=0.8, logit_scale=1.2)
+    torch.testing.assert_close(lp, lpr, atol=atol, rtol=1e-4)
+    torch.testing.assert_close(ent, entr, atol=atol, rtol=1e-4)
+    _, _, lse_cpu = torch.ops.h1r.fused_linear_logprobs_fwd(h, W, y, b, 0.8, 1.2, -100)
+    torch.testing.assert_close(lse, lse_cpu, atol=atol, rtol=1e-5)
+    for dlp, dent in ((torch.randn(T), None), (torch.randn(T), torch.randn(T))):
+        got = triton_ce.fused_linear_logprobs_bwd(dlp, dent, h, W, y, b, 0.8, 1.2, -100, lse, block_v=bv)
+        want = torch.ops.h1r.fused_linear_logprobs_bwd(dlp, dent, h, W, y, b, 0.8, 1.2, -100, lse_cpu)
+        for name, g_, w_ in zip(("gh", "gw", "gb"), got, want):
+            _close_rel(g_, w_, rel, name)
+
+
+def test_triton_all_ignored_interpreted(triton_ce):
+    h, W, y, b = _inputs(4, 6, 40, torch.float32, bias=True)
+    y = torch.full_like(y, -100)
+    loss, _, _, gh, gw, gb = triton_ce.fused_linear_cross_entropy_fwd(h, W, y, b, -100, 0.0, 0.0, 1.0, 1, True)
+    assert loss.item() == 0 and not gh.any() and not gw.any() and not gb.any()
+    with pytest.raises(ValueError, match="'target'"):
+        triton_ce.fused_linear_cross_entropy_fwd(h, W, torch.tensor([0, 1, 40, 2]), b, -100, 0.0, 0.0, 1.0, 1, True)

@@ -262,3 +262,13 @@ def _lp_backward(ctx, dlogprobs, dentropy, dlse):
 
 
 torch.library.register_autograd("h1r::fused_linear_logprobs_fwd", _lp_backward, setup_context=_lp_setup_context)
+
+
+# CUDA tensors: the Triton row kernels (h1r_ops/triton_kernels/cross_entropy.py), when Triton is there.
+if torch.version.cuda is not None and _registry._LOAD_ERROR is None:
+    try:
+        from ..triton_kernels.cross_entropy import register_cuda_kernels
+    except ImportError:  # pragma: no cover - Triton is optional
+        pass
+    else:
+        register_cuda_kernels()
