@@ -127,3 +127,142 @@ def test_selective_state_update_bad_input(emu):
     with pytest.raises(ValueError, match="'dt'"):
         emu.selective_state_update(torch.randn(2, 4, 8, 16), x, torch.randn(2, 3), torch.randn(4),
                                    torch.randn(2, 1, 16), torch.randn(2, 1, 16), None, None, None, False, None)
+
+
+# ---- causal_conv1d ---------------------------------------------------------------------------------
+
+def conv_math(x, weight, bias, seq_idx, init, silu):
+    """Explicit loop over taps in fp32: returns (out, final_states)."""
+    b, d, l = x.shape
+    w = weight.shape[1]
+    hist = init.float() if init is not None else torch.zeros(b, d, w - 1)
+    xp = torch.cat([hist, x.float()], -1)
+    doc = None
+    if seq_idx is not None:
+        doc = torch.cat([seq_idx[:, :1].expand(b, w - 1), seq_idx], -1)
+    out = torch.zeros(b, d, l) + (bias.float()[:, None] if bias is not None else 0)
+    for t in range(l):
+        for k in range(w):
+            tap = xp[:, :, t + k]
+            if doc is not None:
+                tap = tap * (doc[:, t + k] == doc[:, t + w - 1])[:, None]
+            out[:, :, t] += weight[:, k].float() * tap
+    if silu:
+        out = F.silu(out)
+    fin = xp[:, :, l:].clone()
+    if doc is not None:
+        fin = fin * (doc[:, l:] == doc[:, -1:])[:, None, :]
+    return out, fin
+
+
+def _docs(b, l, gen):
+    seq = torch.zeros(b, l, dtype=torch.int32)
+    for i in range(b):
+        cuts = torch.randint(0, l, (3,), generator=gen)
+        for c in cuts:
+            seq[i, c:] += 1
+    return seq
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["first", "last"])
+@pytest.mark.parametrize(
+    "b,d,l,w,opts",
+    [
+        (2, 5, 37, 4, "bias,silu,final"),
+        (1, 3, 600, 3, "bias,init,final"),      # two tiles of the channel-first kernel
+        (2, 130, 70, 2, "silu,seq,final"),      # two channel blocks / time chunks of the channel-last kernel
+        (3, 4, 2, 4, "init,seq,final,silu"),   # l < w - 1
+        (1, 6, 1, 3, "bias"),
+    ],
+)
+def test_causal_conv1d_fwd(emu, dtype, layout, b, d, l, w, opts):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, d, l, generator=gen).to(dtype)
+    if layout == "last":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    weight = torch.randn(d, w, generator=gen)
+    bias = torch.randn(d, generator=gen) if "bias" in opts else None
+    init = torch.randn(b, d, w - 1, generator=gen).to(dtype) if "init" in opts else None
+    seq = _docs(b, l, gen) if "seq" in opts else None
+    out, fin = emu.causal_conv1d_fwd(x, weight, bias, seq, init, "final" in opts, "silu" in opts)
+    want, want_fin = conv_math(x, weight, bias, seq, init, "silu" in opts)
+    assert out.dtype == dtype and out.stride() == x.stride()
+    close(out, want, dtype, scale=4)
+    if "final" in opts:
+        close(fin, want_fin, dtype)
+    else:
+        assert fin.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,d,l,w,state_len,opts", [
+    (3, 20, 1, 4, 3, "bias,silu"),
+    (2, 130, 3, 3, 5, "silu,indices"),
+    (4, 7, 2, 2, 1, "bias,indices,2d"),
+])
+def test_causal_conv1d_update(emu, dtype, b, d, l, w, state_len, opts):
+    gen = torch.Generator().manual_seed(0)
+    if "2d" in opts:
+        l = 1
+    S = b + 2 if "indices" in opts else b
+    for state_dtype in {torch.float32, dtype}:
+        state = torch.randn(S, d, state_len, generator=gen).to(state_dtype)
+        x = torch.randn(b, d, l, generator=gen).to(dtype)
+        weight = torch.randn(d, w, generator=gen)
+        bias = torch.randn(d, generator=gen) if "bias" in opts else None
+        idx = torch.arange(b, dtype=torch.int32)
+        if "indices" in opts:
+            idx = torch.randperm(S, generator=gen)[:b].int()
+            idx[0] = -1
+        # The math: append x to the state rows, convolve the last w-1+l steps, shift the rows.
+        rows = state[idx.clamp(min=0).long()].float()
+        full = torch.cat([rows, x.float()], -1)
+        want, _ = conv_math(full[:, :, state_len - (w - 1):], weight, bias, None, None, "silu" in opts)
+        want = want[:, :, w - 1:]
+        want[idx < 0] = 0
+        want_state = state.clone()
+        want_state[idx[idx >= 0].long()] = full[idx >= 0][:, :, -state_len:].to(state_dtype)
+        got_state = state.clone()
+        xin = x[:, :, 0] if "2d" in opts else x
+        out = emu.causal_conv1d_update(xin, got_state, weight, bias, "silu" in opts,
+                                       idx if "indices" in opts else None)
+        assert out.shape == xin.shape and out.dtype == dtype
+        close(out, want.reshape(out.shape), dtype, scale=4)
+        torch.testing.assert_close(got_state, want_state, rtol=0, atol=0)
+
+
+def test_causal_conv1d_orders(emu, order):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 700, generator=gen)
+    weight, seq = torch.randn(3, 4, generator=gen), _docs(2, 700, gen)
+    out, fin = emu.causal_conv1d_fwd(x, weight, None, seq, None, True, True)
+    want, want_fin = conv_math(x, weight, None, seq, None, True)
+    close(out, want, torch.float32)
+    close(fin, want_fin, torch.float32)
+
+
+def test_causal_conv1d_bad_input(emu):
+    with pytest.raises(ValueError, match="'weight'"):
+        emu.causal_conv1d_fwd(torch.randn(1, 4, 8), torch.randn(4, 5), None, None, None, False, False)
+    with pytest.raises(ValueError, match="'conv_state'"):
+        emu.causal_conv1d_update(torch.randn(1, 4), torch.randn(1, 4, 2), torch.randn(4, 4), None, False, None)
+
+
+# ---- the harness can fail ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", [0, 1, 2])
+def test_missing_barrier_is_caught(emu, schedule):
+    """The conv kernel without the barrier after its shared-memory tile load must give a wrong result
+    in every schedule order, while the real kernel is right (the same inputs)."""
+    emu.set_schedule(schedule, 7)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        x, weight = torch.randn(2, 3, 900, generator=gen), torch.randn(3, 4, generator=gen)
+        want, _ = conv_math(x, weight, None, None, None, False)
+        good, _ = emu.causal_conv1d_fwd(x, weight, None, None, None, False, False)
+        close(good, want, torch.float32)
+        bad = emu.causal_conv1d_fwd_without_tile_barrier(x, weight)
+        assert not torch.allclose(bad, want, rtol=1e-3, atol=1e-3)
+    finally:
+        emu.set_schedule(0)
