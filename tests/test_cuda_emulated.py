@@ -266,3 +266,89 @@ def test_missing_barrier_is_caught(emu, schedule):
         assert not torch.allclose(bad, want, rtol=1e-3, atol=1e-3)
     finally:
         emu.set_schedule(0)
+
+
+# ---- paged attention -------------------------------------------------------------------------------
+
+def paged_cache(num_blocks, block_size, hk, hd, dtype, gen):
+    k = torch.randn(num_blocks, block_size, hk, hd, generator=gen).to(dtype)
+    v = torch.randn(num_blocks, block_size, hk, hd, generator=gen).to(dtype)
+    return k, v
+
+
+def decode_math(q, kc, vc, tables, seq_lens, scale):
+    """Gather each sequence's keys page by page, then softmax attention in fp32 (GQA by repeat)."""
+    b, hq, hd = q.shape
+    bs, hk = kc.shape[1], kc.shape[2]
+    out = torch.zeros(b, hq, hd)
+    for i in range(b):
+        n = int(seq_lens[i])
+        if n == 0:
+            continue
+        pages = tables[i, : -(-n // bs)].long()
+        k = kc[pages].reshape(-1, hk, hd)[:n].float().repeat_interleave(hq // hk, dim=1)  # (n, hq, hd)
+        v = vc[pages].reshape(-1, hk, hd)[:n].float().repeat_interleave(hq // hk, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[i].float() * scale, k)
+        out[i] = torch.einsum("hn,nhd->hd", s.softmax(-1), v)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "hq,hk,hd,bs,lens",
+    [
+        (4, 2, 64, 16, [1, 17, 100]),     # one partition
+        (2, 1, 40, 8, [513, 0, 1100]),    # several partitions, an empty context, hd not a multiple of 32
+        (3, 3, 128, 32, [600]),
+    ],
+)
+def test_paged_attention_decode(emu, dtype, hq, hk, hd, bs, lens):
+    gen = torch.Generator().manual_seed(0)
+    b = len(lens)
+    max_blocks = -(-max(max(lens), 1) // bs) + 1  # one spare entry: tables may be longer than needed
+    num_blocks = b * max_blocks + 3
+    kc, vc = paged_cache(num_blocks, bs, hk, hd, dtype, gen)
+    tables = torch.randperm(num_blocks, generator=gen)[: b * max_blocks].view(b, max_blocks).int()
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(b, hq, hd, generator=gen).to(dtype)
+    scale = hd ** -0.5
+    out = emu.paged_attention_decode(q, kc, vc, tables, seq_lens, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    close(out, decode_math(q, kc, vc, tables, seq_lens, scale), dtype)
+
+
+def test_paged_attention_decode_orders(emu, order):
+    gen = torch.Generator().manual_seed(1)
+    kc, vc = paged_cache(40, 16, 2, 64, torch.float32, gen)
+    tables = torch.randperm(40, generator=gen)[:36].view(2, 18).int()
+    seq_lens = torch.tensor([280, 530], dtype=torch.int32)
+    q = torch.randn(2, 4, 64, generator=gen)
+    out = emu.paged_attention_decode(q, kc, vc, tables, seq_lens, 0.125)
+    close(out, decode_math(q, kc, vc, tables, seq_lens, 0.125), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reshape_and_cache(emu, dtype):
+    gen = torch.Generator().manual_seed(0)
+    nb, bs, hk, hd, tokens = 6, 4, 2, 24, 9
+    kc, vc = torch.zeros(nb, bs, hk, hd, dtype=dtype), torch.zeros(nb, bs, hk, hd, dtype=dtype)
+    qkv = torch.randn(tokens, 3, hk, hd, generator=gen)  # key / value as strided slices of a fused projection
+    key, value = qkv[:, 1], qkv[:, 2]
+    slots = torch.randperm(nb * bs, generator=gen)[:tokens]
+    slots[3] = -1  # padding token
+    emu.reshape_and_cache(key, value, kc, vc, slots)
+    want_k, want_v = torch.zeros_like(kc), torch.zeros_like(vc)
+    keep = slots >= 0
+    want_k.view(-1, hk, hd)[slots[keep]] = key[keep].to(dtype)
+    want_v.view(-1, hk, hd)[slots[keep]] = value[keep].to(dtype)
+    torch.testing.assert_close(kc, want_k, rtol=0, atol=0)
+    torch.testing.assert_close(vc, want_v, rtol=0, atol=0)
+
+
+def test_paged_attention_bad_input(emu):
+    kc = torch.zeros(4, 8, 2, 16)
+    with pytest.raises(ValueError, match="'q'"):
+        emu.paged_attention_decode(torch.randn(1, 3, 16), kc, kc, torch.zeros(1, 2, dtype=torch.int32),
+                                   torch.ones(1, dtype=torch.int32), 1.0)
+    with pytest.raises(ValueError, match="'slot_mapping'"):
+        emu.reshape_and_cache(torch.randn(2, 2, 16), torch.randn(2, 2, 16), kc, kc, torch.zeros(2, dtype=torch.int32))

@@ -1,4 +1,4 @@
-// Test-only kernel variants, compiled into the emulator's kernel translation unit after csrc/cuda/*.cu
+// Test-only variants of the kernels of csrc/cuda/causal_conv1d.cu, compiled into its emulator translation unit
 // (no torch header here; the torch side is in cuda_emu_bindings.cpp).
 //
 // The channel-first causal conv1d forward kernel without the __syncthreads between staging its input
