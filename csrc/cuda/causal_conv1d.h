@@ -1,0 +1,39 @@
+// Launchers of the depthwise causal conv1d kernels (csrc/cuda/causal_conv1d.cu); plain C++ for the glue.
+#pragma once
+
+#include "launch.h"
+
+namespace h1r::cuda {
+
+struct CausalConv1dFwdParams {
+  const void* x;  // (b, d, l) with element strides x_stride_*
+  void* out;      // same shape, strides out_stride_*
+  DType dtype;    // of x, out and final_states
+  int64_t batch, dim, seqlen, width;  // 2 <= width <= 4
+  int64_t x_stride_b, x_stride_d, x_stride_l, out_stride_b, out_stride_d, out_stride_l;
+  const float* weight;          // (d, w)
+  const float* bias;            // (d,) or null
+  const int32_t* seq_idx;       // (b, l) or null
+  const float* initial_states;  // (b, d, w-1) or null
+  void* final_states;           // (b, d, w-1) or null
+  bool silu;
+  bool channel_last;  // x_stride_d == 1: use the kernel that walks time with threads over channels
+};
+
+struct CausalConv1dUpdateParams {
+  const void* x;  // (b, d, l) contiguous (l new steps)
+  void* out;      // (b, d, l)
+  DType dtype;
+  void* conv_state;  // (S, d, state_len) contiguous, shifted in place
+  DType state_dtype;
+  int64_t batch, dim, seqlen, width, state_len, state_rows;
+  const float* weight;  // (d, w)
+  const float* bias;    // (d,) or null
+  const int32_t* conv_state_indices;  // (b,) or null; a row outside [0, S) is padding: out = 0
+  bool silu;
+};
+
+const char* launch_causal_conv1d_fwd(const CausalConv1dFwdParams& p, void* stream);
+const char* launch_causal_conv1d_update(const CausalConv1dUpdateParams& p, void* stream);
+
+}  // namespace h1r::cuda

@@ -1,0 +1,132 @@
+// Torch-facing glue of the causal conv1d kernels (causal_conv1d.cu): checks, allocation, stream, and the
+// CUDA registration of h1r::causal_conv1d_fwd and h1r::causal_conv1d_update.
+#include "causal_conv1d.h"
+
+#include <torch/library.h>
+
+#include "api.h"
+#include "glue.h"
+
+namespace h1r::cuda {
+
+std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     const std::optional<at::Tensor>& seq_idx,
+                                                     const std::optional<at::Tensor>& initial_states,
+                                                     bool return_final_states, bool silu) {
+  check_shape(x, "x", {-1, -1, -1});
+  const int64_t b = x.size(0), d = x.size(1), l = x.size(2);
+  check_shape(weight, "weight", {d, -1});
+  const int64_t w = weight.size(1);
+  TORCH_CHECK_VALUE(w >= 2 && w <= 4, "argument 'weight': expected width 2, 3 or 4, got ", w);
+  if (bias) check_shape(*bias, "bias", {d});
+  if (seq_idx) {
+    check_shape(*seq_idx, "seq_idx", {b, l});
+    check_dtype(*seq_idx, "seq_idx", at::kInt);
+  }
+  if (initial_states) check_shape(*initial_states, "initial_states", {b, d, w - 1});
+  check_device(x, "x");
+  check_device(weight, "weight");
+  for (auto [t, name] : {std::pair{&bias, "bias"}, {&seq_idx, "seq_idx"}, {&initial_states, "initial_states"}})
+    if (*t) check_device(**t, name);
+  const DType dtype = dtype_of(x, "x");
+
+  KernelContext ctx(x);
+  // Channel-last (b, l, d) memory is kept as is; anything else but channel-first becomes channel-first.
+  const bool channel_last = x.stride(1) == 1 && x.stride(2) != 1 && x.stride(2) == d && x.stride(0) == l * d;
+  const at::Tensor xc = channel_last ? x : x.contiguous();
+  TORCH_CHECK_VALUE(channel_last || d <= 65535, "argument 'x': at most 65535 channels in the channel-first layout");
+  const at::Tensor out = at::empty_like(xc);  // same strides
+  const at::Tensor wf = as_f32(weight);
+  const auto bf = as_f32(bias), initf = as_f32(initial_states);
+  const auto seq = seq_idx ? std::optional<at::Tensor>(seq_idx->contiguous()) : std::nullopt;
+  at::Tensor final_states = return_final_states ? at::empty({b, d, w - 1}, x.options()) : empty_like_none(x);
+
+  CausalConv1dFwdParams prm{};
+  prm.x = xc.data_ptr();
+  prm.out = out.data_ptr();
+  prm.dtype = dtype;
+  prm.batch = b;
+  prm.dim = d;
+  prm.seqlen = l;
+  prm.width = w;
+  prm.x_stride_b = xc.stride(0);
+  prm.x_stride_d = xc.stride(1);
+  prm.x_stride_l = xc.stride(2);
+  prm.out_stride_b = out.stride(0);
+  prm.out_stride_d = out.stride(1);
+  prm.out_stride_l = out.stride(2);
+  prm.weight = wf.data_ptr<float>();
+  prm.bias = ptr_or_null<float>(bf);
+  prm.seq_idx = ptr_or_null<int32_t>(seq);
+  prm.initial_states = ptr_or_null<float>(initf);
+  prm.final_states = return_final_states ? final_states.data_ptr() : nullptr;
+  prm.silu = silu;
+  prm.channel_last = channel_last;
+  if (b > 0 && d > 0 && l > 0) check_launch(launch_causal_conv1d_fwd(prm, ctx.stream()), "causal_conv1d_fwd");
+  else if (return_final_states && final_states.numel() > 0) {  // l == 0: the state is the initial one
+    final_states.copy_(initial_states ? *initial_states : at::zeros_like(final_states));
+  }
+  return {out, final_states};
+}
+
+at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, bool silu,
+                                const std::optional<at::Tensor>& conv_state_indices) {
+  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, "argument 'x': expected shape (b, d) or (b, d, l), got ",
+                    shape_str(x.sizes()));
+  const at::Tensor x3 = (x.dim() == 2 ? x.unsqueeze(-1) : x).contiguous();
+  const int64_t b = x3.size(0), d = x3.size(1), l = x3.size(2);
+  check_shape(weight, "weight", {d, -1});
+  const int64_t w = weight.size(1);
+  TORCH_CHECK_VALUE(w >= 2 && w <= 4, "argument 'weight': expected width 2, 3 or 4, got ", w);
+  check_shape(conv_state, "conv_state", {-1, d, -1});
+  TORCH_CHECK_VALUE(conv_state.size(2) >= w - 1, "argument 'conv_state': expected state_len >= w - 1 = ", w - 1,
+                    ", got ", conv_state.size(2));
+  check_contiguous(conv_state, "conv_state");
+  if (bias) check_shape(*bias, "bias", {d});
+  if (conv_state_indices) {
+    check_shape(*conv_state_indices, "conv_state_indices", {b});
+    check_dtype(*conv_state_indices, "conv_state_indices", at::kInt);
+  } else {
+    TORCH_CHECK_VALUE(conv_state.size(0) >= b, "argument 'conv_state': expected at least b = ", b, " rows, got ",
+                      conv_state.size(0));
+  }
+  for (auto [t, name] : {std::pair{&x, "x"}, {&conv_state, "conv_state"}, {&weight, "weight"}}) check_device(*t, name);
+  for (auto [t, name] : {std::pair{&bias, "bias"}, {&conv_state_indices, "conv_state_indices"}})
+    if (*t) check_device(**t, name);
+
+  KernelContext ctx(x);
+  const at::Tensor out = at::empty_like(x3);
+  const at::Tensor wf = as_f32(weight);
+  const auto bf = as_f32(bias);
+  const auto idx = conv_state_indices ? std::optional<at::Tensor>(conv_state_indices->contiguous()) : std::nullopt;
+
+  CausalConv1dUpdateParams prm{};
+  prm.x = x3.data_ptr();
+  prm.out = out.data_ptr();
+  prm.dtype = dtype_of(x, "x");
+  prm.conv_state = conv_state.data_ptr();
+  prm.state_dtype = dtype_of(conv_state, "conv_state");
+  prm.batch = b;
+  prm.dim = d;
+  prm.seqlen = l;
+  prm.width = w;
+  prm.state_len = conv_state.size(2);
+  prm.state_rows = conv_state.size(0);
+  prm.weight = wf.data_ptr<float>();
+  prm.bias = ptr_or_null<float>(bf);
+  prm.conv_state_indices = ptr_or_null<int32_t>(idx);
+  prm.silu = silu;
+  if (b > 0 && d > 0 && l > 0) check_launch(launch_causal_conv1d_update(prm, ctx.stream()), "causal_conv1d_update");
+  return x.dim() == 2 ? out.squeeze(-1) : out;
+}
+
+}  // namespace h1r::cuda
+
+#if !defined(H1R_CUDA_EMULATOR)
+TORCH_LIBRARY_IMPL(h1r, CUDA, m) {
+  m.impl("causal_conv1d_fwd", &h1r::cuda::causal_conv1d_fwd);
+  m.impl("causal_conv1d_update", &h1r::cuda::causal_conv1d_update);
+}
+#endif

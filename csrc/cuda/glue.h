@@ -1,0 +1,67 @@
+// Torch-facing helpers for the CUDA glue (csrc/cuda/*_api.cpp): checks, dtype mapping, stream, errors.
+//
+// The glue is also compiled into the tests' CPU emulator extension (-DH1R_CUDA_EMULATOR): there the
+// kernels run on CPU tensors, so "the kernel device" is the CPU, there is no stream, and the functions
+// are bound with pybind instead of being registered for the CUDA dispatch key.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "checks.h"
+#include "launch.h"
+
+#if !defined(H1R_CUDA_EMULATOR)
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace h1r::cuda {
+
+inline DType dtype_of(const at::Tensor& t, const char* name) {
+  check_float(t, name);
+  switch (t.scalar_type()) {
+    case at::kBFloat16: return DType::bf16;
+    case at::kHalf: return DType::f16;
+    default: return DType::f32;
+  }
+}
+
+// Every tensor a kernel reads must live on the kernel device, the device of `ref`.
+inline void check_device(const at::Tensor& t, const char* name) {
+#if defined(H1R_CUDA_EMULATOR)
+  TORCH_CHECK_VALUE(t.is_cpu(), "argument '", name, "': the CUDA emulator runs on CPU tensors, got ", t.device());
+#else
+  TORCH_CHECK_VALUE(t.is_cuda(), "argument '", name, "': expected a CUDA tensor, got ", t.device());
+#endif
+}
+
+// Small fp32 side inputs (dt, A, D, weights, ...) are converted once here so that the kernels are
+// templated on the element type of the large tensors only. Returns a contiguous fp32 tensor, or nullopt.
+inline at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+inline std::optional<at::Tensor> as_f32(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(as_f32(*t)) : std::nullopt;
+}
+template <typename T>
+inline const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t ? t->data_ptr<T>() : nullptr;
+}
+
+// Sets the device for the glue's allocations and returns the stream to launch on.
+struct KernelContext {
+#if defined(H1R_CUDA_EMULATOR)
+  explicit KernelContext(const at::Tensor&) {}
+  void* stream() const { return nullptr; }
+#else
+  explicit KernelContext(const at::Tensor& t) : guard(t.device()) {}
+  void* stream() const { return at::cuda::getCurrentCUDAStream().stream(); }
+  c10::cuda::CUDAGuard guard;
+#endif
+};
+
+inline void check_launch(const char* error, const char* kernel) {
+  TORCH_CHECK(error == nullptr, "h1r ", kernel, ": kernel launch failed: ", error);
+}
+
+}  // namespace h1r::cuda

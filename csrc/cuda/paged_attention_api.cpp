@@ -1,0 +1,121 @@
+// Torch-facing glue of the paged-attention kernels (paged_attention.cu): checks, allocation, stream,
+// and the CUDA registration of h1r::reshape_and_cache and h1r::paged_attention_decode.
+#include "paged_attention.h"
+
+#include <torch/library.h>
+
+#include "api.h"
+#include "glue.h"
+
+namespace h1r::cuda {
+
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
+                       const at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  check_shape(key_cache, "key_cache", {-1, -1, -1, -1});
+  const int64_t nb = key_cache.size(0), bs = key_cache.size(1), hk = key_cache.size(2), hd = key_cache.size(3);
+  check_shape(value_cache, "value_cache", {nb, bs, hk, hd});
+  check_shape(key, "key", {-1, hk, hd});
+  const int64_t tokens = key.size(0);
+  check_shape(value, "value", {tokens, hk, hd});
+  check_shape(slot_mapping, "slot_mapping", {tokens});
+  check_dtype(slot_mapping, "slot_mapping", at::kLong);
+  check_contiguous(key_cache, "key_cache");
+  check_contiguous(value_cache, "value_cache");
+  check_dtype(value_cache, "value_cache", key_cache.scalar_type());
+  for (auto [t, name] : {std::pair{&key, "key"}, {&value, "value"}, {&key_cache, "key_cache"},
+                         {&value_cache, "value_cache"}, {&slot_mapping, "slot_mapping"}})
+    check_device(*t, name);
+  const DType dtype = dtype_of(key_cache, "key_cache");
+  dtype_of(key, "key");
+  dtype_of(value, "value");
+
+  KernelContext ctx(key);
+  // Rows of (hk, hd) contiguous elements in the cache dtype; a strided token dim (a slice of a fused qkv
+  // projection) is kept as is.
+  auto rows = [&](const at::Tensor& t) {
+    at::Tensor r = t.to(key_cache.scalar_type());
+    return (r.stride(2) == 1 && r.stride(1) == hd) ? r : r.contiguous();
+  };
+  const at::Tensor k = rows(key), v = rows(value), slots = slot_mapping.contiguous();
+  ReshapeAndCacheParams prm{};
+  prm.key = k.data_ptr();
+  prm.value = v.data_ptr();
+  prm.key_cache = key_cache.data_ptr();
+  prm.value_cache = value_cache.data_ptr();
+  prm.dtype = dtype;
+  prm.slot_mapping = slots.data_ptr<int64_t>();
+  prm.tokens = tokens;
+  prm.row_elems = hk * hd;
+  prm.key_stride = k.stride(0);
+  prm.value_stride = v.stride(0);
+  prm.num_slots = nb * bs;
+  if (tokens > 0 && hk * hd > 0) check_launch(launch_reshape_and_cache(prm, ctx.stream()), "reshape_and_cache");
+}
+
+at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  check_shape(key_cache, "key_cache", {-1, -1, -1, -1});
+  const int64_t nb = key_cache.size(0), bs = key_cache.size(1), hk = key_cache.size(2), hd = key_cache.size(3);
+  check_shape(value_cache, "value_cache", {nb, bs, hk, hd});
+  check_shape(q, "q", {-1, -1, hd});
+  const int64_t b = q.size(0), hq = q.size(1);
+  TORCH_CHECK_VALUE(hk > 0 && hq % hk == 0, "argument 'q': the query heads ", hq,
+                    " must be a multiple of the kv heads ", hk);
+  TORCH_CHECK_VALUE(hd <= kMaxHeadDim, "argument 'q': head_dim ", hd, " above the supported ", kMaxHeadDim);
+  check_shape(block_tables, "block_tables", {b, -1});
+  check_shape(seq_lens, "seq_lens", {b});
+  check_dtype(block_tables, "block_tables", at::kInt);
+  check_dtype(seq_lens, "seq_lens", at::kInt);
+  check_contiguous(key_cache, "key_cache");
+  check_contiguous(value_cache, "value_cache");
+  check_dtype(value_cache, "value_cache", key_cache.scalar_type());
+  for (auto [t, name] : {std::pair{&q, "q"}, {&key_cache, "key_cache"}, {&value_cache, "value_cache"},
+                         {&block_tables, "block_tables"}, {&seq_lens, "seq_lens"}})
+    check_device(*t, name);
+  dtype_of(q, "q");
+
+  KernelContext ctx(q);
+  const at::Tensor qf = as_f32(q), tables = block_tables.contiguous(), lens = seq_lens.contiguous();
+  at::Tensor out = at::empty({b, hq, hd}, q.options().dtype(at::kFloat));
+  const int64_t max_blocks = block_tables.size(1);
+  // Partitions cover the longest context the tables can describe: no device-to-host read of seq_lens.
+  const int64_t parts = std::max<int64_t>(1, (max_blocks * bs + kPartitionTokens - 1) / kPartitionTokens);
+  at::Tensor partial, stats;
+  if (parts > 1) {
+    partial = at::empty({b, hq, parts, hd}, out.options());
+    stats = at::empty({2, b, hq, parts}, out.options());
+  }
+  PagedAttentionDecodeParams prm{};
+  prm.q = qf.data_ptr<float>();
+  prm.out = out.data_ptr<float>();
+  prm.key_cache = key_cache.data_ptr();
+  prm.value_cache = value_cache.data_ptr();
+  prm.cache_dtype = dtype_of(key_cache, "key_cache");
+  prm.block_tables = tables.data_ptr<int32_t>();
+  prm.seq_lens = lens.data_ptr<int32_t>();
+  prm.batch = b;
+  prm.max_blocks = max_blocks;
+  prm.block_size = bs;
+  prm.hq = hq;
+  prm.hk = hk;
+  prm.hd = hd;
+  prm.scale = static_cast<float>(scale);
+  prm.num_partitions = parts;
+  if (parts > 1) {
+    prm.partial_out = partial.data_ptr<float>();
+    prm.max_logits = stats[0].data_ptr<float>();
+    prm.exp_sums = stats[1].data_ptr<float>();
+  }
+  if (b > 0 && hq > 0 && hd > 0)
+    check_launch(launch_paged_attention_decode(prm, ctx.stream()), "paged_attention_decode");
+  return out.to(q.scalar_type());
+}
+
+}  // namespace h1r::cuda
+
+#if !defined(H1R_CUDA_EMULATOR)
+TORCH_LIBRARY_IMPL(h1r, CUDA, m) {
+  m.impl("reshape_and_cache", &h1r::cuda::reshape_and_cache);
+  m.impl("paged_attention_decode", &h1r::cuda::paged_attention_decode);
+}
+#endif

@@ -1,0 +1,354 @@
+"""The CUDA kernels (csrc/cuda/*.cu), run through the CPU emulator against plain-torch math.
+
+tests/cuda_emu.py compiles the kernel files and their glue with g++ in emulator mode (csrc/cuda/
+portability.h): every block and thread of every launch runs, with real barriers and warp shuffles, on
+CPU tensors. Each kernel is compared with the math written here in a few lines of fp32 torch (the
+family references in h1r_ops.reference are being written alongside; the lead points these tests at
+them once merged). Shapes are small but cover partial tiles, odd sizes, groups, padding rows and
+several partitions. Tolerances: fp32 1e-5 (relative + absolute); bf16 / fp16 one output rounding
+(2^-7 resp. 2^-10 relative, a little absolute slack) since the kernels accumulate in fp32 and the math
+here is fp32 on the same rounded inputs.
+
+The emulator runs the threads of a block in a chosen order between barriers: a subset of every test
+runs in reverse and random order too, and test_missing_barrier_is_caught shows that a kernel variant
+without its barrier fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cuda_emu import load
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    m = load()
+    m.set_schedule(0)
+    yield m
+    m.set_schedule(0)
+
+
+@pytest.fixture(params=["forward", "reverse", "random"])
+def order(request, emu):
+    emu.set_schedule({"forward": 0, "reverse": 1, "random": 2}[request.param], 1234)
+    yield request.param
+    emu.set_schedule(0)
+
+
+def close(got, want, dtype, scale=1.0):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol * scale)
+
+
+# ---- selective_state_update ------------------------------------------------------------------------
+
+def ssu_math(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx):
+    """One Mamba2 step in fp32; returns (new state rows, out)."""
+    b, h, p = x.shape
+    g = B.shape[1]
+    s = state[idx.long()].float()
+    dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    Bh = B.float().repeat_interleave(h // g, dim=1)  # (b, h, n)
+    Ch = C.float().repeat_interleave(h // g, dim=1)
+    s = torch.exp(dt * A)[..., None, None] * s + (dt[..., None] * x.float())[..., None] * Bh[:, :, None, :]
+    y = (s * Ch[:, :, None, :]).sum(-1)
+    if D is not None:
+        y = y + D.float() * x.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return s, y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "b,h,g,p,n,opts",
+    [
+        (2, 4, 1, 16, 32, "D,z,bias,softplus"),
+        (3, 6, 2, 37, 64, "D,bias,softplus"),   # partial row tile, groups
+        (1, 2, 2, 8, 200, "z"),                 # n not a multiple of 32, no softplus
+        (4, 2, 1, 20, 16, "D,z,bias,softplus,indices"),  # state pool with a padding row
+    ],
+)
+def test_selective_state_update(emu, dtype, b, h, g, p, n, opts):
+    torch.manual_seed(0)
+    S = b + 3 if "indices" in opts else b
+    for state_dtype in {torch.float32, dtype}:
+        state = torch.randn(S, h, p, n).to(state_dtype)
+        x = torch.randn(b, h, p).to(dtype)
+        dt = (torch.randn(b, h) * 0.5).to(dtype)
+        A = -torch.rand(h) * 2 - 0.1
+        B = torch.randn(b, g, n).to(dtype)
+        C = torch.randn(b, g, n).to(dtype)
+        D = torch.randn(h, p) if "D" in opts else None
+        z = torch.randn(b, h, p).to(dtype) if "z" in opts else None
+        dt_bias = torch.randn(h) * 0.3 if "bias" in opts else None
+        softplus = "softplus" in opts
+        if "indices" in opts:
+            idx = torch.randperm(S)[:b].int()
+            idx[1] = -1  # padding row: output zero, no state touched
+        else:
+            idx = torch.arange(b, dtype=torch.int32)
+        if not softplus:
+            dt = dt.abs()
+        want_state = state.clone()
+        valid = idx >= 0
+        s_new, want = ssu_math(state, x, dt, A, B, C, D, z, dt_bias, softplus, idx.clamp(min=0))
+        want_state[idx[valid].long()] = s_new[valid].to(state_dtype)
+        want[~valid] = 0
+        got_state = state.clone()
+        out = emu.selective_state_update(got_state, x, dt, A, B, C, D, z, dt_bias, softplus,
+                                         idx if "indices" in opts else None)
+        assert out.dtype == dtype and out.shape == x.shape
+        close(out, want, dtype, scale=4)
+        close(got_state, want_state, state_dtype)
+
+
+def test_selective_state_update_orders(emu, order):
+    torch.manual_seed(1)
+    b, h, p, n = 2, 2, 24, 48
+    state, x, dt = torch.randn(b, h, p, n), torch.randn(b, h, p), torch.rand(b, h)
+    A, B, C, z = -torch.rand(h), torch.randn(b, 1, n), torch.randn(b, 1, n), torch.randn(b, h, p)
+    s_new, want = ssu_math(state, x, dt, A, B, C, None, z, None, True, torch.arange(b))
+    out = emu.selective_state_update(state, x, dt, A, B, C, None, z, None, True, None)
+    close(out, want, torch.float32)
+    close(state, s_new, torch.float32)
+
+
+def test_selective_state_update_bad_input(emu):
+    x = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="'dt'"):
+        emu.selective_state_update(torch.randn(2, 4, 8, 16), x, torch.randn(2, 3), torch.randn(4),
+                                   torch.randn(2, 1, 16), torch.randn(2, 1, 16), None, None, None, False, None)
+
+
+# ---- causal_conv1d ---------------------------------------------------------------------------------
+
+def conv_math(x, weight, bias, seq_idx, init, silu):
+    """Explicit loop over taps in fp32: returns (out, final_states)."""
+    b, d, l = x.shape
+    w = weight.shape[1]
+    hist = init.float() if init is not None else torch.zeros(b, d, w - 1)
+    xp = torch.cat([hist, x.float()], -1)
+    doc = None
+    if seq_idx is not None:
+        doc = torch.cat([seq_idx[:, :1].expand(b, w - 1), seq_idx], -1)
+    out = torch.zeros(b, d, l) + (bias.float()[:, None] if bias is not None else 0)
+    for t in range(l):
+        for k in range(w):
+            tap = xp[:, :, t + k]
+            if doc is not None:
+                tap = tap * (doc[:, t + k] == doc[:, t + w - 1])[:, None]
+            out[:, :, t] += weight[:, k].float() * tap
+    if silu:
+        out = F.silu(out)
+    fin = xp[:, :, l:].clone()
+    if doc is not None:
+        fin = fin * (doc[:, l:] == doc[:, -1:])[:, None, :]
+    return out, fin
+
+
+def _docs(b, l, gen):
+    seq = torch.zeros(b, l, dtype=torch.int32)
+    for i in range(b):
+        cuts = torch.randint(0, l, (3,), generator=gen)
+        for c in cuts:
+            seq[i, c:] += 1
+    return seq
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["first", "last"])
+@pytest.mark.parametrize(
+    "b,d,l,w,opts",
+    [
+        (2, 5, 37, 4, "bias,silu,final"),
+        (1, 3, 600, 3, "bias,init,final"),      # two tiles of the channel-first kernel
+        (2, 130, 70, 2, "silu,seq,final"),      # two channel blocks / time chunks of the channel-last kernel
+        (3, 4, 2, 4, "init,seq,final,silu"),   # l < w - 1
+        (1, 6, 1, 3, "bias"),
+    ],
+)
+def test_causal_conv1d_fwd(emu, dtype, layout, b, d, l, w, opts):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, d, l, generator=gen).to(dtype)
+    if layout == "last":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    weight = torch.randn(d, w, generator=gen)
+    bias = torch.randn(d, generator=gen) if "bias" in opts else None
+    init = torch.randn(b, d, w - 1, generator=gen).to(dtype) if "init" in opts else None
+    seq = _docs(b, l, gen) if "seq" in opts else None
+    out, fin = emu.causal_conv1d_fwd(x, weight, bias, seq, init, "final" in opts, "silu" in opts)
+    want, want_fin = conv_math(x, weight, bias, seq, init, "silu" in opts)
+    assert out.dtype == dtype and out.stride() == x.stride()
+    close(out, want, dtype, scale=4)
+    if "final" in opts:
+        close(fin, want_fin, dtype)
+    else:
+        assert fin.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,d,l,w,state_len,opts", [
+    (3, 20, 1, 4, 3, "bias,silu"),
+    (2, 130, 3, 3, 5, "silu,indices"),
+    (4, 7, 2, 2, 1, "bias,indices,2d"),
+])
+def test_causal_conv1d_update(emu, dtype, b, d, l, w, state_len, opts):
+    gen = torch.Generator().manual_seed(0)
+    if "2d" in opts:
+        l = 1
+    S = b + 2 if "indices" in opts else b
+    for state_dtype in {torch.float32, dtype}:
+        state = torch.randn(S, d, state_len, generator=gen).to(state_dtype)
+        x = torch.randn(b, d, l, generator=gen).to(dtype)
+        weight = torch.randn(d, w, generator=gen)
+        bias = torch.randn(d, generator=gen) if "bias" in opts else None
+        idx = torch.arange(b, dtype=torch.int32)
+        if "indices" in opts:
+            idx = torch.randperm(S, generator=gen)[:b].int()
+            idx[0] = -1
+        # The math: append x to the state rows, convolve the last w-1+l steps, shift the rows.
+        rows = state[idx.clamp(min=0).long()].float()
+        full = torch.cat([rows, x.float()], -1)
+        want, _ = conv_math(full[:, :, state_len - (w - 1):], weight, bias, None, None, "silu" in opts)
+        want = want[:, :, w - 1:]
+        want[idx < 0] = 0
+        want_state = state.clone()
+        want_state[idx[idx >= 0].long()] = full[idx >= 0][:, :, -state_len:].to(state_dtype)
+        got_state = state.clone()
+        xin = x[:, :, 0] if "2d" in opts else x
+        out = emu.causal_conv1d_update(xin, got_state, weight, bias, "silu" in opts,
+                                       idx if "indices" in opts else None)
+        assert out.shape == xin.shape and out.dtype == dtype
+        close(out, want.reshape(out.shape), dtype, scale=4)
+        torch.testing.assert_close(got_state, want_state, rtol=0, atol=0)
+
+
+def test_causal_conv1d_orders(emu, order):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 700, generator=gen)
+    weight, seq = torch.randn(3, 4, generator=gen), _docs(2, 700, gen)
+    out, fin = emu.causal_conv1d_fwd(x, weight, None, seq, None, True, True)
+    want, want_fin = conv_math(x, weight, None, seq, None, True)
+    close(out, want, torch.float32)
+    close(fin, want_fin, torch.float32)
+
+
+def test_causal_conv1d_bad_input(emu):
+    with pytest.raises(ValueError, match="'weight'"):
+        emu.causal_conv1d_fwd(torch.randn(1, 4, 8), torch.randn(4, 5), None, None, None, False, False)
+    with pytest.raises(ValueError, match="'conv_state'"):
+        emu.causal_conv1d_update(torch.randn(1, 4), torch.randn(1, 4, 2), torch.randn(4, 4), None, False, None)
+
+
+# ---- the harness can fail ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", [0, 1, 2])
+def test_missing_barrier_is_caught(emu, schedule):
+    """The conv kernel without the barrier after its shared-memory tile load must give a wrong result
+    in every schedule order, while the real kernel is right (the same inputs)."""
+    emu.set_schedule(schedule, 7)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        x, weight = torch.randn(2, 3, 900, generator=gen), torch.randn(3, 4, generator=gen)
+        want, _ = conv_math(x, weight, None, None, None, False)
+        good, _ = emu.causal_conv1d_fwd(x, weight, None, None, None, False, False)
+        close(good, want, torch.float32)
+        bad = emu.causal_conv1d_fwd_without_tile_barrier(x, weight)
+        assert not torch.allclose(bad, want, rtol=1e-3, atol=1e-3)
+    finally:
+        emu.set_schedule(0)
+
+
+# ---- paged attention -------------------------------------------------------------------------------
+
+def paged_cache(num_blocks, block_size, hk, hd, dtype, gen):
+    k = torch.randn(num_blocks, block_size, hk, hd, generator=gen).to(dtype)
+    v = torch.randn(num_blocks, block_size, hk, hd, generator=gen).to(dtype)
+    return k, v
+
+
+def decode_math(q, kc, vc, tables, seq_lens, scale):
+    """Gather each sequence's keys page by page, then softmax attention in fp32 (GQA by repeat)."""
+    b, hq, hd = q.shape
+    bs, hk = kc.shape[1], kc.shape[2]
+    out = torch.zeros(b, hq, hd)
+    for i in range(b):
+        n = int(seq_lens[i])
+        if n == 0:
+            continue
+        pages = tables[i, : -(-n // bs)].long()
+        k = kc[pages].reshape(-1, hk, hd)[:n].float().repeat_interleave(hq // hk, dim=1)  # (n, hq, hd)
+        v = vc[pages].reshape(-1, hk, hd)[:n].float().repeat_interleave(hq // hk, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[i].float() * scale, k)
+        out[i] = torch.einsum("hn,nhd->hd", s.softmax(-1), v)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "hq,hk,hd,bs,lens",
+    [
+        (4, 2, 64, 16, [1, 17, 100]),     # one partition
+        (2, 1, 40, 8, [513, 0, 1100]),    # several partitions, an empty context, hd not a multiple of 32
+        (3, 3, 128, 32, [600]),
+    ],
+)
+def test_paged_attention_decode(emu, dtype, hq, hk, hd, bs, lens):
+    gen = torch.Generator().manual_seed(0)
+    b = len(lens)
+    max_blocks = -(-max(max(lens), 1) // bs) + 1  # one spare entry: tables may be longer than needed
+    num_blocks = b * max_blocks + 3
+    kc, vc = paged_cache(num_blocks, bs, hk, hd, dtype, gen)
+    tables = torch.randperm(num_blocks, generator=gen)[: b * max_blocks].view(b, max_blocks).int()
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(b, hq, hd, generator=gen).to(dtype)
+    scale = hd ** -0.5
+    out = emu.paged_attention_decode(q, kc, vc, tables, seq_lens, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    close(out, decode_math(q, kc, vc, tables, seq_lens, scale), dtype)
+
+
+def test_paged_attention_decode_orders(emu, order):
+    gen = torch.Generator().manual_seed(1)
+    kc, vc = paged_cache(40, 16, 2, 64, torch.float32, gen)
+    tables = torch.randperm(40, generator=gen)[:36].view(2, 18).int()
+    seq_lens = torch.tensor([280, 530], dtype=torch.int32)
+    q = torch.randn(2, 4, 64, generator=gen)
+    out = emu.paged_attention_decode(q, kc, vc, tables, seq_lens, 0.125)
+    close(out, decode_math(q, kc, vc, tables, seq_lens, 0.125), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reshape_and_cache(emu, dtype):
+    gen = torch.Generator().manual_seed(0)
+    nb, bs, hk, hd, tokens = 6, 4, 2, 24, 9
+    kc, vc = torch.zeros(nb, bs, hk, hd, dtype=dtype), torch.zeros(nb, bs, hk, hd, dtype=dtype)
+    qkv = torch.randn(tokens, 3, hk, hd, generator=gen)  # key / value as strided slices of a fused projection
+    key, value = qkv[:, 1], qkv[:, 2]
+    slots = torch.randperm(nb * bs, generator=gen)[:tokens]
+    slots[3] = -1  # padding token
+    emu.reshape_and_cache(key, value, kc, vc, slots)
+    want_k, want_v = torch.zeros_like(kc), torch.zeros_like(vc)
+    keep = slots >= 0
+    want_k.view(-1, hk, hd)[slots[keep]] = key[keep].to(dtype)
+    want_v.view(-1, hk, hd)[slots[keep]] = value[keep].to(dtype)
+    torch.testing.assert_close(kc, want_k, rtol=0, atol=0)
+    torch.testing.assert_close(vc, want_v, rtol=0, atol=0)
+
+
+def test_paged_attention_bad_input(emu):
+    kc = torch.zeros(4, 8, 2, 16)
+    with pytest.raises(ValueError, match="'q'"):
+        emu.paged_attention_decode(torch.randn(1, 3, 16), kc, kc, torch.zeros(1, 2, dtype=torch.int32),
+                                   torch.ones(1, dtype=torch.int32), 1.0)
+    with pytest.raises(ValueError, match="'slot_mapping'"):
+        emu.reshape_and_cache(torch.randn(2, 2, 16), torch.randn(2, 2, 16), kc, kc, torch.zeros(2, dtype=torch.int32))
