@@ -3,7 +3,6 @@
 Every benchmark measures its anchors (eager reference, torch.compile, the peer path) in the same run and
 prints ratios, because absolute times drift between machines.
 """
-"""Shared helpers of the benchmark scripts: a median timer, the machine's copy bandwidth, a table."""
 
 from __future__ import annotations
 
@@ -14,9 +13,10 @@ from typing import Callable, Sequence
 import torch
 
 
-def timeit(fn: Callable[[], object], warmup: int = 2, iters: int = 5, min_time: float = 0.0) -> float:
-    """Median wall time of ``fn()`` in seconds, after ``warmup`` calls (at least ``iters`` runs and, if
-    ``min_time`` is set, until that many seconds have been spent)."""
+def timeit(fn: Callable[[], object], warmup: int = 2, iters: int = 5, min_time: float = 0.0,
+           max_seconds: float | None = None) -> float:
+    """Median wall time of ``fn()`` in seconds, after ``warmup`` calls: at least ``iters`` runs and, if
+    ``min_time`` is set, until that many seconds have been spent; stops early past ``max_seconds``."""
     for _ in range(warmup):
         fn()
     times = []
@@ -27,6 +27,8 @@ def timeit(fn: Callable[[], object], warmup: int = 2, iters: int = 5, min_time: 
         dt = time.perf_counter() - t0
         times.append(dt)
         spent += dt
+        if max_seconds is not None and spent > max_seconds:
+            break
     return statistics.median(times)
 
 
@@ -64,18 +66,6 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[objec
     for j, row in enumerate(cells):
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
         if j == 0:
-def timeit(fn: Callable[[], object], warmup: int = 3, iters: int = 10, max_seconds: float | None = None) -> float:
-    """Median wall time of ``fn()`` in seconds, after ``warmup`` calls (stops early past max_seconds)."""
-    for _ in range(warmup):
-        fn()
-    times, start = [], time.perf_counter()
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
-            break
-    return statistics.median(times)
 
 
 def memcpy_bandwidth(nbytes: int = 1 << 30, iters: int = 5) -> float:

@@ -5,24 +5,22 @@ here as drop-in functions with the same arguments as their peers (mamba_ssm, cau
 ``h1r_ops.reference`` holds the plain-torch ground truth of every op.
 """
 
-from ._registry import ALL_OPS, OP_FAMILIES, backends, has_kernel  # noqa: F401
-from .ops.cross_entropy import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy, fused_linear_logprobs  # noqa: F401
-
-from .ops.paged_attention import paged_attention_decode, paged_attention_prefill, reshape_and_cache  # noqa: F401,E501
-
-from .ops.rms_norm import RMSNorm, RMSNormGated, gated_rms_norm, rms_norm  # noqa: F401
-from .ops.rotary import rotary, rotary_, rotary_cos_sin  # noqa: F401
+from ._registry import ALL_OPS, OP_FAMILIES, backends, has_kernel
+from .ops.causal_conv1d import causal_conv1d, causal_conv1d_fn, causal_conv1d_update
+from .ops.cross_entropy import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy, fused_linear_logprobs
+from .ops.paged_attention import paged_attention_decode, paged_attention_prefill, reshape_and_cache
+from .ops.rms_norm import RMSNorm, RMSNormGated, gated_rms_norm, rms_norm
+from .ops.rotary import rotary, rotary_, rotary_cos_sin
+from .ops.selective_scan import selective_scan, selective_state_update
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "has_kernel", "ALL_OPS", "OP_FAMILIES"]
-__all__ += ["fused_linear_cross_entropy", "fused_linear_logprobs", "FusedLinearCrossEntropyLoss"]
-__all__ += ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefill"]
-__all__ += ["selective_scan", "selective_state_update"]
-from .ops.selective_scan import selective_scan, selective_state_update  # noqa: F401,E402
-
-from .ops.causal_conv1d import causal_conv1d, causal_conv1d_fn, causal_conv1d_update  # noqa: E402
-
-__all__ += ["causal_conv1d", "causal_conv1d_fn", "causal_conv1d_update"]
-__all__ += ["rms_norm", "gated_rms_norm", "RMSNorm", "RMSNormGated"]
-__all__ += ["rotary", "rotary_", "rotary_cos_sin"]
+__all__ = [
+    "backends", "has_kernel", "ALL_OPS", "OP_FAMILIES",
+    "selective_scan", "selective_state_update",
+    "causal_conv1d", "causal_conv1d_fn", "causal_conv1d_update",
+    "rms_norm", "gated_rms_norm", "RMSNorm", "RMSNormGated",
+    "rotary", "rotary_", "rotary_cos_sin",
+    "fused_linear_cross_entropy", "fused_linear_logprobs", "FusedLinearCrossEntropyLoss",
+    "reshape_and_cache", "paged_attention_decode", "paged_attention_prefill",
+]
