@@ -66,22 +66,4 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[objec
     for j, row in enumerate(cells):
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
         if j == 0:
-
-
-def memcpy_bandwidth(nbytes: int = 1 << 30, iters: int = 5) -> float:
-    """Bytes per second of a large fp32 tensor copy, read + write counted (the machine's memory wall)."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    t = timeit(lambda: dst.copy_(src), warmup=1, iters=iters)
-    del src, dst
-    return 2 * nbytes / t
-
-
-def print_table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> None:
-    """Print rows as an aligned text table."""
-    cells = [[str(h) for h in headers]] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    for k, r in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-        if k == 0:
             print("  ".join("-" * w for w in widths))
