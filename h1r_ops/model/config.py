@@ -9,6 +9,13 @@ import os
 from dataclasses import dataclass, field
 
 
+def _json_float(v) -> float:
+    """A float from config.json: a number, "Infinity"-like strings, or transformers 5's {"__float__": "Infinity"}."""
+    if isinstance(v, dict) and "__float__" in v:
+        v = v["__float__"]
+    return float(v)
+
+
 @dataclass
 class FalconH1Config:
     """The fields of transformers' ``FalconH1Config`` that define the network (same names and defaults)."""
@@ -123,7 +130,7 @@ class FalconH1Config:
         if theta is not None:
             kw["rope_theta"] = float(theta)
         if kw.get("time_step_limit") is not None:
-            kw["time_step_limit"] = tuple(float(v) for v in kw["time_step_limit"])
+            kw["time_step_limit"] = tuple(_json_float(v) for v in kw["time_step_limit"])
         return cls(**kw)
 
     @classmethod
