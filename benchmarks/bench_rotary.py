@@ -42,9 +42,10 @@ def main():
     a = p.parse_args()
     if a.quick:
         a.seqlen, a.iters = min(a.seqlen, 1024), 5
-    bw = memcpy_bandwidth()
-    print(f"threads {torch.get_num_threads()}, cpu isa {torch.ops.h1r.cpu_isa()}, "
-          f"memory copy {bw / 1e9:.1f} GB/s (read + write)")
+    bw, bw_fresh = memcpy_bandwidth(), memcpy_bandwidth(fresh=True)
+    print(f"threads {torch.get_num_threads()}, cpu isa {torch.ops.h1r.cpu_isa()}, THP_MEM_ALLOC_ENABLE="
+          f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; memory copy {bw / 1e9:.1f} GB/s (read + write), "
+          f"into a fresh tensor (clone) {bw_fresh / 1e9:.1f} GB/s")
     compiled_hf = torch.compile(apply_rotary_pos_emb)
     rows = []
     b, s, hd = a.batch, a.seqlen, a.head_dim
@@ -89,6 +90,7 @@ def main():
                 row["vs compile"] = f"{times['compile'][ref_mode] / t:.2f}x"
             row["h1r GB/s"] = f"{gbs / 1e9:.1f}"
             row["% memcpy"] = f"{100 * gbs / bw:.0f}%"
+            row["% clone"] = f"{100 * gbs / bw_fresh:.0f}%"
             rows.append(row)
     print_table(rows)
 

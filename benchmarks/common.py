@@ -22,12 +22,16 @@ def timeit(fn, warmup: int = 3, iters: int = 10) -> float:
     return statistics.median(times)
 
 
-def memcpy_bandwidth(gib: float = 1.0, iters: int = 5) -> float:
-    """Bytes / s of copying a `gib` GiB fp32 tensor into another (read + write bytes counted)."""
+def memcpy_bandwidth(gib: float = 1.0, iters: int = 5, fresh: bool = False) -> float:
+    """Bytes / s of copying a `gib` GiB fp32 tensor into another (read + write bytes counted).
+
+    fresh=True copies into a newly allocated tensor each time (``src.clone()``), as any op returning a new
+    tensor must: on CPU the OS then maps and zeroes the pages first, which can cost as much as the copy
+    (PyTorch's THP_MEM_ALLOC_ENABLE=1 makes that cheaper with huge pages)."""
     n = int(gib * 2**30) // 4
     src = torch.ones(n)
     dst = torch.empty(n)
-    t = timeit(lambda: dst.copy_(src), warmup=1, iters=iters)
+    t = timeit(src.clone if fresh else (lambda: dst.copy_(src)), warmup=1, iters=iters)
     return 2 * n * 4 / t
 
 
