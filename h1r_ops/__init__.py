@@ -8,10 +8,10 @@ here as drop-in functions with the same arguments as their peers (mamba_ssm, cau
 from ._registry import ALL_OPS, OP_FAMILIES, backends, has_kernel  # noqa: F401
 
 from .ops.rms_norm import RMSNorm, RMSNormGated, gated_rms_norm, rms_norm  # noqa: F401
-from .ops.rotary import rotary, rotary_, rotary_cos_sin  # noqa: F401
+from .ops.rotary import RotaryEmbedding, rotary, rotary_, rotary_cos_sin  # noqa: F401
 
 __version__ = "0.1.0"
 
 __all__ = ["backends", "has_kernel", "ALL_OPS", "OP_FAMILIES"]
 __all__ += ["rms_norm", "gated_rms_norm", "RMSNorm", "RMSNormGated"]
-__all__ += ["rotary", "rotary_", "rotary_cos_sin"]
+__all__ += ["rotary", "rotary_", "rotary_cos_sin", "RotaryEmbedding"]
