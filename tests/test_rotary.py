@@ -281,3 +281,10 @@ _c, _s = R.rotary_cos_sin(torch.arange(5)[None], 8, 1e4)
 def test_bad_input_raises_value_error(call, arg):
     with pytest.raises(ValueError, match=f"'{arg}'"):
         call()
+
+
+def test_empty_sequence():
+    q, k = torch.randn(1, 2, 0, 8), torch.randn(1, 1, 0, 8)
+    cos, sin = h1r_ops.rotary_cos_sin(torch.arange(0)[None], 8)
+    qo, ko = h1r_ops.rotary(q, k, cos, sin)
+    assert qo.shape == q.shape and ko.shape == k.shape
