@@ -83,10 +83,9 @@ def main(argv=None):
                 rows.append((f"decode {n} new", dname, batch, batch * n / t_hf, batch * n / t_us, t_hf / t_us,
                              f"{bound:.0f}"))
             del ours
-    print_table(
-        f"Falcon-H1 {'4' if args.quick else '8'}-layer 185M-class model, CPU {torch.get_num_threads()} threads "
-        f"(memcpy {bw / 1e9:.1f} GB/s)",
-        ("path", "dtype", "batch", "transformers tok/s", "h1r tok/s", "speed-up", "weight-bound tok/s"), rows)
+    print_table(rows, ("path", "dtype", "batch", "transformers tok/s", "h1r tok/s", "speed-up", "weight-bound tok/s"),
+                title=f"Falcon-H1 {'4' if args.quick else '8'}-layer 185M-class model, CPU {torch.get_num_threads()} "
+                      f"threads (memcpy {bw / 1e9:.1f} GB/s)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Shared helpers for the benchmark scripts: timing, the machine's memory-copy bandwidth, tables.
+"""Shared helpers of the benchmark scripts: a median timer, the machine's memory-copy bandwidth measured
+in the same run, and a table printer.
 
 Every benchmark measures its anchors (eager reference, torch.compile, the peer path) in the same run and
-prints ratios, because absolute times drift between machines.
+prints ratios, because absolute times drift between machines (and the machine may be shared and noisy).
 """
 
 from __future__ import annotations
@@ -32,38 +33,50 @@ def timeit(fn: Callable[[], object], warmup: int = 2, iters: int = 5, min_time: 
     return statistics.median(times)
 
 
-_BANDWIDTH: float | None = None
+_BANDWIDTH: dict[tuple, float] = {}
 
 
-def memcpy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """The machine's memory-copy bandwidth in bytes/s (read + write counted), copying a ``nbytes`` fp32
-    tensor into another; measured once per process."""
-    global _BANDWIDTH
-    if _BANDWIDTH is None:
+def memcpy_bandwidth(nbytes: int = 1 << 30, iters: int = 5, fresh: bool = False) -> float:
+    """Bytes / s of copying an ``nbytes`` fp32 tensor (read + write counted); measured once per process.
+
+    fresh=True copies into a newly allocated tensor each time (``src.clone()``), as any op returning a new
+    tensor must: on CPU the OS then maps and zeroes the pages first, which can cost as much as the copy
+    (PyTorch's THP_MEM_ALLOC_ENABLE=1 makes that cheaper with huge pages)."""
+    key = (nbytes, fresh)
+    if key not in _BANDWIDTH:
         src = torch.ones(nbytes // 4, dtype=torch.float32)
         dst = torch.empty_like(src)
-        t = timeit(lambda: dst.copy_(src), warmup=1, iters=5)
-        _BANDWIDTH = 2 * nbytes / t
+        t = timeit(src.clone if fresh else (lambda: dst.copy_(src)), warmup=1, iters=iters)
+        _BANDWIDTH[key] = 2 * nbytes / t
         del src, dst
-    return _BANDWIDTH
+    return _BANDWIDTH[key]
 
 
 def gbps(nbytes: float, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
 
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """Print a fixed-width table (floats with 3 significant digits)."""
+def print_table(rows: Sequence, headers: Sequence[str] | None = None, title: str | None = None) -> None:
+    """Print ``rows`` (sequences, or dicts keyed by column) as an aligned table under an optional title.
+
+    For dict rows the columns are ``headers`` or the keys of the first row; floats get 3 significant digits."""
 
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
         return str(v)
 
-    cells = [list(map(fmt, header))] + [list(map(fmt, r)) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-    print(f"\n## {title}")
+    if rows and isinstance(rows[0], dict):
+        headers = list(headers or rows[0])
+        rows = [[r.get(c, "") for c in headers] for r in rows]
+    headers = list(headers or [])
+    cells = ([list(map(str, headers))] if headers else []) + [list(map(fmt, r)) for r in rows]
+    if not cells:
+        return
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+    if title:
+        print(f"\n## {title}")
     for j, row in enumerate(cells):
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-        if j == 0:
+        if j == 0 and headers:
             print("  ".join("-" * w for w in widths))

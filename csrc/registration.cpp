@@ -148,6 +148,15 @@ TORCH_LIBRARY(h1r, m) {
   // ---- build introspection -------------------------------------------------------------------------
   // The CPU ISA the kernels were dispatched for at load time ("avx512", "avx2" or "scalar").
   m.def("cpu_isa() -> str", []() -> std::string { return h1r::cpu::cpu_isa_name(); });
+  // Whether the CUDA kernels of csrc/cuda/ were compiled into this library (Triton kernels, registered
+  // for the CUDA key from Python, do not count).
+  m.def("built_with_cuda() -> bool", []() -> bool {
+#ifdef H1R_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
 }
 
 // Importing h1r_ops._C runs the static registrations above; it defines no Python functions.

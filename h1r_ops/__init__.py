@@ -10,7 +10,7 @@ from .ops.causal_conv1d import causal_conv1d, causal_conv1d_fn, causal_conv1d_up
 from .ops.cross_entropy import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy, fused_linear_logprobs
 from .ops.paged_attention import paged_attention_decode, paged_attention_prefill, reshape_and_cache
 from .ops.rms_norm import RMSNorm, RMSNormGated, gated_rms_norm, rms_norm
-from .ops.rotary import rotary, rotary_, rotary_cos_sin
+from .ops.rotary import RotaryEmbedding, rotary, rotary_, rotary_cos_sin
 from .ops.selective_scan import selective_scan, selective_state_update
 
 __version__ = "0.1.0"
@@ -20,7 +20,7 @@ __all__ = [
     "selective_scan", "selective_state_update",
     "causal_conv1d", "causal_conv1d_fn", "causal_conv1d_update",
     "rms_norm", "gated_rms_norm", "RMSNorm", "RMSNormGated",
-    "rotary", "rotary_", "rotary_cos_sin",
+    "rotary", "rotary_", "rotary_cos_sin", "RotaryEmbedding",
     "fused_linear_cross_entropy", "fused_linear_logprobs", "FusedLinearCrossEntropyLoss",
     "reshape_and_cache", "paged_attention_decode", "paged_attention_prefill",
 ]

@@ -76,10 +76,8 @@ def require_kernel(op: str, device: torch.device) -> None:
 
 
 def cuda_compiled() -> bool:
-    """Whether the CUDA kernels were compiled into h1r_ops._C."""
-    return _LOAD_ERROR is None and any(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"h1r::{op}", "CUDA") for op in ALL_OPS
-    )
+    """Whether the CUDA kernels of csrc/cuda/ were compiled into h1r_ops._C (Triton kernels aside)."""
+    return _LOAD_ERROR is None and bool(torch.ops.h1r.built_with_cuda())
 
 
 def backends() -> dict:

@@ -30,7 +30,8 @@ def test_backends_report():
     b = h1r_ops.backends()
     assert b["cpu"]["isa"] in ("avx512", "avx2", "scalar")
     assert set(b["cpu"]["ops"]) <= set(_registry.ALL_OPS)
-    assert b["cuda"]["compiled"] == bool(b["cuda"]["ops"])
+    if b["cuda"]["compiled"]:  # the CUDA kernels of csrc/cuda register for the CUDA key
+        assert {"selective_state_update", "causal_conv1d_update", "paged_attention_decode"} <= set(b["cuda"]["ops"])
     assert b["cuda"]["torch_cuda"] == torch.version.cuda
 
 

@@ -315,3 +315,12 @@ def test_torch_compile_fullgraph():
 def test_bad_input_raises_value_error(call, arg):
     with pytest.raises(ValueError, match=f"'{arg}'"):
         call()
+
+
+def test_empty_batch():
+    x = torch.randn(0, 8, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+    out = h1r_ops.rms_norm(x, w)
+    out.sum().backward()
+    assert out.shape == (0, 8) and torch.equal(w.grad, torch.zeros(8))
+    assert h1r_ops.gated_rms_norm(x, torch.randn(0, 8), w, group_size=4).shape == (0, 8)

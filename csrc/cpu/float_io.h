@@ -27,6 +27,34 @@ namespace h1r::cpu::H1R_ISA {
 using VF = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = VF::size();
 
+// One fp32 vector <-> kLanes bf16 / fp16 values in a half-width register, with ATen's own rounding
+// (round to nearest even). at::vec's generic convert_from_float narrows two vectors at a time; these
+// narrow one, which halves the conversion work of a kernel that streams single vectors.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#define H1R_NARROW_ONE 1
+#if defined(CPU_CAPABILITY_AVX512)
+using Native = __m512;   // the register of a VF
+using Narrow = __m256i;  // kLanes 16-bit floats
+inline void store_narrow(void* p, const Narrow& r) { _mm256_storeu_si256(static_cast<__m256i*>(p), r); }
+#else
+using Native = __m256;
+using Narrow = __m128i;
+inline void store_narrow(void* p, const Narrow& r) { _mm_storeu_si128(static_cast<__m128i*>(p), r); }
+#endif
+template <typename T>
+inline Narrow narrow(const VF& v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return at::vec::cvtfp32_bf16(Native(v));
+  else return at::vec::cvtfp32_fp16(Native(v));
+}
+template <typename T>
+inline VF widen(const Narrow& r) {
+  Native o;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) at::vec::cvtbf16_fp32(r, o);
+  else at::vec::cvtfp16_fp32(r, o);
+  return VF(o);
+}
+#endif
+
 // Call f(T{}) with T the C++ type of `t`.
 template <typename F>
 inline decltype(auto) with_float_type(FloatType t, F&& f) {
@@ -65,7 +93,11 @@ inline void store_f(T* p, const VF& v) {
   if constexpr (std::is_same_v<T, float>) {
     v.store(p);
   } else {
+#ifdef H1R_NARROW_ONE
+    store_narrow(p, narrow<T>(v));
+#else
     at::vec::convert_from_float<T>(v, v).store(p, kLanes);
+#endif
   }
 }
 template <typename T>
@@ -85,7 +117,11 @@ inline VF round_to(const VF& v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
   } else {
+#ifdef H1R_NARROW_ONE
+    return widen<T>(narrow<T>(v));
+#else
     return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
+#endif
   }
 }
 

@@ -8,6 +8,9 @@
 // dweight is reduced deterministically: the rows are cut into at most kDweightBlocks fixed blocks, each
 // block accumulates its own partial row of dweight, and the partials are summed in block order at the
 // end. The result does not depend on the number of threads.
+//
+// Rows (and dweight blocks) are handed out dynamically: on a shared machine a descheduled thread does not
+// hold up the others, and the fixed block partition keeps dweight deterministic.
 #include <omp.h>
 
 #include <algorithm>
@@ -58,7 +61,7 @@ void rms_norm_fwd_impl(const RmsNormFwdParams& p) {
   T* out = static_cast<T*>(p.out);
   T* residual_out = static_cast<T*>(p.residual_out);
   const int64_t d = p.d;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 16)
   for (int64_t row = 0; row < p.rows; ++row) {
     const T* xr = x + row * d;
     T* outr = out + row * d;
@@ -99,7 +102,7 @@ void rms_norm_bwd_impl(const RmsNormBwdParams& p) {
   const W* w = static_cast<const W*>(p.weight);
   T* dh = static_cast<T*>(p.dh);
   const int64_t d = p.d;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t blk = 0; blk < p.nblocks; ++blk) {
     float* dw = p.dweight_partial + blk * d;
     std::fill(dw, dw + d, 0.f);
@@ -145,7 +148,7 @@ void gated_rms_norm_fwd_impl(const GatedRmsNormFwdParams& p) {
 #pragma omp parallel
   {
     std::vector<float> u(gs);  // the row's group being normalized, in fp32
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
     for (int64_t row = 0; row < p.rows; ++row) {
       for (int64_t grp = 0; grp < ngroups; ++grp) {
         const int64_t off = row * d + grp * gs;
@@ -192,7 +195,7 @@ void gated_rms_norm_bwd_impl(const GatedRmsNormBwdParams& p) {
     // Per group: xh the normalized input (xn = x * rstd, or un = x * silu(z) * rstd), g the gradient
     // w.r.t. xh, sig = sigmoid(z).
     std::vector<float> xh(gs), g(gs), sig(gs);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < p.nblocks; ++blk) {
       float* dw = p.dweight_partial + blk * d;
       std::fill(dw, dw + d, 0.f);

@@ -50,7 +50,7 @@ void rotary_impl(const RotaryParams& p) {
 #pragma omp parallel
   {
     std::vector<float> cs(kTokens * 2 * rd);  // per token: [cos row | sin row] in fp32
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(dynamic, 4)
     for (int64_t b = 0; b < p.batch; ++b) {
       for (int64_t blk = 0; blk < nblocks; ++blk) {
         const int64_t t0 = blk * kTokens, nt = std::min(kTokens, p.seqlen - t0);

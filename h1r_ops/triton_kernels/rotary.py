@@ -42,20 +42,25 @@ def _rotate_heads(X, XO, b, t, sb, sh, ss, osb, osh, oss, nheads, c1, c2, s1, s2
 
 
 @triton.jit
-def _rotary_kernel(Q, QO, K, KO, COS, SIN, POS, seqlen, hq, hk, rd, hd, cos_batch_stride,
+def _rotary_kernel(Q, QO, K, KO, COS, SIN, POS, max_pos, seqlen, hq, hk, rd, hd, cos_batch_stride,
                    q_sb, q_sh, q_ss, qo_sb, qo_sh, qo_ss, k_sb, k_sh, k_ss, ko_sb, ko_sh, ko_ss,
                    HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, TAIL: tl.constexpr,
                    HAS_POS: tl.constexpr, INVERSE: tl.constexpr, COPY_TAIL: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     b = token // seqlen
     t = token % seqlen
-    if HAS_POS:
-        row = tl.load(POS + token) * rd  # position_ids is (b, s) contiguous: index = token
-    else:
-        row = b * cos_batch_stride + t * rd
     half = rd // 2
     i = tl.arange(0, HALF)[None, :]
     m = i < half
+    if HAS_POS:
+        pos = tl.load(POS + token)  # position_ids is (b, s) contiguous: index = token
+        # The CPU glue raises on positions outside the table; here (no host sync) they are asserted in
+        # debug builds and never read out of bounds (their cos / sin read as 0).
+        tl.device_assert((pos >= 0) & (pos < max_pos), "rotary: position_ids out of range of cos / sin")
+        m = m & (pos >= 0) & (pos < max_pos)
+        row = pos * rd
+    else:
+        row = b * cos_batch_stride + t * rd
     c1 = tl.load(COS + row + i, mask=m, other=0.0).to(tl.float32)
     c2 = tl.load(COS + row + half + i, mask=m, other=0.0).to(tl.float32)
     s1 = tl.load(SIN + row + i, mask=m, other=0.0).to(tl.float32)
@@ -93,7 +98,7 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, inverse):
     copy_tail = rd < hd and q_out.data_ptr() != q.data_ptr()
     heads = max(hq, hk)
     _rotary_kernel[(b * s,)](
-        q, q_out, k, k_out, cos, sin, position_ids, s, hq, hk, rd, hd, cos_batch_stride,
+        q, q_out, k, k_out, cos, sin, position_ids, cos.shape[0], s, hq, hk, rd, hd, cos_batch_stride,
         *q.stride()[:3], *q_out.stride()[:3], *k.stride()[:3], *k_out.stride()[:3],
         HQ=triton.next_power_of_2(max(hq, 1)), HK=triton.next_power_of_2(max(hk, 1)),
         HALF=triton.next_power_of_2(rd // 2), TAIL=triton.next_power_of_2(max(hd - rd, 1)),
