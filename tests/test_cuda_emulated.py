@@ -352,3 +352,63 @@ def test_paged_attention_bad_input(emu):
                                    torch.ones(1, dtype=torch.int32), 1.0)
     with pytest.raises(ValueError, match="'slot_mapping'"):
         emu.reshape_and_cache(torch.randn(2, 2, 16), torch.randn(2, 2, 16), kc, kc, torch.zeros(2, dtype=torch.int32))
+
+
+# ---- the emulator itself, against CUDA's documented semantics ----------------------------------------
+
+@pytest.mark.parametrize("threads,width", [(64, 32), (64, 8), (48, 16), (96, 4)])
+def test_emulator_collectives(emu, threads, width):
+    out = emu.collectives(threads, width)
+    tid = torch.arange(threads)
+    lane, base = tid % 32, (tid // 32) * 32
+    lanes_in_warp = torch.clamp(threads - base, max=32)
+    seg = (lane // width) * width
+
+    def take(src_lane):  # value 10 * tid of lane src in the same warp; lanes that do not exist: own value
+        ok = src_lane < lanes_in_warp
+        return torch.where(ok, 10 * (base + src_lane), 10 * tid)
+
+    xor = torch.where((lane ^ 5) // width > lane // width, lane, lane ^ 5)  # later groups: own value
+    assert out[0].tolist() == take(xor).tolist()
+    down = torch.where(lane % width + 3 < width, lane + 3, lane)
+    assert out[1].tolist() == take(down).tolist()
+    up = torch.where(lane % width >= 2, lane - 2, lane)
+    assert out[2].tolist() == take(up).tolist()
+    assert out[3].tolist() == take(seg + 7 % width).tolist()
+    ballot = [sum(1 << l for l in range(int(n)) if (w * 32 + l) % 3 == 0) for w, n in zip(tid // 32, lanes_in_warp)]
+    assert (out[4].long() & 0xFFFFFFFF).tolist() == ballot
+    assert out[5].tolist() == [int(40 >= 32 * w and 40 < 32 * w + n) for w, n in zip(tid // 32, lanes_in_warp)]
+    assert out[6].tolist() == [int(32 * w + n <= 64) for w, n in zip(tid // 32, lanes_in_warp)]
+
+
+def test_emulator_atomics_and_block_reduce(emu, order):
+    s, m = emu.atomics(3, 96)
+    assert s.item() == 288 and m.item() == 287
+    x = torch.randn(5 * 256)
+    torch.testing.assert_close(emu.block_sum(x, 256), x.view(5, 256).sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_emulator_reports_divergent_barrier_and_bad_config(emu):
+    with pytest.raises(RuntimeError, match="deadlock"):
+        emu.divergent_barrier()
+    with pytest.raises(RuntimeError, match="invalid configuration"):
+        emu.too_many_threads()
+
+
+def test_emulator_half_conversions(emu):
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    as_half, as_bf16 = emu.widen(bits)
+    want_h, want_b = bits.view(torch.float16).float(), bits.view(torch.bfloat16).float()
+    for got, want in ((as_half, want_h), (as_bf16, want_b)):
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan) and torch.equal(got[~nan], want[~nan])
+    # Rounding: random magnitudes over the whole range, exact ties, subnormals, overflow, inf, nan.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(100000, generator=gen) * torch.exp2(torch.randint(-30, 20, (100000,), generator=gen).float())
+    ties = (bits[:2000].view(torch.float16).float() + bits[1:2001].view(torch.float16).float()) / 2
+    specials = torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e6, -1e6, 2.0**-24, 2.0**-25, 3 * 2.0**-26,
+                             float("inf"), float("-inf"), 1e-40, 3.4e38])
+    x = torch.cat([x, ties, specials])
+    h, b = emu.convert(x)
+    assert torch.equal(h, x.to(torch.float16).view(torch.int16))
+    assert torch.equal(b, x.to(torch.bfloat16).view(torch.int16))

@@ -13,8 +13,9 @@
 #include "launch.h"
 
 #if !defined(H1R_CUDA_EMULATOR)
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard only (ATen/cuda/CUDAContext.h would pull in the cuBLAS / cuSPARSE headers).
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace h1r::cuda {
@@ -55,7 +56,7 @@ struct KernelContext {
   void* stream() const { return nullptr; }
 #else
   explicit KernelContext(const at::Tensor& t) : guard(t.device()) {}
-  void* stream() const { return at::cuda::getCurrentCUDAStream().stream(); }
+  void* stream() const { return c10::cuda::getCurrentCUDAStream().stream(); }
   c10::cuda::CUDAGuard guard;
 #endif
 };
