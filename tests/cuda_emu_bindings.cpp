@@ -87,6 +87,7 @@ void bind(pybind11::module_& m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace h1r::cuda;
   h1r::emu_selftest::bind(m);
+  m.def("selective_scan_fwd", &selective_scan_fwd);
   m.def("selective_state_update", &selective_state_update);
   m.def("causal_conv1d_fwd", &causal_conv1d_fwd);
   m.def("causal_conv1d_update", &causal_conv1d_update);

@@ -129,6 +129,79 @@ def test_selective_state_update_bad_input(emu):
                                    torch.randn(2, 1, 16), torch.randn(2, 1, 16), None, None, None, False, None)
 
 
+# ---- selective_scan_fwd (chunked SSD) ----------------------------------------------------------------
+
+def scan_math(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, softplus, dt_min, dt_max):
+    """The recurrence token by token in fp32 (the kernel computes the chunked form)."""
+    b, l, h, p = x.shape
+    g = B.shape[2]
+    dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0)
+    if softplus:
+        dt = F.softplus(dt)
+    if dt_min > 0 or dt_max != float("inf"):
+        dt = dt.clamp(dt_min, dt_max)
+    Bh = B.float().repeat_interleave(h // g, dim=2)
+    Ch = C.float().repeat_interleave(h // g, dim=2)
+    S = init.float().clone() if init is not None else torch.zeros(b, h, p, B.shape[3])
+    ys = []
+    for t in range(l):
+        decay = torch.exp(dt[:, t] * A)
+        if seq_idx is not None and t > 0:
+            decay = decay * (seq_idx[:, t] == seq_idx[:, t - 1])[:, None]
+        S = decay[..., None, None] * S + (dt[:, t, :, None] * x[:, t].float())[..., None] * Bh[:, t, :, None, :]
+        ys.append((S * Ch[:, t, :, None, :]).sum(-1))
+    y = torch.stack(ys, 1) if l else torch.zeros(b, 0, h, p)
+    if D is not None:
+        y = y + D.float() * x.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y, S
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "b,l,h,g,p,n,opts",
+    [
+        (2, 37, 4, 2, 16, 32, "D,z,bias,softplus"),
+        (1, 50, 2, 1, 20, 64, "D,init,seq,softplus"),   # partial row tile, documents, initial state
+        (2, 16, 3, 3, 8, 200, "bias,clamp"),             # n not a multiple of 16, dt limits
+        (1, 1, 2, 1, 4, 16, "init,z"),                   # length 1
+    ],
+)
+def test_selective_scan_fwd(emu, dtype, b, l, h, g, p, n, opts):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, l, h, p, generator=gen).to(dtype)
+    dt = (torch.randn(b, l, h, generator=gen) * 0.5).to(dtype)
+    if "softplus" not in opts:
+        dt = dt.abs()
+    A = -torch.rand(h, generator=gen) * 2 - 0.1
+    B = torch.randn(b, l, g, n, generator=gen).to(dtype)
+    C = torch.randn(b, l, g, n, generator=gen).to(dtype)
+    D = torch.randn(h, p, generator=gen) if "D" in opts else None
+    z = torch.randn(b, l, h, p, generator=gen).to(dtype) if "z" in opts else None
+    dt_bias = torch.randn(h, generator=gen) * 0.3 if "bias" in opts else None
+    init = torch.randn(b, h, p, n, generator=gen) if "init" in opts else None
+    seq = _docs(b, l, gen) if "seq" in opts else None
+    dt_min, dt_max = (0.05, 0.4) if "clamp" in opts else (0.0, float("inf"))
+    out, fin = emu.selective_scan_fwd(x, dt, A, B, C, 64, D, z, dt_bias, init, seq, "softplus" in opts, dt_min, dt_max)
+    want, want_fin = scan_math(x, dt, A, B, C, D, z, dt_bias, init, seq, "softplus" in opts, dt_min, dt_max)
+    assert out.dtype == dtype and fin.dtype == torch.float32
+    close(out, want, dtype, scale=10)
+    torch.testing.assert_close(fin, want_fin, rtol=1e-4, atol=1e-4 if dtype == torch.float32 else 1e-3)
+
+
+def test_selective_scan_fwd_orders(emu, order):
+    gen = torch.Generator().manual_seed(4)
+    b, l, h, p, n = 1, 40, 2, 16, 32
+    x, dt = torch.randn(b, l, h, p, generator=gen), torch.rand(b, l, h, generator=gen)
+    A, B, C = -torch.rand(h, generator=gen), torch.randn(b, l, 1, n, generator=gen), torch.randn(b, l, 1, n, generator=gen)
+    seq = _docs(b, l, gen)
+    out, fin = emu.selective_scan_fwd(x, dt, A, B, C, 64, None, None, None, None, seq, False, 0.0, float("inf"))
+    want, want_fin = scan_math(x, dt, A, B, C, None, None, None, None, seq, False, 0.0, float("inf"))
+    close(out, want, torch.float32, scale=10)
+    torch.testing.assert_close(fin, want_fin, rtol=1e-4, atol=1e-4)
+
+
 # ---- causal_conv1d ---------------------------------------------------------------------------------
 
 def conv_math(x, weight, bias, seq_idx, init, silu):
