@@ -93,6 +93,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_conv1d_update", &causal_conv1d_update);
   m.def("reshape_and_cache", &reshape_and_cache);
   m.def("paged_attention_decode", &paged_attention_decode);
+  m.def("paged_attention_prefill", &paged_attention_prefill);
   m.def("causal_conv1d_fwd_without_tile_barrier", &h1r::cuda::testing::causal_conv1d_fwd_without_tile_barrier);
   m.def("set_schedule", &h1r::emu::set_schedule, "Fiber order: 0 forward, 1 reverse, 2 random(seed)",
         pybind11::arg("order"), pybind11::arg("seed") = 0);

@@ -400,6 +400,48 @@ def test_paged_attention_decode_orders(emu, order):
     close(out, decode_math(q, kc, vc, tables, seq_lens, 0.125), torch.float32)
 
 
+def prefill_math(q, kc, vc, tables, seq_lens, cu, scale):
+    """Per sequence: its queries sit at the last q_len positions and attend causally (fp32, GQA by repeat)."""
+    total, hq, hd = q.shape
+    bs, hk = kc.shape[1], kc.shape[2]
+    out = torch.zeros(total, hq, hd)
+    for i in range(len(seq_lens)):
+        n, a, e = int(seq_lens[i]), int(cu[i]), int(cu[i + 1])
+        if e == a:
+            continue
+        pages = tables[i, : -(-n // bs)].long()
+        k = kc[pages].reshape(-1, hk, hd)[:n].float().repeat_interleave(hq // hk, dim=1)
+        v = vc[pages].reshape(-1, hk, hd)[:n].float().repeat_interleave(hq // hk, dim=1)
+        s = torch.einsum("qhd,khd->hqk", q[a:e].float() * scale, k)
+        pos = torch.arange(n - (e - a), n)
+        s = s.masked_fill(torch.arange(n)[None, None, :] > pos[None, :, None], float("-inf"))
+        out[a:e] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "hq,hk,hd,bs,lens,qlens",
+    [
+        (4, 2, 64, 16, [5, 70, 33], [5, 3, 33]),    # full prefill, chunked prefill, a longer one
+        (2, 1, 40, 8, [100, 1, 9], [37, 1, 0]),     # hd not a multiple of 32, a sequence with no queries
+    ],
+)
+def test_paged_attention_prefill(emu, dtype, hq, hk, hd, bs, lens, qlens):
+    gen = torch.Generator().manual_seed(0)
+    b = len(lens)
+    max_blocks = -(-max(lens) // bs) + 1
+    num_blocks = b * max_blocks + 2
+    kc, vc = paged_cache(num_blocks, bs, hk, hd, dtype, gen)
+    tables = torch.randperm(num_blocks, generator=gen)[: b * max_blocks].view(b, max_blocks).int()
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    cu = torch.tensor([0] + qlens).cumsum(0).int()
+    q = torch.randn(int(cu[-1]), hq, hd, generator=gen).to(dtype)
+    out = emu.paged_attention_prefill(q, kc, vc, tables, seq_lens, cu, hd ** -0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    close(out, prefill_math(q, kc, vc, tables, seq_lens, cu, hd ** -0.5), dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reshape_and_cache(emu, dtype):
     gen = torch.Generator().manual_seed(0)

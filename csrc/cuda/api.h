@@ -38,4 +38,8 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, const at:
 at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
 
+at::Tensor paged_attention_prefill(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                   const at::Tensor& cu_seqlens_q, double scale);
+
 }  // namespace h1r::cuda
