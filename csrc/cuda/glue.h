@@ -42,7 +42,20 @@ inline void check_device(const at::Tensor& t, const char* name) {
 // templated on the element type of the large tensors only. Returns a contiguous fp32 tensor, or nullopt.
 inline at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 inline std::optional<at::Tensor> as_f32(const std::optional<at::Tensor>& t) {
-  return t ? std::optional<at::Tensor>(as_f32(*t)) : std::nullopt;
+  std::optional<at::Tensor> r;  // (no ternary: g++ warns maybe-uninitialized on one)
+  if (t) r = as_f32(*t);
+  return r;
+}
+inline std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  std::optional<at::Tensor> r;
+  if (t) r = t->contiguous();
+  return r;
+}
+// D given per head (h,) or per channel (h, p), as fp32 (h, p).
+inline std::optional<at::Tensor> per_channel_D(const std::optional<at::Tensor>& D, int64_t h, int64_t p) {
+  std::optional<at::Tensor> r;
+  if (D) r = as_f32(D->dim() == 1 ? D->unsqueeze(1).expand({h, p}) : *D);
+  return r;
 }
 template <typename T>
 inline const T* ptr_or_null(const std::optional<at::Tensor>& t) {

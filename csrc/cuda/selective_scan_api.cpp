@@ -45,12 +45,11 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
 
   KernelContext ctx(x);
   const at::Tensor xc = x.contiguous(), Bc = B.contiguous(), Cc = C.contiguous();
-  const auto zc = z ? std::optional<at::Tensor>(z->contiguous()) : std::nullopt;
+  const auto zc = contiguous(z);
   const at::Tensor dtf = as_f32(dt), Af = as_f32(A);
-  const auto Df = D ? std::optional<at::Tensor>(as_f32(D->dim() == 1 ? D->unsqueeze(1).expand({h, p}) : *D))
-                    : std::nullopt;
+  const auto Df = per_channel_D(D, h, p);
   const auto dt_biasf = as_f32(dt_bias), initf = as_f32(initial_states);
-  const auto seq = seq_idx ? std::optional<at::Tensor>(seq_idx->contiguous()) : std::nullopt;
+  const auto seq = contiguous(seq_idx);
   at::Tensor out = at::empty_like(xc);
   at::Tensor final_states = at::empty({b, h, p, n}, x.options().dtype(at::kFloat));
 
