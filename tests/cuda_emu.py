@@ -46,6 +46,7 @@ def load():
         family = os.path.splitext(os.path.basename(cu))[0]
         variants = os.path.join(TESTS, "cuda_emu_variants", family + ".cpp")
         sources.append(_wrapper(f"{family}.cu.cpp", [cu] + ([variants] if os.path.exists(variants) else [])))
+    sources.append(_wrapper("selftest.cpp", [os.path.join(TESTS, "cuda_emu_selftest.cpp")]))
     glue = sorted(glob.glob(os.path.join(CUDA_SRC, "*_api.cpp"))) + [os.path.join(TESTS, "cuda_emu_bindings.cpp")]
     sources.append(_wrapper("glue.cpp", glue))
     flags = ["-O2", "-std=c++20", "-DH1R_CUDA_EMULATOR", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]

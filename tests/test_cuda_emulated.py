@@ -129,6 +129,79 @@ def test_selective_state_update_bad_input(emu):
                                    torch.randn(2, 1, 16), torch.randn(2, 1, 16), None, None, None, False, None)
 
 
+# ---- selective_scan_fwd (chunked SSD) ----------------------------------------------------------------
+
+def scan_math(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, softplus, dt_min, dt_max):
+    """The recurrence token by token in fp32 (the kernel computes the chunked form)."""
+    b, l, h, p = x.shape
+    g = B.shape[2]
+    dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0)
+    if softplus:
+        dt = F.softplus(dt)
+    if dt_min > 0 or dt_max != float("inf"):
+        dt = dt.clamp(dt_min, dt_max)
+    Bh = B.float().repeat_interleave(h // g, dim=2)
+    Ch = C.float().repeat_interleave(h // g, dim=2)
+    S = init.float().clone() if init is not None else torch.zeros(b, h, p, B.shape[3])
+    ys = []
+    for t in range(l):
+        decay = torch.exp(dt[:, t] * A)
+        if seq_idx is not None and t > 0:
+            decay = decay * (seq_idx[:, t] == seq_idx[:, t - 1])[:, None]
+        S = decay[..., None, None] * S + (dt[:, t, :, None] * x[:, t].float())[..., None] * Bh[:, t, :, None, :]
+        ys.append((S * Ch[:, t, :, None, :]).sum(-1))
+    y = torch.stack(ys, 1) if l else torch.zeros(b, 0, h, p)
+    if D is not None:
+        y = y + D.float() * x.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y, S
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "b,l,h,g,p,n,opts",
+    [
+        (2, 37, 4, 2, 16, 32, "D,z,bias,softplus"),
+        (1, 50, 2, 1, 20, 64, "D,init,seq,softplus"),   # partial row tile, documents, initial state
+        (2, 16, 3, 3, 8, 200, "bias,clamp"),             # n not a multiple of 16, dt limits
+        (1, 1, 2, 1, 4, 16, "init,z"),                   # length 1
+    ],
+)
+def test_selective_scan_fwd(emu, dtype, b, l, h, g, p, n, opts):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, l, h, p, generator=gen).to(dtype)
+    dt = (torch.randn(b, l, h, generator=gen) * 0.5).to(dtype)
+    if "softplus" not in opts:
+        dt = dt.abs()
+    A = -torch.rand(h, generator=gen) * 2 - 0.1
+    B = torch.randn(b, l, g, n, generator=gen).to(dtype)
+    C = torch.randn(b, l, g, n, generator=gen).to(dtype)
+    D = torch.randn(h, p, generator=gen) if "D" in opts else None
+    z = torch.randn(b, l, h, p, generator=gen).to(dtype) if "z" in opts else None
+    dt_bias = torch.randn(h, generator=gen) * 0.3 if "bias" in opts else None
+    init = torch.randn(b, h, p, n, generator=gen) if "init" in opts else None
+    seq = _docs(b, l, gen) if "seq" in opts else None
+    dt_min, dt_max = (0.05, 0.4) if "clamp" in opts else (0.0, float("inf"))
+    out, fin = emu.selective_scan_fwd(x, dt, A, B, C, 64, D, z, dt_bias, init, seq, "softplus" in opts, dt_min, dt_max)
+    want, want_fin = scan_math(x, dt, A, B, C, D, z, dt_bias, init, seq, "softplus" in opts, dt_min, dt_max)
+    assert out.dtype == dtype and fin.dtype == torch.float32
+    close(out, want, dtype, scale=10)
+    torch.testing.assert_close(fin, want_fin, rtol=1e-4, atol=1e-4 if dtype == torch.float32 else 1e-3)
+
+
+def test_selective_scan_fwd_orders(emu, order):
+    gen = torch.Generator().manual_seed(4)
+    b, l, h, p, n = 1, 40, 2, 16, 32
+    x, dt = torch.randn(b, l, h, p, generator=gen), torch.rand(b, l, h, generator=gen)
+    A, B, C = -torch.rand(h, generator=gen), torch.randn(b, l, 1, n, generator=gen), torch.randn(b, l, 1, n, generator=gen)
+    seq = _docs(b, l, gen)
+    out, fin = emu.selective_scan_fwd(x, dt, A, B, C, 64, None, None, None, None, seq, False, 0.0, float("inf"))
+    want, want_fin = scan_math(x, dt, A, B, C, None, None, None, None, seq, False, 0.0, float("inf"))
+    close(out, want, torch.float32, scale=10)
+    torch.testing.assert_close(fin, want_fin, rtol=1e-4, atol=1e-4)
+
+
 # ---- causal_conv1d ---------------------------------------------------------------------------------
 
 def conv_math(x, weight, bias, seq_idx, init, silu):
@@ -327,6 +400,48 @@ def test_paged_attention_decode_orders(emu, order):
     close(out, decode_math(q, kc, vc, tables, seq_lens, 0.125), torch.float32)
 
 
+def prefill_math(q, kc, vc, tables, seq_lens, cu, scale):
+    """Per sequence: its queries sit at the last q_len positions and attend causally (fp32, GQA by repeat)."""
+    total, hq, hd = q.shape
+    bs, hk = kc.shape[1], kc.shape[2]
+    out = torch.zeros(total, hq, hd)
+    for i in range(len(seq_lens)):
+        n, a, e = int(seq_lens[i]), int(cu[i]), int(cu[i + 1])
+        if e == a:
+            continue
+        pages = tables[i, : -(-n // bs)].long()
+        k = kc[pages].reshape(-1, hk, hd)[:n].float().repeat_interleave(hq // hk, dim=1)
+        v = vc[pages].reshape(-1, hk, hd)[:n].float().repeat_interleave(hq // hk, dim=1)
+        s = torch.einsum("qhd,khd->hqk", q[a:e].float() * scale, k)
+        pos = torch.arange(n - (e - a), n)
+        s = s.masked_fill(torch.arange(n)[None, None, :] > pos[None, :, None], float("-inf"))
+        out[a:e] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "hq,hk,hd,bs,lens,qlens",
+    [
+        (4, 2, 64, 16, [5, 70, 33], [5, 3, 33]),    # full prefill, chunked prefill, a longer one
+        (2, 1, 40, 8, [100, 1, 9], [37, 1, 0]),     # hd not a multiple of 32, a sequence with no queries
+    ],
+)
+def test_paged_attention_prefill(emu, dtype, hq, hk, hd, bs, lens, qlens):
+    gen = torch.Generator().manual_seed(0)
+    b = len(lens)
+    max_blocks = -(-max(lens) // bs) + 1
+    num_blocks = b * max_blocks + 2
+    kc, vc = paged_cache(num_blocks, bs, hk, hd, dtype, gen)
+    tables = torch.randperm(num_blocks, generator=gen)[: b * max_blocks].view(b, max_blocks).int()
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    cu = torch.tensor([0] + qlens).cumsum(0).int()
+    q = torch.randn(int(cu[-1]), hq, hd, generator=gen).to(dtype)
+    out = emu.paged_attention_prefill(q, kc, vc, tables, seq_lens, cu, hd ** -0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    close(out, prefill_math(q, kc, vc, tables, seq_lens, cu, hd ** -0.5), dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reshape_and_cache(emu, dtype):
     gen = torch.Generator().manual_seed(0)
@@ -352,3 +467,63 @@ def test_paged_attention_bad_input(emu):
                                    torch.ones(1, dtype=torch.int32), 1.0)
     with pytest.raises(ValueError, match="'slot_mapping'"):
         emu.reshape_and_cache(torch.randn(2, 2, 16), torch.randn(2, 2, 16), kc, kc, torch.zeros(2, dtype=torch.int32))
+
+
+# ---- the emulator itself, against CUDA's documented semantics ----------------------------------------
+
+@pytest.mark.parametrize("threads,width", [(64, 32), (64, 8), (48, 16), (96, 4)])
+def test_emulator_collectives(emu, threads, width):
+    out = emu.collectives(threads, width)
+    tid = torch.arange(threads)
+    lane, base = tid % 32, (tid // 32) * 32
+    lanes_in_warp = torch.clamp(threads - base, max=32)
+    seg = (lane // width) * width
+
+    def take(src_lane):  # value 10 * tid of lane src in the same warp; lanes that do not exist: own value
+        ok = src_lane < lanes_in_warp
+        return torch.where(ok, 10 * (base + src_lane), 10 * tid)
+
+    xor = torch.where((lane ^ 5) // width > lane // width, lane, lane ^ 5)  # later groups: own value
+    assert out[0].tolist() == take(xor).tolist()
+    down = torch.where(lane % width + 3 < width, lane + 3, lane)
+    assert out[1].tolist() == take(down).tolist()
+    up = torch.where(lane % width >= 2, lane - 2, lane)
+    assert out[2].tolist() == take(up).tolist()
+    assert out[3].tolist() == take(seg + 7 % width).tolist()
+    ballot = [sum(1 << l for l in range(int(n)) if (w * 32 + l) % 3 == 0) for w, n in zip(tid // 32, lanes_in_warp)]
+    assert (out[4].long() & 0xFFFFFFFF).tolist() == ballot
+    assert out[5].tolist() == [int(40 >= 32 * w and 40 < 32 * w + n) for w, n in zip(tid // 32, lanes_in_warp)]
+    assert out[6].tolist() == [int(32 * w + n <= 64) for w, n in zip(tid // 32, lanes_in_warp)]
+
+
+def test_emulator_atomics_and_block_reduce(emu, order):
+    s, m = emu.atomics(3, 96)
+    assert s.item() == 288 and m.item() == 287
+    x = torch.randn(5 * 256)
+    torch.testing.assert_close(emu.block_sum(x, 256), x.view(5, 256).sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_emulator_reports_divergent_barrier_and_bad_config(emu):
+    with pytest.raises(RuntimeError, match="deadlock"):
+        emu.divergent_barrier()
+    with pytest.raises(RuntimeError, match="invalid configuration"):
+        emu.too_many_threads()
+
+
+def test_emulator_half_conversions(emu):
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    as_half, as_bf16 = emu.widen(bits)
+    want_h, want_b = bits.view(torch.float16).float(), bits.view(torch.bfloat16).float()
+    for got, want in ((as_half, want_h), (as_bf16, want_b)):
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan) and torch.equal(got[~nan], want[~nan])
+    # Rounding: random magnitudes over the whole range, exact ties, subnormals, overflow, inf, nan.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(100000, generator=gen) * torch.exp2(torch.randint(-30, 20, (100000,), generator=gen).float())
+    ties = (bits[:2000].view(torch.float16).float() + bits[1:2001].view(torch.float16).float()) / 2
+    specials = torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e6, -1e6, 2.0**-24, 2.0**-25, 3 * 2.0**-26,
+                             float("inf"), float("-inf"), 1e-40, 3.4e38])
+    x = torch.cat([x, ties, specials])
+    h, b = emu.convert(x)
+    assert torch.equal(h, x.to(torch.float16).view(torch.int16))
+    assert torch.equal(b, x.to(torch.bfloat16).view(torch.int16))

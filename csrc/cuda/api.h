@@ -10,6 +10,12 @@
 
 namespace h1r::cuda {
 
+std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
+    const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    int64_t chunk_size, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& dt_bias, const std::optional<at::Tensor>& initial_states,
+    const std::optional<at::Tensor>& seq_idx, bool dt_softplus, double dt_min, double dt_max);
+
 at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
                                   const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                   const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
@@ -31,5 +37,9 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, const at:
 
 at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
+
+at::Tensor paged_attention_prefill(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                   const at::Tensor& cu_seqlens_q, double scale);
 
 }  // namespace h1r::cuda

@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd(const at::Tensor& x, const 
   const at::Tensor out = at::empty_like(xc);  // same strides
   const at::Tensor wf = as_f32(weight);
   const auto bf = as_f32(bias), initf = as_f32(initial_states);
-  const auto seq = seq_idx ? std::optional<at::Tensor>(seq_idx->contiguous()) : std::nullopt;
+  const auto seq = contiguous(seq_idx);
   at::Tensor final_states = return_final_states ? at::empty({b, d, w - 1}, x.options()) : empty_like_none(x);
 
   CausalConv1dFwdParams prm{};
@@ -100,7 +100,7 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
   const at::Tensor out = at::empty_like(x3);
   const at::Tensor wf = as_f32(weight);
   const auto bf = as_f32(bias);
-  const auto idx = conv_state_indices ? std::optional<at::Tensor>(conv_state_indices->contiguous()) : std::nullopt;
+  const auto idx = contiguous(conv_state_indices);
 
   CausalConv1dUpdateParams prm{};
   prm.x = x3.data_ptr();

@@ -13,8 +13,9 @@
 #include "launch.h"
 
 #if !defined(H1R_CUDA_EMULATOR)
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard only (ATen/cuda/CUDAContext.h would pull in the cuBLAS / cuSPARSE headers).
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace h1r::cuda {
@@ -41,7 +42,20 @@ inline void check_device(const at::Tensor& t, const char* name) {
 // templated on the element type of the large tensors only. Returns a contiguous fp32 tensor, or nullopt.
 inline at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 inline std::optional<at::Tensor> as_f32(const std::optional<at::Tensor>& t) {
-  return t ? std::optional<at::Tensor>(as_f32(*t)) : std::nullopt;
+  std::optional<at::Tensor> r;  // (no ternary: g++ warns maybe-uninitialized on one)
+  if (t) r = as_f32(*t);
+  return r;
+}
+inline std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  std::optional<at::Tensor> r;
+  if (t) r = t->contiguous();
+  return r;
+}
+// D given per head (h,) or per channel (h, p), as fp32 (h, p).
+inline std::optional<at::Tensor> per_channel_D(const std::optional<at::Tensor>& D, int64_t h, int64_t p) {
+  std::optional<at::Tensor> r;
+  if (D) r = as_f32(D->dim() == 1 ? D->unsqueeze(1).expand({h, p}) : *D);
+  return r;
 }
 template <typename T>
 inline const T* ptr_or_null(const std::optional<at::Tensor>& t) {
@@ -55,7 +69,7 @@ struct KernelContext {
   void* stream() const { return nullptr; }
 #else
   explicit KernelContext(const at::Tensor& t) : guard(t.device()) {}
-  void* stream() const { return at::cuda::getCurrentCUDAStream().stream(); }
+  void* stream() const { return c10::cuda::getCurrentCUDAStream().stream(); }
   c10::cuda::CUDAGuard guard;
 #endif
 };

@@ -149,6 +149,79 @@ __global__ void __launch_bounds__(kThreads) paged_attention_merge_kernel(PagedAt
   }
 }
 
+// ---- prefill / chunked prefill -------------------------------------------------------------------------
+// grid (ceil(total_q / kWarps), hq), one warp per (query row, head): the row finds its sequence in
+// cu_seqlens_q and attends causally to keys 0 .. its position with an online softmax, 32 keys at a
+// time: lane k scores key k (a dot over the head dim), the warp takes the max and sum of the 32 with
+// shuffles and parks the 32 weights in shared memory, then the lanes switch to the head dim and add
+// the 32 weighted value rows (coalesced reads). Warps are independent: no block barrier.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) paged_attention_prefill_kernel(PagedAttentionPrefillParams p) {
+  __shared__ float q_s[kWarps][kMaxHeadDim];
+  __shared__ float w_s[kWarps][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t row = int64_t(blockIdx.x) * kWarps + warp, h = blockIdx.y;
+  if (row >= p.total_q) return;  // the whole warp
+  // The sequence of this row: the last i with cu_seqlens_q[i] <= row.
+  int64_t lo = 0, hi = p.batch - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (p.cu_seqlens_q[mid] <= row) lo = mid; else hi = mid - 1;
+  }
+  const int64_t seq = lo, q_len = p.cu_seqlens_q[seq + 1] - p.cu_seqlens_q[seq];
+  const int64_t cap = p.max_blocks * p.block_size, seq_len = p.seq_lens[seq] < cap ? p.seq_lens[seq] : cap;
+  const int64_t n_keys = seq_len - q_len + (row - p.cu_seqlens_q[seq]) + 1;  // keys 0 .. position
+  const int64_t kvh = h / (p.hq / p.hk);
+  const int32_t* table = p.block_tables + seq * p.max_blocks;
+  const int64_t head_stride = p.hk * p.hd, page_stride = p.block_size * head_stride;
+  auto key_row = [&](const void* cache, int64_t t) {
+    return static_cast<const T*>(cache) + table[t / p.block_size] * page_stride + (t % p.block_size) * head_stride +
+           kvh * p.hd;
+  };
+  float* q = q_s[warp];
+  for (int64_t i = lane; i < p.hd; i += 32) q[i] = p.q[(row * p.hq + h) * p.hd + i] * p.scale;
+  __syncwarp();
+
+  float m = -INFINITY, sum = 0.0f, acc[kDimsPerLane];
+#pragma unroll
+  for (int j = 0; j < kDimsPerLane; ++j) acc[j] = 0.0f;
+  for (int64_t k0 = 0; k0 < n_keys; k0 += 32) {
+    const int64_t t = k0 + lane;
+    float s = -INFINITY;
+    if (t < n_keys) {
+      const T* k = key_row(p.key_cache, t);
+      s = 0.0f;
+      for (int64_t i = 0; i < p.hd; ++i) s += q[i] * to_float(k[i]);
+    }
+    const float m_new = fmaxf(m, warp_max(s));
+    const float w = t < n_keys ? __expf(s - m_new) : 0.0f;
+    const float alpha = __expf(m - m_new);  // 0 on the first block (m = -inf)
+    sum = sum * alpha + warp_sum(w);
+    m = m_new;
+    w_s[warp][lane] = w;
+    __syncwarp();
+    const int64_t n = n_keys - k0 < 32 ? n_keys - k0 : 32;
+#pragma unroll
+    for (int j = 0; j < kDimsPerLane; ++j) acc[j] *= alpha;
+    for (int64_t kk = 0; kk < n; ++kk) {
+      const T* v = key_row(p.value_cache, k0 + kk);
+      const float wk = w_s[warp][kk];
+#pragma unroll
+      for (int j = 0; j < kDimsPerLane; ++j) {
+        const int64_t i = lane + 32 * j;
+        if (i < p.hd) acc[j] += wk * to_float(v[i]);
+      }
+    }
+    __syncwarp();  // w_s is rewritten by the next block of keys
+  }
+  const float inv = n_keys > 0 ? 1.0f / sum : 0.0f;
+#pragma unroll
+  for (int j = 0; j < kDimsPerLane; ++j) {
+    const int64_t i = lane + 32 * j;
+    if (i < p.hd) p.out[(row * p.hq + h) * p.hd + i] = acc[j] * inv;
+  }
+}
+
 }  // namespace
 
 const char* launch_reshape_and_cache(const ReshapeAndCacheParams& p, void* stream) {
@@ -169,6 +242,19 @@ const char* launch_paged_attention_decode(const PagedAttentionDecodeParams& p, v
   });
   if (err || p.num_partitions == 1) return err;
   return launch(paged_attention_merge_kernel, dim3(unsigned(p.hq), unsigned(p.batch)), dim3(kThreads), 0, s, p);
+}
+
+}  // namespace h1r::cuda
+
+namespace h1r::cuda {
+
+const char* launch_paged_attention_prefill(const PagedAttentionPrefillParams& p, void* stream) {
+  if (p.hd > kMaxHeadDim) return "paged_attention_prefill: head_dim above 256";
+  return dispatch_dtype(p.cache_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return launch(paged_attention_prefill_kernel<T>, dim3(unsigned(ceil_div(p.total_q, kWarps)), unsigned(p.hq)),
+                  dim3(kThreads), 0, static_cast<cudaStream_t>(stream), p);
+  });
 }
 
 }  // namespace h1r::cuda

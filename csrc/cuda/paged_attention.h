@@ -38,7 +38,21 @@ struct PagedAttentionDecodeParams {
   float* exp_sums;         // (b, hq, num_partitions)
 };
 
+struct PagedAttentionPrefillParams {
+  const float* q;  // (total_q, hq, hd) fp32
+  float* out;      // (total_q, hq, hd) fp32
+  const void* key_cache;
+  const void* value_cache;
+  DType cache_dtype;
+  const int32_t* block_tables;  // (b, max_blocks)
+  const int32_t* seq_lens;      // (b,)
+  const int32_t* cu_seqlens_q;  // (b + 1,)
+  int64_t batch, total_q, max_blocks, block_size, hq, hk, hd;
+  float scale;
+};
+
 const char* launch_reshape_and_cache(const ReshapeAndCacheParams& p, void* stream);
 const char* launch_paged_attention_decode(const PagedAttentionDecodeParams& p, void* stream);
+const char* launch_paged_attention_prefill(const PagedAttentionPrefillParams& p, void* stream);
 
 }  // namespace h1r::cuda

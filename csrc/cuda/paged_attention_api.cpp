@@ -1,5 +1,6 @@
 // Torch-facing glue of the paged-attention kernels (paged_attention.cu): checks, allocation, stream,
-// and the CUDA registration of h1r::reshape_and_cache and h1r::paged_attention_decode.
+// and the CUDA registration of h1r::reshape_and_cache, h1r::paged_attention_decode and
+// h1r::paged_attention_prefill.
 #include "paged_attention.h"
 
 #include <torch/library.h>
@@ -111,11 +112,66 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& key_cac
   return out.to(q.scalar_type());
 }
 
+at::Tensor paged_attention_prefill(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                   const at::Tensor& cu_seqlens_q, double scale) {
+  check_shape(key_cache, "key_cache", {-1, -1, -1, -1});
+  const int64_t nb = key_cache.size(0), bs = key_cache.size(1), hk = key_cache.size(2), hd = key_cache.size(3);
+  check_shape(value_cache, "value_cache", {nb, bs, hk, hd});
+  check_shape(q, "q", {-1, -1, hd});
+  const int64_t total_q = q.size(0), hq = q.size(1);
+  TORCH_CHECK_VALUE(hk > 0 && hq % hk == 0, "argument 'q': the query heads ", hq,
+                    " must be a multiple of the kv heads ", hk);
+  TORCH_CHECK_VALUE(hd <= kMaxHeadDim, "argument 'q': head_dim ", hd, " above the supported ", kMaxHeadDim);
+  check_shape(block_tables, "block_tables", {-1, -1});
+  const int64_t b = block_tables.size(0);
+  check_shape(seq_lens, "seq_lens", {b});
+  check_shape(cu_seqlens_q, "cu_seqlens_q", {b + 1});
+  for (auto [t, name] : {std::pair{&block_tables, "block_tables"}, {&seq_lens, "seq_lens"},
+                         {&cu_seqlens_q, "cu_seqlens_q"}})
+    check_dtype(*t, name, at::kInt);
+  check_contiguous(key_cache, "key_cache");
+  check_contiguous(value_cache, "value_cache");
+  check_dtype(value_cache, "value_cache", key_cache.scalar_type());
+  for (auto [t, name] : {std::pair{&q, "q"}, {&key_cache, "key_cache"}, {&value_cache, "value_cache"},
+                         {&block_tables, "block_tables"}, {&seq_lens, "seq_lens"}, {&cu_seqlens_q, "cu_seqlens_q"}})
+    check_device(*t, name);
+  dtype_of(q, "q");
+
+  KernelContext ctx(q);
+  const at::Tensor qf = as_f32(q), tables = block_tables.contiguous(), lens = seq_lens.contiguous(),
+                   cu = cu_seqlens_q.contiguous();
+  at::Tensor out = at::empty({total_q, hq, hd}, q.options().dtype(at::kFloat));
+  PagedAttentionPrefillParams prm{};
+  prm.q = qf.data_ptr<float>();
+  prm.out = out.data_ptr<float>();
+  prm.key_cache = key_cache.data_ptr();
+  prm.value_cache = value_cache.data_ptr();
+  prm.cache_dtype = dtype_of(key_cache, "key_cache");
+  prm.block_tables = tables.data_ptr<int32_t>();
+  prm.seq_lens = lens.data_ptr<int32_t>();
+  prm.cu_seqlens_q = cu.data_ptr<int32_t>();
+  prm.batch = b;
+  prm.total_q = total_q;
+  prm.max_blocks = block_tables.size(1);
+  prm.block_size = bs;
+  prm.hq = hq;
+  prm.hk = hk;
+  prm.hd = hd;
+  prm.scale = static_cast<float>(scale);
+  if (total_q > 0 && hq > 0 && hd > 0 && b > 0)
+    check_launch(launch_paged_attention_prefill(prm, ctx.stream()), "paged_attention_prefill");
+  else
+    out.zero_();
+  return out.to(q.scalar_type());
+}
+
 }  // namespace h1r::cuda
 
 #if !defined(H1R_CUDA_EMULATOR)
 TORCH_LIBRARY_IMPL(h1r, CUDA, m) {
   m.impl("reshape_and_cache", &h1r::cuda::reshape_and_cache);
   m.impl("paged_attention_decode", &h1r::cuda::paged_attention_decode);
+  m.impl("paged_attention_prefill", &h1r::cuda::paged_attention_prefill);
 }
 #endif

@@ -44,12 +44,11 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
 
   KernelContext ctx(x);
   const at::Tensor xc = x.contiguous();
-  const std::optional<at::Tensor> zc = z ? std::optional<at::Tensor>(z->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> zc = contiguous(z);
   const at::Tensor dtf = as_f32(dt), Af = as_f32(A), Bf = as_f32(B), Cf = as_f32(C);
-  const auto Df = D ? std::optional<at::Tensor>(as_f32(D->dim() == 1 ? D->unsqueeze(1).expand({h, p}) : *D))
-                    : std::nullopt;
+  const auto Df = per_channel_D(D, h, p);
   const auto dt_biasf = as_f32(dt_bias);
-  const auto idx = state_batch_indices ? std::optional<at::Tensor>(state_batch_indices->contiguous()) : std::nullopt;
+  const auto idx = contiguous(state_batch_indices);
   at::Tensor out = at::empty_like(xc);
 
   SelectiveStateUpdateParams prm{};
