@@ -60,10 +60,13 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     ap.add_argument("--no-ref", action="store_true", help="skip the eager reference")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: all)")
     ap.add_argument("--stat", choices=["median", "min"], default="median",
                     help="statistic of the timings (min is steadier on a shared machine)")
     args = ap.parse_args()
     dtype = DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     hq, hk, hd, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
     cases = [(1, 512), (16, 512)] if args.quick else [(1, 512), (1, 4096), (16, 512), (16, 4096), (64, 512),
                                                       (64, 4096), (1, 32768)]
