@@ -1,14 +1,18 @@
 // Paged attention on the CPU: decode (flash-decoding style, split over pages when the batch is small),
 // chunked-causal prefill, and the cache write. Compiled once per ISA (see csrc/cpu/isa.h).
 //
-// Both attention kernels are built on one step, `attend_pages`: a tile of R query rows that share one kv
-// head walks a range of that head's pages and keeps, per row, the online-softmax state
+// Both attention kernels are built on one routine, `attend_pages`: a tile of R query rows that share one
+// kv head walks a range of that head's pages and keeps, per row, the online-softmax state
 //     m = running max of the scores,  l = sum exp(s - m),  acc = sum exp(s - m) v   (fp32)
-// For each page it computes the scores S = Q K^T of the tile (rows x page tokens), rescales the state
-// to the new max, and adds P V. The K and V rows of a page are read from memory once for all R rows:
-// in decode the rows are the G = hq / hk query heads of one kv head (grouped-query attention), in
-// prefill they are (query tile x G). The inner loops keep up to kRowBlock rows in vector registers and
-// stream head_dim in vector chunks, converting bf16 / fp16 cache entries to fp32 on load.
+// A step covers up to kStepTokens tokens (one or more pages): it computes the scores S = Q K^T of the
+// tile (rows x step tokens), rescales the state to the new max, and adds P V. The K and V rows of a page
+// are read from memory once for all R rows: in decode the rows are the G = hq / hk query heads of one kv
+// head (grouped-query attention), in prefill they are (query tile x G). The inner loops keep up to
+// kRowBlock rows (x a few tokens or head_dim chunks) in vector registers and stream head_dim in vector
+// chunks, converting bf16 / fp16 cache entries to fp32 on load.
+//
+// Decode splits long sequences into partitions of pages (flash-decoding) when the batch alone cannot
+// keep the threads busy, and merges the partial states afterwards.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -69,7 +73,7 @@ struct Tile {
   float* l;       // (R,): running sum of exp(s_t - m)
   int64_t* limit; // (R,): keys visible to the row (causal): it sees tokens [0, limit)
   float* s;       // (R, step): scores, then probabilities, of the current step
-  float* alpha;   // (R,): rescale factor exp(m_old - m_new) of the current page
+  float* alpha;   // (R,): rescale factor exp(m_old - m_new) of the current step
   Vec* partial;   // (kRowBlock, step) vectors: per-token partial dot products
   int64_t max_limit = 0;
 };
@@ -97,7 +101,7 @@ struct TileBuffers {
 };
 
 // Horizontal sums of W vectors at once: lane t of the result is the sum of the lanes of v[t]. A
-// transpose-and-add tree costs about a third of W separate reductions, and every score of a page needs
+// transpose-and-add tree costs about a third of W separate reductions, and every score of a step needs
 // one (the dot products run along head_dim, inside the vector).
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 inline __m256 hsum8(const __m256* v) {  // lane t = sum of v[t]'s 8 lanes
@@ -258,7 +262,7 @@ void with_rows(int nr, F&& f) {
   }
 }
 
-// Online-softmax update of one row for a page: s[0, n) are its visible scores, s[n, nt) are masked.
+// Online-softmax update of one row for a step: s[0, n) are its visible scores, s[n, nt) are masked.
 // Turns s into probabilities exp(s - m_new) (0 where masked) and returns alpha = exp(m_old - m_new).
 inline float softmax_update(float* s, int n, int nt, float& m, float& l) {
   if (n <= 0) {
