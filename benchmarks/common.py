@@ -15,9 +15,10 @@ import torch
 
 
 def timeit(fn: Callable[[], object], warmup: int = 2, iters: int = 5, min_time: float = 0.0,
-           max_seconds: float | None = None) -> float:
-    """Median wall time of ``fn()`` in seconds, after ``warmup`` calls: at least ``iters`` runs and, if
-    ``min_time`` is set, until that many seconds have been spent; stops early past ``max_seconds``."""
+           max_seconds: float | None = None, stat: str = "median") -> float:
+    """Wall time of ``fn()`` in seconds (the median, or the minimum with ``stat="min"``, which is steadier on
+    a shared machine), after ``warmup`` calls: at least ``iters`` runs and, if ``min_time`` is set, until
+    that many seconds have been spent; stops early past ``max_seconds``."""
     for _ in range(warmup):
         fn()
     times = []
@@ -30,23 +31,23 @@ def timeit(fn: Callable[[], object], warmup: int = 2, iters: int = 5, min_time: 
         spent += dt
         if max_seconds is not None and spent > max_seconds:
             break
-    return statistics.median(times)
+    return min(times) if stat == "min" else statistics.median(times)
 
 
 _BANDWIDTH: dict[tuple, float] = {}
 
 
-def memcpy_bandwidth(nbytes: int = 1 << 30, iters: int = 5, fresh: bool = False) -> float:
+def memcpy_bandwidth(nbytes: int = 1 << 30, iters: int = 5, fresh: bool = False, stat: str = "median") -> float:
     """Bytes / s of copying an ``nbytes`` fp32 tensor (read + write counted); measured once per process.
 
     fresh=True copies into a newly allocated tensor each time (``src.clone()``), as any op returning a new
     tensor must: on CPU the OS then maps and zeroes the pages first, which can cost as much as the copy
     (PyTorch's THP_MEM_ALLOC_ENABLE=1 makes that cheaper with huge pages)."""
-    key = (nbytes, fresh)
+    key = (nbytes, fresh, stat)
     if key not in _BANDWIDTH:
         src = torch.ones(nbytes // 4, dtype=torch.float32)
         dst = torch.empty_like(src)
-        t = timeit(src.clone if fresh else (lambda: dst.copy_(src)), warmup=1, iters=iters)
+        t = timeit(src.clone if fresh else (lambda: dst.copy_(src)), warmup=1, iters=iters, stat=stat)
         _BANDWIDTH[key] = 2 * nbytes / t
         del src, dst
     return _BANDWIDTH[key]

@@ -138,7 +138,7 @@ DECODE_CASES = [  # (seq_lens, block_size, hq, hk, hd)
     ([33, 1, 300], 16, 12, 2, 128),      # Falcon-H1 heads (G = 6), lengths not a multiple of 16
     ([70, 3, 129], 32, 8, 2, 80),        # GQA 4, head_dim 80
     ([5, 12, 1, 64], 1, 4, 2, 64),       # block_size 1
-    ([1000], 16, 4, 1, 64),              # one long sequence: split into partitions
+    ([1000], 16, 4, 1, 64),              # one long sequence: split into partitions (2+ threads)
     ([5, 700, 2], 8, 2, 1, 72),          # split and unsplit sequences in one batch; head_dim % 16 != 0
     ([0, 9], 4, 4, 2, 16),               # seq_len 0 (padding row) gives zeros
 ]
@@ -158,13 +158,16 @@ def test_decode_matches_reference(case, dtype):
         assert out[seq_lens.index(0)].abs().max() == 0
 
 
-def test_decode_partitions_with_one_thread_and_fp32_query_on_bf16_cache():
-    kc, vc, bt, _, _ = make_paged([2000, 3], 16, 2, 64, dtype=torch.bfloat16, seed=5)
-    q = torch.randn(2, 6, 64)  # fp32 query on a bf16 cache: output in fp32
-    sl = torch.tensor([2000, 3], dtype=torch.int32)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decode_partitions_and_fp32_query_on_bf16_cache(threads):
+    """Long and short sequences in one batch: with several threads the long one is split into partitions
+    (reduced afterwards), with one thread it is not; both must agree with the reference."""
+    kc, vc, bt, _, _ = make_paged([2000, 3, 600], 16, 2, 64, dtype=torch.bfloat16, seed=5)
+    q = torch.randn(3, 6, 64)  # fp32 query on a bf16 cache: output in fp32
+    sl = torch.tensor([2000, 3, 600], dtype=torch.int32)
     n = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
         out = paged_attention_decode(q, kc, vc, bt, sl, scale=0.2)
     finally:
         torch.set_num_threads(n)

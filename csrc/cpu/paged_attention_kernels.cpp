@@ -1,14 +1,18 @@
 // Paged attention on the CPU: decode (flash-decoding style, split over pages when the batch is small),
 // chunked-causal prefill, and the cache write. Compiled once per ISA (see csrc/cpu/isa.h).
 //
-// Both attention kernels are built on one step, `attend_pages`: a tile of R query rows that share one kv
-// head walks a range of that head's pages and keeps, per row, the online-softmax state
+// Both attention kernels are built on one routine, `attend_pages`: a tile of R query rows that share one
+// kv head walks a range of that head's pages and keeps, per row, the online-softmax state
 //     m = running max of the scores,  l = sum exp(s - m),  acc = sum exp(s - m) v   (fp32)
-// For each page it computes the scores S = Q K^T of the tile (rows x page tokens), rescales the state
-// to the new max, and adds P V. The K and V rows of a page are read from memory once for all R rows:
-// in decode the rows are the G = hq / hk query heads of one kv head (grouped-query attention), in
-// prefill they are (query tile x G). The inner loops keep up to kRowBlock rows in vector registers and
-// stream head_dim in vector chunks, converting bf16 / fp16 cache entries to fp32 on load.
+// A step covers up to kStepTokens tokens (one or more pages): it computes the scores S = Q K^T of the
+// tile (rows x step tokens), rescales the state to the new max, and adds P V. The K and V rows of a page
+// are read from memory once for all R rows: in decode the rows are the G = hq / hk query heads of one kv
+// head (grouped-query attention), in prefill they are (query tile x G). The inner loops keep up to
+// kRowBlock rows (x a few tokens or head_dim chunks) in vector registers and stream head_dim in vector
+// chunks, converting bf16 / fp16 cache entries to fp32 on load.
+//
+// Decode splits long sequences into partitions of pages (flash-decoding) when the batch alone cannot
+// keep the threads busy, and merges the partial states afterwards.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -31,6 +35,9 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int W = Vec::size();
 constexpr int kRowBlock = 8;  // query rows held in registers by the inner loops
+// Tokens per online-softmax step: a step spans several pages when they are small, so the per-step
+// softmax bookkeeping and the accumulator loads/stores are amortized even for block_size 1.
+constexpr int kStepTokens = 32;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline Vec load_f(const float* p) { return Vec::loadu(p); }
@@ -59,77 +66,182 @@ struct HeadPages {
 
 // A tile of R query rows of one kv head and their online-softmax state; scratch owned by the caller.
 struct Tile {
-  int R = 0, hd = 0, bs = 0;
+  int R = 0, hd = 0, bs = 0, step = 0;  // step: tokens of one softmax step (stride of s)
   float* q;       // (R, hd), already multiplied by the softmax scale
   float* acc;     // (R, hd): sum_t exp(s_t - m) v_t
   float* m;       // (R,): running max
   float* l;       // (R,): running sum of exp(s_t - m)
   int64_t* limit; // (R,): keys visible to the row (causal): it sees tokens [0, limit)
-  float* s;       // (R, bs): scores, then probabilities, of the current page
-  float* alpha;   // (R,): rescale factor exp(m_old - m_new) of the current page
+  float* s;       // (R, step): scores, then probabilities, of the current step
+  float* alpha;   // (R,): rescale factor exp(m_old - m_new) of the current step
+  Vec* partial;   // (kRowBlock, step) vectors: per-token partial dot products
   int64_t max_limit = 0;
 };
 
 struct TileBuffers {
   std::vector<float> q, acc, m, l, s, alpha;
   std::vector<int64_t> limit;
+  std::vector<Vec> partial;
   Tile make(int R, int hd, int bs) {
     q.resize((size_t)R * hd);
     acc.assign((size_t)R * hd, 0.f);
     m.assign(R, kNegInf);
     l.assign(R, 0.f);
-    s.resize((size_t)R * bs);
+    const int step = std::max(1, kStepTokens / bs) * bs;
+    s.resize((size_t)R * step);
     alpha.resize(R);
     limit.resize(R);
+    partial.resize((size_t)kRowBlock * step);
     Tile t;
-    t.R = R, t.hd = hd, t.bs = bs;
+    t.R = R, t.hd = hd, t.bs = bs, t.step = step;
     t.q = q.data(), t.acc = acc.data(), t.m = m.data(), t.l = l.data(), t.s = s.data();
-    t.alpha = alpha.data(), t.limit = limit.data();
+    t.alpha = alpha.data(), t.limit = limit.data(), t.partial = partial.data();
     return t;
   }
 };
 
-// s[r, t] = q_r . k_t for NR rows and the first nt tokens of a page (k rows `kstride` apart).
+// Horizontal sums of W vectors at once: lane t of the result is the sum of the lanes of v[t]. A
+// transpose-and-add tree costs about a third of W separate reductions, and every score of a step needs
+// one (the dot products run along head_dim, inside the vector).
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+inline __m256 hsum8(const __m256* v) {  // lane t = sum of v[t]'s 8 lanes
+  const __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 h45 = _mm256_hadd_ps(v[4], v[5]), h67 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+  // h0123 = [s0 s1 s2 s3 | s0' s1' s2' s3'] (low / high 128-bit halves), likewise h4567 for 4..7
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
+}
+#endif
+
+inline Vec hsum_lanes(const Vec* v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m256 half[16];
+  for (int t = 0; t < 16; ++t) {
+    const __m512 x = v[t];
+    half[t] = _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+  }
+  return _mm512_insertf32x8(_mm512_castps256_ps512(hsum8(half)), hsum8(half + 8), 1);
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 x[8];
+  for (int t = 0; t < 8; ++t) x[t] = v[t];
+  return hsum8(x);
+#else
+  float out[W];
+  for (int t = 0; t < W; ++t) out[t] = at::vec::vec_reduce_all<float>(std::plus<Vec>(), v[t]);
+  return Vec::loadu(out);
+#endif
+}
+
+// Register blocking of the two inner loops. Loads, not FMAs, bound them: in the score loop every
+// query chunk loaded is used by TB tokens, in the P V loop every broadcast probability by CB chunks
+// of head_dim. NR x TB (resp. NR x CB) accumulators stay in the 32 (16 on AVX2) vector registers.
+template <int NR>
+constexpr int score_token_block() { return NR <= 2 ? 4 : NR <= 4 ? 3 : 2; }
+template <int NR>
+constexpr int pv_chunk_block() { return NR <= 3 ? 4 : 2; }
+
+// Partial dot products of NR query rows with TB key rows: partial[r * bs + t] = sum over head_dim
+// chunks of q_r * k_t (a vector; lanes are summed later).
+template <int NR, int TB, typename T>
+inline void score_tokens(const float* q, int hd_vec, int hd, const T* k, int64_t kstride, Vec* partial, int pstride) {
+  Vec a[NR][TB];
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < TB; ++u) a[r][u] = Vec(0.f);
+  for (int c = 0; c < hd_vec; c += W) {
+    Vec kv[TB];
+    for (int u = 0; u < TB; ++u) kv[u] = load_f(k + u * kstride + c);
+    for (int r = 0; r < NR; ++r) {
+      const Vec qv = Vec::loadu(q + r * hd + c);
+      for (int u = 0; u < TB; ++u) a[r][u] = at::vec::fmadd(qv, kv[u], a[r][u]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < TB; ++u) partial[r * pstride + u] = a[r][u];
+}
+
+// The tokens one online-softmax step covers: up to kStepTokens consecutive tokens of a sequence, in
+// one or more of its pages (kStepTokens, defined above).
+
+template <typename T>
+struct Step {
+  const T* k[kStepTokens];  // page bases (already offset to the kv head)
+  const T* v[kStepTokens];
+  int pages = 0, n = 0, bs = 0;  // n tokens: page i holds tokens [i bs, min((i + 1) bs, n))
+  int64_t stride = 0;            // elements between the rows of a page
+  int page_tokens(int i) const { return std::min(bs, n - i * bs); }
+};
+
+// s[r, t] = q_r . k_t for NR rows and the n tokens of a step. The per-token partial sums (vectors along
+// head_dim) go to `partial` (NR x sstride vectors) and are reduced W tokens at a time by hsum_lanes.
 template <int NR, typename T>
-void score_rows(const float* q, int hd, const T* k, int64_t kstride, int nt, float* s, int sstride) {
-  for (int t = 0; t < nt; ++t) {
-    const T* kt = k + t * kstride;
-    Vec a[NR];
-    for (int r = 0; r < NR; ++r) a[r] = Vec(0.f);
-    int c = 0;
-    for (; c + W <= hd; c += W) {
-      const Vec kv = load_f(kt + c);
-      for (int r = 0; r < NR; ++r) a[r] = at::vec::fmadd(Vec::loadu(q + r * hd + c), kv, a[r]);
+void score_rows(const float* q, int hd, const Step<T>& st, float* s, int sstride, Vec* partial) {
+  constexpr int TB = score_token_block<NR>();
+  const int hd_vec = hd - hd % W;
+  for (int i = 0; i < st.pages; ++i) {
+    const int nt = st.page_tokens(i);
+    Vec* part = partial + i * st.bs;
+    int t = 0;
+    for (; t + TB <= nt; t += TB) score_tokens<NR, TB>(q, hd_vec, hd, st.k[i] + t * st.stride, st.stride, part + t, sstride);
+    for (; t < nt; ++t) score_tokens<NR, 1>(q, hd_vec, hd, st.k[i] + t * st.stride, st.stride, part + t, sstride);
+  }
+  for (int r = 0; r < NR; ++r) {
+    int u = 0;
+    for (; u + W <= st.n; u += W) hsum_lanes(partial + r * sstride + u).store(s + r * sstride + u);
+    for (; u < st.n; ++u) s[r * sstride + u] = at::vec::vec_reduce_all<float>(std::plus<Vec>(), partial[r * sstride + u]);
+  }
+  if (hd_vec < hd) {  // head_dim tail, not a multiple of the vector width
+    for (int u = 0; u < st.n; ++u) {
+      const T* k = st.k[u / st.bs] + (u % st.bs) * st.stride;
+      for (int r = 0; r < NR; ++r) {
+        float x = 0.f;
+        for (int c = hd_vec; c < hd; ++c) x += q[r * hd + c] * static_cast<float>(k[c]);
+        s[r * sstride + u] += x;
+      }
     }
-    float tail[NR] = {};
-    for (; c < hd; ++c) {
-      const float kv = static_cast<float>(kt[c]);
-      for (int r = 0; r < NR; ++r) tail[r] += q[r * hd + c] * kv;
-    }
-    for (int r = 0; r < NR; ++r)
-      s[r * sstride + t] = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a[r]) + tail[r];
   }
 }
 
-// acc_r = alpha_r acc_r + sum_t p[r, t] v_t for NR rows: head_dim chunk by chunk, the NR accumulators of
-// a chunk stay in registers while the page's V rows stream past.
-template <int NR, typename T>
-void pv_rows(float* acc, int hd, const float* alpha, const float* p, int pstride, const T* v, int64_t vstride,
-             int nt) {
-  int c = 0;
-  for (; c + W <= hd; c += W) {
-    Vec a[NR];
-    for (int r = 0; r < NR; ++r) a[r] = Vec::loadu(acc + r * hd + c) * Vec(alpha[r]);
-    for (int t = 0; t < nt; ++t) {
-      const Vec vv = load_f(v + t * vstride + c);
-      for (int r = 0; r < NR; ++r) a[r] = at::vec::fmadd(Vec(p[r * pstride + t]), vv, a[r]);
-    }
-    for (int r = 0; r < NR; ++r) a[r].store(acc + r * hd + c);
+// acc_r[c .. c + CB W) = alpha_r acc_r + sum_t p[r, t] v_t over the same chunks, for NR rows and the
+// tokens of a step; `c` is folded into acc and the step's page pointers by the caller (offset).
+template <int NR, int CB, typename T>
+inline void pv_chunks(float* acc, int hd, const float* alpha, const float* p, int pstride, const Step<T>& st,
+                      int offset) {
+  Vec a[NR][CB];
+  for (int r = 0; r < NR; ++r) {
+    const Vec al(alpha[r]);
+    for (int u = 0; u < CB; ++u) a[r][u] = Vec::loadu(acc + r * hd + u * W) * al;
   }
+  for (int i = 0; i < st.pages; ++i) {
+    const T* v = st.v[i] + offset;
+    const float* pi = p + i * st.bs;
+    const int nt = st.page_tokens(i);
+    for (int t = 0; t < nt; ++t) {
+      Vec vv[CB];
+      for (int u = 0; u < CB; ++u) vv[u] = load_f(v + t * st.stride + u * W);
+      for (int r = 0; r < NR; ++r) {
+        const Vec pr(pi[r * pstride + t]);
+        for (int u = 0; u < CB; ++u) a[r][u] = at::vec::fmadd(pr, vv[u], a[r][u]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < CB; ++u) a[r][u].store(acc + r * hd + u * W);
+}
+
+// acc_r = alpha_r acc_r + sum_t p[r, t] v_t for NR rows: head_dim in blocks of CB chunks, whose NR x CB
+// accumulators stay in registers while the step's V rows stream past.
+template <int NR, typename T>
+void pv_rows(float* acc, int hd, const float* alpha, const float* p, int pstride, const Step<T>& st) {
+  constexpr int CB = pv_chunk_block<NR>();
+  const int hd_vec = hd - hd % W;
+  int c = 0;
+  for (; c + CB * W <= hd_vec; c += CB * W) pv_chunks<NR, CB>(acc + c, hd, alpha, p, pstride, st, c);
+  for (; c < hd_vec; c += W) pv_chunks<NR, 1>(acc + c, hd, alpha, p, pstride, st, c);
   for (; c < hd; ++c) {
     for (int r = 0; r < NR; ++r) {
       float x = acc[r * hd + c] * alpha[r];
-      for (int t = 0; t < nt; ++t) x += p[r * pstride + t] * static_cast<float>(v[t * vstride + c]);
+      for (int t = 0; t < st.n; ++t)
+        x += p[r * pstride + t] * static_cast<float>(st.v[t / st.bs][(t % st.bs) * st.stride + c]);
       acc[r * hd + c] = x;
     }
   }
@@ -150,7 +262,7 @@ void with_rows(int nr, F&& f) {
   }
 }
 
-// Online-softmax update of one row for a page: s[0, n) are its visible scores, s[n, nt) are masked.
+// Online-softmax update of one row for a step: s[0, n) are its visible scores, s[n, nt) are masked.
 // Turns s into probabilities exp(s - m_new) (0 where masked) and returns alpha = exp(m_old - m_new).
 inline float softmax_update(float* s, int n, int nt, float& m, float& l) {
   if (n <= 0) {
@@ -179,32 +291,37 @@ inline float softmax_update(float* s, int n, int nt, float& m, float& l) {
   return alpha;
 }
 
-// The tile attends to logical pages [page_begin, page_end) of one sequence's kv head.
+// The tile attends to logical pages [page_begin, page_end) of one sequence's kv head, a step of up to
+// kStepTokens tokens at a time.
 template <typename T>
 void attend_pages(Tile& tile, const HeadPages<T>& kv, int64_t page_begin, int64_t page_end) {
   const int R = tile.R, hd = tile.hd, bs = tile.bs;
-  for (int64_t j = page_begin; j < page_end; ++j) {
+  const int step_pages = std::max(1, kStepTokens / bs);
+  const int S = tile.step;  // row stride of the score / probability buffer
+  Step<T> st;
+  st.bs = bs;
+  st.stride = kv.token_stride;
+  for (int64_t j = page_begin; j < page_end; j += step_pages) {
     const int64_t start = j * bs;
-    const int nt = (int)std::min<int64_t>(bs, tile.max_limit - start);  // tokens any row sees
-    if (nt <= 0) break;
-    const T* kp = kv.key_page(j);
-    const T* vp = kv.value_page(j);
-    // 1. scores S = (scale Q) K^T of this page
+    // tokens of this step any row sees
+    st.n = (int)std::min<int64_t>({(int64_t)step_pages * bs, tile.max_limit - start, (page_end - j) * bs});
+    if (st.n <= 0) break;
+    st.pages = (st.n + bs - 1) / bs;
+    for (int i = 0; i < st.pages; ++i) st.k[i] = kv.key_page(j + i), st.v[i] = kv.value_page(j + i);
+    // 1. scores S = (scale Q) K^T of the step
     for (int r0 = 0; r0 < R; r0 += kRowBlock) {
-      const int nr = std::min(kRowBlock, R - r0);
-      with_rows(nr, [&]<int NR>() { score_rows<NR>(tile.q + r0 * hd, hd, kp, kv.token_stride, nt, tile.s + r0 * bs, bs); });
+      with_rows(std::min(kRowBlock, R - r0),
+                [&]<int NR>() { score_rows<NR>(tile.q + r0 * hd, hd, st, tile.s + r0 * S, S, tile.partial); });
     }
     // 2. online softmax, row by row (causal: row r sees tokens < limit[r])
     for (int r = 0; r < R; ++r) {
-      const int n = (int)std::clamp<int64_t>(tile.limit[r] - start, 0, nt);
-      tile.alpha[r] = softmax_update(tile.s + r * bs, n, nt, tile.m[r], tile.l[r]);
+      const int n = (int)std::clamp<int64_t>(tile.limit[r] - start, 0, st.n);
+      tile.alpha[r] = softmax_update(tile.s + r * S, n, st.n, tile.m[r], tile.l[r]);
     }
     // 3. acc = alpha acc + P V
     for (int r0 = 0; r0 < R; r0 += kRowBlock) {
-      const int nr = std::min(kRowBlock, R - r0);
-      with_rows(nr, [&]<int NR>() {
-        pv_rows<NR>(tile.acc + r0 * hd, hd, tile.alpha + r0, tile.s + r0 * bs, bs, vp, kv.token_stride, nt);
-      });
+      with_rows(std::min(kRowBlock, R - r0),
+                [&]<int NR>() { pv_rows<NR>(tile.acc + r0 * hd, hd, tile.alpha + r0, tile.s + r0 * S, S, st); });
     }
   }
 }
@@ -231,19 +348,21 @@ HeadPages<T> head_pages(const PagedAttentionParams& p, int64_t seq, int64_t head
 // Partitions of a sequence's pages for decode: one when the batch alone fills the threads, else
 // pieces of at least kMinPartitionPages pages so that there are about 4 work items per thread.
 constexpr int64_t kMinPartitionPages = 8;
+// Below this many (page, kv head) pairs (about 20 us of work) one thread does it all: waking a team
+// costs more than it saves, and far more on a busy machine, where a descheduled thread stalls the join.
+constexpr int64_t kMinParallelPageHeads = 32;
 
 template <typename T>
 void decode_impl(const PagedAttentionParams& p) {
   const int64_t B = p.batch, hk = p.hk, hd = p.hd, bs = p.block_size;
   const int G = (int)(p.hq / hk);
-  const int64_t threads = omp_get_max_threads();
-  const int64_t target_items = 4 * threads;
-
   std::vector<int64_t> pages(B);
   int64_t total_pages = 0;
   for (int64_t i = 0; i < B; ++i) total_pages += pages[i] = (p.seq_lens[i] + bs - 1) / bs;
+  const int threads = total_pages * hk < kMinParallelPageHeads ? 1 : omp_get_max_threads();
+  const int64_t target_items = 4 * threads;
   int64_t part_pages = std::max<int64_t>(p.max_blocks, 1);
-  if (B * hk < target_items)
+  if (threads > 1 && B * hk < target_items)
     part_pages = std::max(kMinPartitionPages, (total_pages * hk + target_items - 1) / target_items);
   // parts of sequence i: part_off[i] .. part_off[i + 1]
   std::vector<int64_t> part_off(B + 1, 0);
@@ -259,7 +378,7 @@ void decode_impl(const PagedAttentionParams& p) {
     part_l.resize((size_t)total_parts * hk * G);
   }
 
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
   {
     TileBuffers buf;
 #pragma omp for schedule(dynamic, 1)
@@ -291,7 +410,7 @@ void decode_impl(const PagedAttentionParams& p) {
   if (!split) return;
 
   // Reduce the partitions: with M = max_p m_p, out = sum_p e^{m_p - M} acc_p / sum_p e^{m_p - M} l_p.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t x = 0; x < B * hk * G; ++x) {
     const int64_t i = x / (hk * G), hg = x % (hk * G);
     const int64_t p0 = part_off[i], p1 = part_off[i + 1];
@@ -330,7 +449,7 @@ void prefill_impl(const PagedAttentionParams& p) {
   }
   const int64_t total_tiles = tile_off[B];
 
-#pragma omp parallel
+#pragma omp parallel if (total_tiles * hk > 1)
   {
     TileBuffers buf;
 #pragma omp for schedule(dynamic, 1)

@@ -24,9 +24,20 @@ import math
 import torch
 
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, Shapes
-from .._registry import require_kernel
+from .._registry import has_kernel, require_kernel
 
 __all__ = ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefill"]
+
+
+_CPU_KERNEL_LOADED: bool | None = None
+
+
+def _cpu_kernel_loaded() -> bool:
+    """Whether the CPU decode kernel is registered (looked up once; kernels are never unregistered)."""
+    global _CPU_KERNEL_LOADED
+    if not _CPU_KERNEL_LOADED:
+        _CPU_KERNEL_LOADED = has_kernel("paged_attention_decode", "cpu")
+    return _CPU_KERNEL_LOADED
 
 
 def _require_kernel(op: str, device: torch.device) -> None:
@@ -56,6 +67,26 @@ def _check_attention(s: Shapes, q, key_cache, value_cache, block_tables, seq_len
         scale = 1.0 / math.sqrt(s["head_dim"])
     s.require(math.isfinite(float(scale)), "scale", f"expected a finite number, got {scale!r}")
     return block_tables.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(), float(scale)
+
+
+def _fast_decode_ok(q, key_cache, value_cache, block_tables, seq_lens) -> bool:
+    """The common, valid decode call, recognized with a few attribute reads (the decode step runs once per
+    layer per token: the full Shapes validation costs more than the kernel at small contexts). Anything
+    else goes through the full validation, which normalizes or raises."""
+    return (
+        type(q) is torch.Tensor and type(key_cache) is torch.Tensor and type(value_cache) is torch.Tensor
+        and type(block_tables) is torch.Tensor and type(seq_lens) is torch.Tensor
+        and q.dim() == 3 and key_cache.dim() == 4 and block_tables.dim() == 2 and seq_lens.dim() == 1
+        and q.dtype in FLOAT_DTYPES and key_cache.dtype in FLOAT_DTYPES and value_cache.dtype == key_cache.dtype
+        and block_tables.dtype == torch.int32 and seq_lens.dtype == torch.int32
+        and value_cache.shape == key_cache.shape
+        and q.shape[0] == block_tables.shape[0] == seq_lens.shape[0]
+        and q.shape[2] == key_cache.shape[3] and key_cache.shape[2] > 0 and q.shape[1] % key_cache.shape[2] == 0
+        and q.device.type == "cpu" and key_cache.device == q.device and value_cache.device == q.device
+        and block_tables.device == q.device and seq_lens.device == q.device
+        and key_cache.is_contiguous() and value_cache.is_contiguous()
+        and block_tables.is_contiguous() and seq_lens.is_contiguous()
+    )
 
 
 def _check_table_values(s: Shapes, block_tables, seq_lens, block_size: int, num_blocks: int):
@@ -108,6 +139,11 @@ def paged_attention_decode(q, key_cache, value_cache, block_tables, seq_lens, sc
     Returns:
         ``(batch, num_heads, head_dim)`` in q's dtype.
     """
+    if not torch.compiler.is_compiling() and _fast_decode_ok(q, key_cache, value_cache, block_tables, seq_lens):
+        # CPU: the kernel's glue checks the table values; the kernel is there whenever _C loaded
+        scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+        if math.isfinite(scale) and _cpu_kernel_loaded():
+            return torch.ops.h1r.paged_attention_decode(q, key_cache, value_cache, block_tables, seq_lens, scale)
     s = Shapes("paged_attention_decode")
     block_tables, seq_lens, scale = _check_attention(s, q, key_cache, value_cache, block_tables, seq_lens, scale, "batch")
     _check_table_values(s, block_tables, seq_lens, s["block_size"], s["num_blocks"])
