@@ -78,10 +78,11 @@ struct FlushDenormals {
 };
 
 // ---- register-blocked GEMM ----------------------------------------------------------------------------
-// Cm[i][j] (+)= sum_k A(i, k) Bm[k][j] for i < M, j < N, with A(i, k) = A[i * rsa + k * csa] (any strides:
-// A's entries are broadcast, so a transposed A costs nothing) and Bm, Cm row-major (ldb, ldc). A tile of
-// MR rows x NV vectors of accumulators stays in registers over the whole K loop. `lower`: A is lower
-// triangular (A(i, k) = 0 for k > i), so row block [i0, i0 + MR) stops at k = i0 + MR.
+// Cm[i][j] (+)= rs_i sum_k A(i, k) Bm[k][j] for i < M, j < N, with A(i, k) = A[i * rsa + k * csa] (any
+// strides: A's entries are broadcast, so a transposed A costs nothing) and Bm, Cm row-major (ldb, ldc).
+// rs (optional) scales each row of the product before it is stored / added. A tile of MR rows x NV
+// vectors of accumulators stays in registers over the whole K loop. `lower`: A is lower triangular
+// (A(i, k) = 0 for k > i), so row block [i0, i0 + MR) stops at k = i0 + MR.
 #ifndef H1R_SCAN_MR
 #define H1R_SCAN_MR 6
 #endif
@@ -93,16 +94,15 @@ constexpr int NV = H1R_SCAN_NV;
 
 template <int R, bool FULL>
 inline void gemm_tile(int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bm, int64_t ldb,
-                      float* Cm, int64_t ldc, bool acc, int64_t ncols) {
+                      float* Cm, int64_t ldc, bool acc, const float* rs, int64_t ncols) {
   Vec c[R][NV];
   int64_t cnt[NV];
   for (int v = 0; v < NV; ++v) cnt[v] = std::clamp<int64_t>(ncols - v * VL, 0, VL);
+  auto load_c = [&](int r, int v) {
+    return FULL ? Vec::loadu(Cm + r * ldc + v * VL) : Vec::loadu(Cm + r * ldc + v * VL, cnt[v]);
+  };
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) {
-      if (!acc) c[r][v] = Vec(0.f);
-      else if (FULL) c[r][v] = Vec::loadu(Cm + r * ldc + v * VL);
-      else c[r][v] = Vec::loadu(Cm + r * ldc + v * VL, cnt[v]);
-    }
+    for (int v = 0; v < NV; ++v) c[r][v] = (acc && !rs) ? load_c(r, v) : Vec(0.f);
   for (int64_t k = 0; k < K; ++k) {
     Vec b[NV];
     for (int v = 0; v < NV; ++v)
@@ -115,6 +115,7 @@ inline void gemm_tile(int64_t K, const float* A, int64_t rsa, int64_t csa, const
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) {
+      if (rs) c[r][v] = acc ? at::vec::fmadd(Vec(rs[r]), c[r][v], load_c(r, v)) : Vec(rs[r]) * c[r][v];
       if (FULL) c[r][v].store(Cm + r * ldc + v * VL);
       else if (cnt[v] > 0) c[r][v].store(Cm + r * ldc + v * VL, cnt[v]);
     }
@@ -122,13 +123,13 @@ inline void gemm_tile(int64_t K, const float* A, int64_t rsa, int64_t csa, const
 
 template <int R>
 inline void gemm_rows(int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bm, int64_t ldb,
-                      float* Cm, int64_t ldc, bool acc, int64_t ncols) {
-  if (ncols == NV * VL) gemm_tile<R, true>(K, A, rsa, csa, Bm, ldb, Cm, ldc, acc, ncols);
-  else gemm_tile<R, false>(K, A, rsa, csa, Bm, ldb, Cm, ldc, acc, ncols);
+                      float* Cm, int64_t ldc, bool acc, const float* rs, int64_t ncols) {
+  if (ncols == NV * VL) gemm_tile<R, true>(K, A, rsa, csa, Bm, ldb, Cm, ldc, acc, rs, ncols);
+  else gemm_tile<R, false>(K, A, rsa, csa, Bm, ldb, Cm, ldc, acc, rs, ncols);
 }
 
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bm, int64_t ldb,
-          float* Cm, int64_t ldc, bool acc, bool lower = false) {
+          float* Cm, int64_t ldc, bool acc, bool lower = false, const float* rs = nullptr) {
   for (int64_t j0 = 0; j0 < N; j0 += NV * VL) {
     const int64_t nc = std::min<int64_t>(NV * VL, N - j0);
     for (int64_t i0 = 0; i0 < M; i0 += MR) {
@@ -136,15 +137,13 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t 
       const int64_t kk = lower ? std::min(K, i0 + mr) : K;
       const float* Ai = A + i0 * rsa;
       float* Ci = Cm + i0 * ldc + j0;
+      const float* ri = rs ? rs + i0 : nullptr;
       switch (mr) {
-        case 8: gemm_rows<8>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
-        case 7: gemm_rows<7>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
-        case 6: gemm_rows<6>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
-        case 5: gemm_rows<5>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
-        case 4: gemm_rows<4>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
-        case 3: gemm_rows<3>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
-        case 2: gemm_rows<2>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
-        default: gemm_rows<1>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
+#define H1R_ROWS(R) \
+  case R: gemm_rows<R>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, ri, nc); break;
+        H1R_ROWS(8) H1R_ROWS(7) H1R_ROWS(6) H1R_ROWS(5) H1R_ROWS(4) H1R_ROWS(3) H1R_ROWS(2)
+#undef H1R_ROWS
+        default: gemm_rows<1>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, ri, nc); break;
       }
     }
   }
@@ -165,11 +164,20 @@ struct ScanView {
   const ScanParams& p;
   int64_t L, H, P, G, N, Q, nc, hpg;
   const T *x, *dt, *B, *C, *z;
+  const float *Bf, *Cf;  // B, C as fp32 (b, l, g, n): the inputs, or their copies made by chunk_bmm
+  bool convert_bc;
   explicit ScanView(const ScanParams& prm)
       : p(prm), L(prm.seqlen), H(prm.nheads), P(prm.headdim), G(prm.ngroups), N(prm.dstate), Q(prm.chunk),
         nc((prm.seqlen + prm.chunk - 1) / prm.chunk), hpg(prm.nheads / prm.ngroups),
         x(static_cast<const T*>(prm.x)), dt(static_cast<const T*>(prm.dt)), B(static_cast<const T*>(prm.B)),
-        C(static_cast<const T*>(prm.C)), z(static_cast<const T*>(prm.z)) {}
+        C(static_cast<const T*>(prm.C)), z(static_cast<const T*>(prm.z)) {
+    convert_bc = !std::is_same_v<T, float>;
+    Bf = convert_bc ? prm.B32 : static_cast<const float*>(prm.B);
+    Cf = convert_bc ? prm.C32 : static_cast<const float*>(prm.C);
+  }
+  // Row t of group g of B / C (fp32, rows G * N apart).
+  const float* brow(int64_t b, int64_t t, int64_t g) const { return Bf + ((b * L + t) * G + g) * N; }
+  const float* crow(int64_t b, int64_t t, int64_t g) const { return Cf + ((b * L + t) * G + g) * N; }
   int32_t doc(int64_t b, int64_t t) const { return p.seq_idx ? p.seq_idx[b * L + t] : 0; }
   const float* cb(int64_t b, int64_t g, int64_t c) const { return p.cb + ((b * G + g) * nc + c) * Q * Q; }
 };
@@ -206,7 +214,7 @@ struct ChunkDecay {
 
   // Lm = CB o Lmask (q x q, row-major, zero above the diagonal and before each row's document start);
   // with cb == nullptr, Lmask itself.
-  void decay_matrix(const float* cb, int64_t ldcb, int64_t q, float* Lm) const {
+  void decay_matrix(const float* cb, int64_t ldcb, int64_t q, float* Lm, const float* colscale = nullptr) const {
     for (int64_t i = 0; i < q; ++i) {
       float* row = Lm + i * q;
       const Vec ci(cs[i]);
@@ -215,6 +223,7 @@ struct ChunkDecay {
         const int64_t k = std::min(VL, j1 - j);
         Vec d = (ci - Vec::loadu(&cs[j], k)).exp();
         if (cb) d = d * Vec::loadu(cb + i * ldcb + j, k);
+        if (colscale) d = d * Vec::loadu(colscale + j, k);
         d.store(row + j, k);
       }
       std::fill(row, row + dstart[i], 0.f);
@@ -224,23 +233,29 @@ struct ChunkDecay {
 };
 
 // Stage "bmm": CB[b, g, c] = C_c B_c^T for every (batch, group, chunk), fp32 (q x q, leading dim Q).
+// For bf16 / fp16 inputs it also writes B and C in fp32 (p.B32, p.C32), read by every head of the group.
 template <typename T>
 void chunk_bmm(const ScanView<T>& v) {
-  const int64_t nb = v.p.batch;
+  const int64_t nb = v.p.batch, N = v.N, G = v.G;
 #pragma omp parallel
   {
     FlushDenormals ftz;
-    std::vector<float> Cf(v.Q * v.N), Bt(v.N * v.Q);
+    std::vector<float> Bt(N * v.Q);
 #pragma omp for schedule(dynamic)
-    for (int64_t idx = 0; idx < nb * v.G * v.nc; ++idx) {
-      const int64_t c = idx % v.nc, g = (idx / v.nc) % v.G, b = idx / (v.nc * v.G);
+    for (int64_t idx = 0; idx < nb * G * v.nc; ++idx) {
+      const int64_t c = idx % v.nc, g = (idx / v.nc) % G, b = idx / (v.nc * G);
       const int64_t t0 = c * v.Q, q = std::min(v.Q, v.L - t0);
-      for (int64_t i = 0; i < q; ++i) {
-        const int64_t off = ((b * v.L + t0 + i) * v.G + g) * v.N;
-        to_float(v.C + off, &Cf[i * v.N], v.N);
-        for (int64_t n = 0; n < v.N; ++n) Bt[n * q + i] = static_cast<float>(v.B[off + n]);
-      }
-      gemm(q, q, v.N, Cf.data(), v.N, 1, Bt.data(), q, v.p.cb + ((b * v.G + g) * v.nc + c) * v.Q * v.Q, v.Q, false);
+      if (v.convert_bc)
+        for (int64_t i = 0; i < q; ++i) {
+          const int64_t off = ((b * v.L + t0 + i) * G + g) * N;
+          to_float(v.B + off, v.p.B32 + off, N);
+          to_float(v.C + off, v.p.C32 + off, N);
+        }
+      const float* B0 = v.brow(b, t0, g);
+      for (int64_t i = 0; i < q; ++i)
+        for (int64_t n = 0; n < N; ++n) Bt[n * q + i] = B0[i * G * N + n];
+      gemm(q, q, N, v.crow(b, t0, g), G * N, 1, Bt.data(), q, v.p.cb + ((b * G + g) * v.nc + c) * v.Q * v.Q, v.Q,
+           false);
     }
   }
 }
@@ -261,14 +276,14 @@ inline void load_head_rows(const ScanView<T>& v, const T* src, int64_t b, int64_
 template <typename T>
 void scan_fwd(const ScanParams& p) {
   const ScanView<T> v(p);
-  const int64_t L = v.L, H = v.H, P = v.P, N = v.N, Q = v.Q;
+  const int64_t L = v.L, H = v.H, P = v.P, N = v.N, Q = v.Q, G = v.G;
   chunk_bmm(v);
   T* out = static_cast<T*>(p.out);
 #pragma omp parallel
   {
     FlushDenormals ftz;
     ChunkDecay dc(Q);
-    std::vector<float> X(Q * P), Xs(Q * P), Cf(Q * N), Bf(Q * N), Lm(Q * Q), Y(Q * P), S(N * P), zr(P);
+    std::vector<float> X(Q * P), Xw(Q * P), Lm(Q * Q), Y(Q * P), S(N * P), zr(P), dtw(Q);
 #pragma omp for schedule(dynamic)
     for (int64_t bh = 0; bh < p.batch * H; ++bh) {
       const int64_t b = bh / H, h = bh % H, g = h / v.hpg;
@@ -284,33 +299,38 @@ void scan_fwd(const ScanParams& p) {
       for (int64_t c = 0; c < v.nc; ++c) {
         const int64_t t0 = c * Q, q = std::min(Q, L - t0);
         dc.compute(v, b, h, t0, q, prev_doc);
-        load_head_rows(v, v.x, b, h, t0, q, X.data());
-        // Xs = dt' x (the input each token writes into the state)
+        // x rows of this head: read in place (fp32, rows H * P apart) or converted.
+        const float* xc;
+        int64_t ldx;
+        if constexpr (std::is_same_v<T, float>) {
+          xc = v.x + ((b * L + t0) * H + h) * P;
+          ldx = H * P;
+        } else {
+          load_head_rows(v, v.x, b, h, t0, q, X.data());
+          xc = X.data();
+          ldx = P;
+        }
+        const float* Cc = v.crow(b, t0, g);
+        const float* Bc = v.brow(b, t0, g);
+
+        // Chunk scan, diagonal block: Y = (CB o Lmask o dt'_j) x (lower-triangular left operand).
+        dc.decay_matrix(v.cb(b, g, c), Q, q, Lm.data(), dc.dtp.data());
+        gemm(q, P, q, Lm.data(), q, 1, xc, ldx, Y.data(), P, false, /*lower=*/true);
+        // Off-diagonal: Y += e o (C S_prev), the entering state read by C and decayed to each position.
+        bool any_e = false;
+        for (int64_t i = 0; i < q; ++i) any_e |= dc.e[i] != 0.f;
+        if (any_e) gemm(q, P, N, Cc, G * N, 1, S.data(), P, Y.data(), P, true, false, dc.e.data());
+
+        // Chunk state and state passing: S = e_last S + B^T ((w o dt') x).
+        scale(S.data(), dc.e_last, N * P);
         for (int64_t i = 0; i < q; ++i) {
-          const Vec d(dc.dtp[i]);
+          const Vec wd(dc.w[i] * dc.dtp[i]);
           for (int64_t j = 0; j < P; j += VL) {
             const int64_t k = std::min(VL, P - j);
-            (Vec::loadu(&X[i * P + j], k) * d).store(&Xs[i * P + j], k);
+            (Vec::loadu(xc + i * ldx + j, k) * wd).store(&Xw[i * P + j], k);
           }
         }
-        load_group_rows(v, v.C, b, g, t0, q, Cf.data());
-        load_group_rows(v, v.B, b, g, t0, q, Bf.data());
-
-        // Chunk scan, diagonal block: Y = (CB o Lmask) Xs (lower-triangular left operand).
-        dc.decay_matrix(v.cb(b, g, c), Q, q, Lm.data());
-        gemm(q, P, q, Lm.data(), q, 1, Xs.data(), P, Y.data(), P, false, /*lower=*/true);
-        // Off-diagonal: Y += (e o C) S_prev.
-        bool any_e = false;
-        for (int64_t i = 0; i < q; ++i) {
-          any_e |= dc.e[i] != 0.f;
-          scale(&Cf[i * N], dc.e[i], N);
-        }
-        if (any_e) gemm(q, P, N, Cf.data(), N, 1, S.data(), P, Y.data(), P, true);
-
-        // Chunk state and state passing: S = e_last S + B^T (w o Xs).
-        scale(S.data(), dc.e_last, N * P);
-        for (int64_t i = 0; i < q; ++i) scale(&Xs[i * P], dc.w[i], P);
-        gemm(N, P, q, Bf.data(), 1, N, Xs.data(), P, S.data(), P, true);
+        gemm(N, P, q, Bc, 1, G * N, Xw.data(), P, S.data(), P, true);
         prev_doc = dc.doc[q - 1];
 
         // out = (Y + D x) * silu(z)
@@ -321,14 +341,15 @@ void scan_fwd(const ScanParams& p) {
           for (int64_t j = 0; j < P; j += VL) {
             const int64_t k = std::min(VL, P - j);
             Vec yv = Vec::loadu(y + j, k);
-            if (p.D) yv = at::vec::fmadd(Vec::loadu(p.D + h * P + j, k), Vec::loadu(&X[i * P + j], k), yv);
+            if (p.D) yv = at::vec::fmadd(Vec::loadu(p.D + h * P + j, k), Vec::loadu(xc + i * ldx + j, k), yv);
             if (v.z) {
               const Vec zv = Vec::loadu(&zr[j], k);
               yv = yv * zv / (Vec(1.f) + zv.neg().exp());
             }
-            yv.store(y + j, k);
+            if constexpr (std::is_same_v<T, float>) yv.store(out + off + j, k);
+            else yv.store(y + j, k);
           }
-          from_float(y, out + off, P);
+          if constexpr (!std::is_same_v<T, float>) from_float(y, out + off, P);
         }
       }
       // Final state, back to (p, n).
