@@ -260,12 +260,6 @@ void chunk_bmm(const ScanView<T>& v) {
   }
 }
 
-// Copy chunk rows of B or C (group g) into fp32 (q x N).
-template <typename T>
-inline void load_group_rows(const ScanView<T>& v, const T* src, int64_t b, int64_t g, int64_t t0, int64_t q, float* dst) {
-  for (int64_t i = 0; i < q; ++i) to_float(src + ((b * v.L + t0 + i) * v.G + g) * v.N, dst + i * v.N, v.N);
-}
-
 // Copy chunk rows of x (head h) into fp32 (q x P), optionally scaled per row.
 template <typename T>
 inline void load_head_rows(const ScanView<T>& v, const T* src, int64_t b, int64_t h, int64_t t0, int64_t q, float* dst) {
@@ -369,10 +363,16 @@ void selective_scan_fwd_kernel(const ScanParams& p) {
 }
 
 // ---- backward -----------------------------------------------------------------------------------------
-// dst (cols x rows) = src (rows x cols, leading dim ld)^T.
+// dst (cols x rows) = src (rows x cols, leading dim ld)^T, in 16 x 16 blocks (a block's source rows stay
+// in L1 while its destination rows are written whole).
 inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * ld + c];
+  constexpr int64_t TB = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += TB)
+    for (int64_t c0 = 0; c0 < cols; c0 += TB) {
+      const int64_t r1 = std::min(rows, r0 + TB), c1 = std::min(cols, c0 + TB);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * ld + c];
+    }
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -407,14 +407,14 @@ inline void axpy(float* dst, float s, const float* src, int64_t n) {
 template <typename T>
 void scan_bwd(const ScanParams& p) {
   const ScanView<T> v(p);
-  const int64_t L = v.L, H = v.H, P = v.P, N = v.N, Q = v.Q, nc = v.nc;
+  const int64_t L = v.L, H = v.H, P = v.P, N = v.N, Q = v.Q, nc = v.nc, GN = v.G * v.N;
   chunk_bmm(v);
   const T* dout = static_cast<const T*>(p.dout);
 #pragma omp parallel
   {
     FlushDenormals ftz;
     ChunkDecay dc(Q);
-    std::vector<float> X(Q * P), Xs(Q * P), Xw(Q * P), XsT(P * Q), Cf(Q * N), Bf(Q * N), Dm(Q * Q), Lm(Q * Q),
+    std::vector<float> X(Q * P), Xs(Q * P), Xw(Q * P), XsT(P * Q), Dm(Q * Q), Lm(Q * Q),
         dGL(Q * Q), dY(Q * P), dYe(Q * P), Yr(Q * P), dXs(Q * P), BdS(Q * P), T1(Q * N), dCc(Q * N), dBc(Q * N),
         S(N * P), dS(N * P), dSp(N * P), SpT(P * N), dST(P * N), zr(P), dcs(Q), de(Q), dw(Q), colacc(Q), dDh(P);
 #pragma omp for schedule(dynamic)
@@ -438,9 +438,8 @@ void scan_bwd(const ScanParams& p) {
         load_head_rows(v, v.x, b, h, t0, q, X.data());
         for (int64_t i = 0; i < q; ++i)
           for (int64_t j = 0; j < P; ++j) Xw[i * P + j] = X[i * P + j] * dc.dtp[i] * dc.w[i];
-        load_group_rows(v, v.B, b, g, t0, q, Bf.data());
         scale(S.data(), dc.e_last, N * P);
-        gemm(N, P, q, Bf.data(), 1, N, Xw.data(), P, S.data(), P, true);
+        gemm(N, P, q, v.brow(b, t0, g), 1, GN, Xw.data(), P, S.data(), P, true);
         prev_doc = dc.doc[q - 1];
       }
 
@@ -456,8 +455,8 @@ void scan_bwd(const ScanParams& p) {
         load_head_rows(v, v.x, b, h, t0, q, X.data());
         for (int64_t i = 0; i < q; ++i)
           for (int64_t j = 0; j < P; ++j) Xs[i * P + j] = X[i * P + j] * dc.dtp[i];
-        load_group_rows(v, v.C, b, g, t0, q, Cf.data());
-        load_group_rows(v, v.B, b, g, t0, q, Bf.data());
+        const float* Cf = v.crow(b, t0, g);
+        const float* Bf = v.brow(b, t0, g);
         dc.decay_matrix(nullptr, 0, q, Dm.data());
         const float* cb = v.cb(b, g, c);
         for (int64_t i = 0; i < q; ++i)
@@ -469,7 +468,7 @@ void scan_bwd(const ScanParams& p) {
         if (v.z) {
           gemm(q, P, q, Lm.data(), q, 1, Xs.data(), P, Yr.data(), P, false, true);
           for (int64_t i = 0; i < q; ++i) {  // T1 = e o C
-            std::copy(&Cf[i * N], &Cf[i * N] + N, &T1[i * N]);
+            std::copy(Cf + i * GN, Cf + i * GN + N, &T1[i * N]);
             scale(&T1[i * N], dc.e[i], N);
           }
           gemm(q, P, N, T1.data(), N, 1, Sp, P, Yr.data(), P, true);
@@ -497,18 +496,18 @@ void scan_bwd(const ScanParams& p) {
           std::copy(&dY[i * P], &dY[i * P] + P, &dYe[i * P]);
           scale(&dYe[i * P], dc.e[i], P);
         }
-        gemm(N, P, q, Cf.data(), 1, N, dYe.data(), P, dSp.data(), P, false);
+        gemm(N, P, q, Cf, 1, GN, dYe.data(), P, dSp.data(), P, false);
         transpose(Sp, N, P, P, SpT.data());
         gemm(q, N, P, dY.data(), P, 1, SpT.data(), N, T1.data(), N, false);
         for (int64_t i = 0; i < q; ++i) {
-          de[i] = dot(&T1[i * N], &Cf[i * N], N);
+          de[i] = dot(&T1[i * N], Cf + i * GN, N);
           for (int64_t n = 0; n < N; ++n) dCc[i * N + n] = dc.e[i] * T1[i * N + n];
         }
 
         // Chunk state: dS_prev += e_last dS; BdS = B dS; dXs = w o BdS; dw = Xs . BdS; dB = (w o Xs) dS^T.
         de[q - 1] += dot(dS.data(), Sp, N * P);
         axpy(dSp.data(), dc.e_last, dS.data(), N * P);
-        gemm(q, P, N, Bf.data(), N, 1, dS.data(), P, BdS.data(), P, false);
+        gemm(q, P, N, Bf, GN, 1, dS.data(), P, BdS.data(), P, false);
         for (int64_t i = 0; i < q; ++i) {
           dw[i] = dot(&BdS[i * P], &Xs[i * P], P);
           for (int64_t j = 0; j < P; ++j) {
@@ -537,8 +536,8 @@ void scan_bwd(const ScanParams& p) {
           dcs[i] = rs;
         }
         for (int64_t j = 0; j < q; ++j) dcs[j] -= colacc[j];
-        gemm(q, N, q, dGL.data(), q, 1, Bf.data(), N, dCc.data(), N, true, true);
-        gemm(q, N, q, dGL.data(), 1, q, Cf.data(), N, dBc.data(), N, true);
+        gemm(q, N, q, dGL.data(), q, 1, Bf, GN, dCc.data(), N, true, true);
+        gemm(q, N, q, dGL.data(), 1, q, Cf, GN, dBc.data(), N, true);
 
         // Decays: e_i = exp(cs_i) -> dcs_i += de_i e_i; w_j = exp(cs_last - cs_j) -> dcs_last += dw_j w_j,
         // dcs_j -= dw_j w_j. Then da = reverse cumsum of dcs.
