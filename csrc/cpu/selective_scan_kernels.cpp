@@ -81,8 +81,10 @@ struct FlushDenormals {
 // Cm[i][j] (+)= rs_i sum_k A(i, k) Bm[k][j] for i < M, j < N, with A(i, k) = A[i * rsa + k * csa] (any
 // strides: A's entries are broadcast, so a transposed A costs nothing) and Bm, Cm row-major (ldb, ldc).
 // rs (optional) scales each row of the product before it is stored / added. A tile of MR rows x NV
-// vectors of accumulators stays in registers over the whole K loop. `lower`: A is lower triangular
-// (A(i, k) = 0 for k > i), so row block [i0, i0 + MR) stops at k = i0 + MR.
+// vectors of accumulators stays in registers over the whole K loop. `tri`: A is lower triangular
+// (A(i, k) = 0 for k > i, so row block [i0, i0 + MR) stops at k = i0 + MR) or upper triangular (A(i, k) = 0
+// for k < i, so the block starts at k = i0).
+enum Tri { kFull = 0, kLower = 1, kUpper = 2 };
 #ifndef H1R_SCAN_MR
 #define H1R_SCAN_MR 6
 #endif
@@ -129,21 +131,23 @@ inline void gemm_rows(int64_t K, const float* A, int64_t rsa, int64_t csa, const
 }
 
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bm, int64_t ldb,
-          float* Cm, int64_t ldc, bool acc, bool lower = false, const float* rs = nullptr) {
+          float* Cm, int64_t ldc, bool acc, int tri = kFull, const float* rs = nullptr) {
   for (int64_t j0 = 0; j0 < N; j0 += NV * VL) {
     const int64_t nc = std::min<int64_t>(NV * VL, N - j0);
     for (int64_t i0 = 0; i0 < M; i0 += MR) {
       const int64_t mr = std::min<int64_t>(MR, M - i0);
-      const int64_t kk = lower ? std::min(K, i0 + mr) : K;
-      const float* Ai = A + i0 * rsa;
+      const int64_t k0 = tri == kUpper ? std::min(K, i0) : 0;
+      const int64_t kk = (tri == kLower ? std::min(K, i0 + mr) : K) - k0;
+      const float* Ai = A + i0 * rsa + k0 * csa;
+      const float* Bk = Bm + k0 * ldb;
       float* Ci = Cm + i0 * ldc + j0;
       const float* ri = rs ? rs + i0 : nullptr;
       switch (mr) {
 #define H1R_ROWS(R) \
-  case R: gemm_rows<R>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, ri, nc); break;
+  case R: gemm_rows<R>(kk, Ai, rsa, csa, Bk + j0, ldb, Ci, ldc, acc, ri, nc); break;
         H1R_ROWS(8) H1R_ROWS(7) H1R_ROWS(6) H1R_ROWS(5) H1R_ROWS(4) H1R_ROWS(3) H1R_ROWS(2)
 #undef H1R_ROWS
-        default: gemm_rows<1>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, ri, nc); break;
+        default: gemm_rows<1>(kk, Ai, rsa, csa, Bk + j0, ldb, Ci, ldc, acc, ri, nc); break;
       }
     }
   }
@@ -309,11 +313,11 @@ void scan_fwd(const ScanParams& p) {
 
         // Chunk scan, diagonal block: Y = (CB o Lmask o dt'_j) x (lower-triangular left operand).
         dc.decay_matrix(v.cb(b, g, c), Q, q, Lm.data(), dc.dtp.data());
-        gemm(q, P, q, Lm.data(), q, 1, xc, ldx, Y.data(), P, false, /*lower=*/true);
+        gemm(q, P, q, Lm.data(), q, 1, xc, ldx, Y.data(), P, false, kLower);
         // Off-diagonal: Y += e o (C S_prev), the entering state read by C and decayed to each position.
         bool any_e = false;
         for (int64_t i = 0; i < q; ++i) any_e |= dc.e[i] != 0.f;
-        if (any_e) gemm(q, P, N, Cc, G * N, 1, S.data(), P, Y.data(), P, true, false, dc.e.data());
+        if (any_e) gemm(q, P, N, Cc, G * N, 1, S.data(), P, Y.data(), P, true, kFull, dc.e.data());
 
         // Chunk state and state passing: S = e_last S + B^T ((w o dt') x).
         scale(S.data(), dc.e_last, N * P);
@@ -466,12 +470,8 @@ void scan_bwd(const ScanParams& p) {
         // Gate: recompute y = Y_diag + Y_off + D x where z needs it; dY = dout silu(z), dz = dout y silu'(z).
         load_head_rows(v, dout, b, h, t0, q, dY.data());
         if (v.z) {
-          gemm(q, P, q, Lm.data(), q, 1, Xs.data(), P, Yr.data(), P, false, true);
-          for (int64_t i = 0; i < q; ++i) {  // T1 = e o C
-            std::copy(Cf + i * GN, Cf + i * GN + N, &T1[i * N]);
-            scale(&T1[i * N], dc.e[i], N);
-          }
-          gemm(q, P, N, T1.data(), N, 1, Sp, P, Yr.data(), P, true);
+          gemm(q, P, q, Lm.data(), q, 1, Xs.data(), P, Yr.data(), P, false, kLower);
+          gemm(q, P, N, Cf, GN, 1, Sp, P, Yr.data(), P, true, kFull, dc.e.data());
           for (int64_t i = 0; i < q; ++i) {
             const int64_t off = ((b * L + t0 + i) * H + h) * P;
             to_float(v.z + off, zr.data(), P);
@@ -520,7 +520,7 @@ void scan_bwd(const ScanParams& p) {
 
         // Diagonal: dXs += Lm^T dY; dGL = dY Xs^T; dG = dGL o Lmask; dC += dG B; dB += dG^T C;
         // t = dGL o Lm gives dcs_i += sum_j t_ij, dcs_j -= sum_i t_ij.
-        gemm(q, P, q, Lm.data(), 1, q, dY.data(), P, dXs.data(), P, true);
+        gemm(q, P, q, Lm.data(), 1, q, dY.data(), P, dXs.data(), P, true, kUpper);
         transpose(Xs.data(), q, P, P, XsT.data());
         gemm(q, q, P, dY.data(), P, 1, XsT.data(), q, dGL.data(), q, false);
         std::fill(colacc.begin(), colacc.begin() + q, 0.f);
@@ -536,8 +536,8 @@ void scan_bwd(const ScanParams& p) {
           dcs[i] = rs;
         }
         for (int64_t j = 0; j < q; ++j) dcs[j] -= colacc[j];
-        gemm(q, N, q, dGL.data(), q, 1, Bf, GN, dCc.data(), N, true, true);
-        gemm(q, N, q, dGL.data(), 1, q, Cf, GN, dBc.data(), N, true);
+        gemm(q, N, q, dGL.data(), q, 1, Bf, GN, dCc.data(), N, true, kLower);
+        gemm(q, N, q, dGL.data(), 1, q, Cf, GN, dBc.data(), N, true, kUpper);
 
         // Decays: e_i = exp(cs_i) -> dcs_i += de_i e_i; w_j = exp(cs_last - cs_j) -> dcs_last += dw_j w_j,
         // dcs_j -= dw_j w_j. Then da = reverse cumsum of dcs.
