@@ -4,12 +4,13 @@
 //   chunk cumsum   dt' = clamp(softplus(dt + dt_bias)), cs_i = sum_{j <= i} dt'_j A   (log-decay)
 //   bmm            CB = C_c B_c^T (q x q), once per group (shared by the group's heads)
 //   chunk scan     Y  = (CB o Lmask) (dt' x)                 Lmask_ij = exp(cs_i - cs_j), j <= i, same document
-//                  Y += (e o C) S_prev                        e_i = exp(cs_i) (0 after a document boundary)
+//                  Y += e o (C S_prev)                        e_i = exp(cs_i) (0 after a document boundary)
 //   chunk state    S  = e_last S_prev + B^T (w o dt' x)      w_j = exp(cs_last - cs_j) (same document as last)
 // and loops the chunks of one (batch, head) in order, so the state passing is the loop itself and the
 // only per-head intermediates are one chunk's q x q, q x p and n x p blocks. The four products are
 // register-blocked GEMMs (gemm() below); the state is kept as (n, p) so that every product reads its
-// right-hand operand along contiguous rows. Work is parallel over batch x heads (OpenMP).
+// right-hand operand along contiguous rows; B, C (and fp32 x) are read in place. Work is parallel over
+// batch x heads (OpenMP). Denormals are flushed (FlushDenormals) for speed.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -29,15 +30,6 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t VL = Vec::size();
 
 // ---- conversions --------------------------------------------------------------------------------------
-template <typename T>
-inline void to_float(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-template <typename T>
-inline void from_float(const float* src, T* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-}
-
 // Load / store `count` (<= VL) elements of T as one float vector.
 template <typename T>
 inline Vec load_f(const T* p, int64_t count = VL) {
@@ -54,6 +46,22 @@ inline void store_f(T* p, Vec v, int64_t count = VL) {
     if (count == VL) v.store(p); else v.store(p, count);
   } else {
     at::vec::convert_from_float<T>(v, v).store(p, count);
+  }
+}
+
+// dst[0:n] = float(src[0:n]) and back, vectorized.
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += VL) {
+    const int64_t k = std::min(VL, n - i);
+    load_f(src + i, k).store(dst + i, k);
+  }
+}
+template <typename T>
+inline void from_float(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += VL) {
+    const int64_t k = std::min(VL, n - i);
+    store_f(dst + i, Vec::loadu(src + i, k), k);
   }
 }
 
@@ -151,6 +159,18 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t 
       }
     }
   }
+}
+
+// dst (cols x rows) = src (rows x cols, leading dim ld)^T, in 16 x 16 blocks (a block's source rows stay
+// in L1 while its destination rows are written whole).
+inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+  constexpr int64_t TB = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += TB)
+    for (int64_t c0 = 0; c0 < cols; c0 += TB) {
+      const int64_t r1 = std::min(rows, r0 + TB), c1 = std::min(cols, c0 + TB);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * ld + c];
+    }
 }
 
 // dst[i] *= s over n floats.
@@ -255,16 +275,14 @@ void chunk_bmm(const ScanView<T>& v) {
           to_float(v.B + off, v.p.B32 + off, N);
           to_float(v.C + off, v.p.C32 + off, N);
         }
-      const float* B0 = v.brow(b, t0, g);
-      for (int64_t i = 0; i < q; ++i)
-        for (int64_t n = 0; n < N; ++n) Bt[n * q + i] = B0[i * G * N + n];
+      transpose(v.brow(b, t0, g), q, N, G * N, Bt.data());
       gemm(q, q, N, v.crow(b, t0, g), G * N, 1, Bt.data(), q, v.p.cb + ((b * G + g) * v.nc + c) * v.Q * v.Q, v.Q,
            false);
     }
   }
 }
 
-// Copy chunk rows of x (head h) into fp32 (q x P), optionally scaled per row.
+// Copy chunk rows [t0, t0 + q) of head h of a (b, l, h, p) tensor into fp32 (q x P).
 template <typename T>
 inline void load_head_rows(const ScanView<T>& v, const T* src, int64_t b, int64_t h, int64_t t0, int64_t q, float* dst) {
   for (int64_t i = 0; i < q; ++i) to_float(src + ((b * v.L + t0 + i) * v.H + h) * v.P, dst + i * v.P, v.P);
@@ -281,15 +299,13 @@ void scan_fwd(const ScanParams& p) {
   {
     FlushDenormals ftz;
     ChunkDecay dc(Q);
-    std::vector<float> X(Q * P), Xw(Q * P), Lm(Q * Q), Y(Q * P), S(N * P), zr(P), dtw(Q);
+    std::vector<float> X(Q * P), Xw(Q * P), Lm(Q * Q), Y(Q * P), S(N * P), zr(P);
 #pragma omp for schedule(dynamic)
     for (int64_t bh = 0; bh < p.batch * H; ++bh) {
       const int64_t b = bh / H, h = bh % H, g = h / v.hpg;
       // The state entering chunk 0, as (n, p).
       if (p.initial_states) {
-        const float* s0 = p.initial_states + bh * P * N;
-        for (int64_t i = 0; i < P; ++i)
-          for (int64_t n = 0; n < N; ++n) S[n * P + i] = s0[i * N + n];
+        transpose(p.initial_states + bh * P * N, P, N, N, S.data());
       } else {
         std::fill(S.begin(), S.end(), 0.f);
       }
@@ -351,9 +367,7 @@ void scan_fwd(const ScanParams& p) {
         }
       }
       // Final state, back to (p, n).
-      float* sf = p.final_states + bh * P * N;
-      for (int64_t i = 0; i < P; ++i)
-        for (int64_t n = 0; n < N; ++n) sf[i * N + n] = S[n * P + i];
+      transpose(S.data(), N, P, P, p.final_states + bh * P * N);
     }
   }
 }
@@ -367,18 +381,6 @@ void selective_scan_fwd_kernel(const ScanParams& p) {
 }
 
 // ---- backward -----------------------------------------------------------------------------------------
-// dst (cols x rows) = src (rows x cols, leading dim ld)^T, in 16 x 16 blocks (a block's source rows stay
-// in L1 while its destination rows are written whole).
-inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
-  constexpr int64_t TB = 16;
-  for (int64_t r0 = 0; r0 < rows; r0 += TB)
-    for (int64_t c0 = 0; c0 < cols; c0 += TB) {
-      const int64_t r1 = std::min(rows, r0 + TB), c1 = std::min(cols, c0 + TB);
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * ld + c];
-    }
-}
-
 inline float dot(const float* a, const float* b, int64_t n) {
   Vec acc(0.f);
   for (int64_t i = 0; i < n; i += VL) {
