@@ -330,3 +330,39 @@ def test_lower_isa_subprocess(isa):
     env = dict(os.environ, H1R_CPU_ISA=isa, PYTHONPATH=root)
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+# ---- parity with transformers' Falcon-H1 torch path ---------------------------------------------------
+def _hf():
+    try:
+        from transformers.models.falcon_h1 import modeling_falcon_h1 as hf
+    except Exception:  # pragma: no cover
+        return None
+    return hf
+
+
+@pytest.mark.skipif(_hf() is None, reason="transformers with Falcon-H1 not installed")
+@pytest.mark.parametrize("l", [1, 13, 32])
+def test_matches_transformers_falcon_h1(l):
+    """transformers' mamba2_chunk_scan / mamba2_selective_state_update (what FalconH1Mixer.torch_forward
+    runs without mamba_ssm) agree with the reference and the kernels (no seq_idx, D (h,), no z)."""
+    hf = _hf()
+    b, h, p, g, n, chunk = 2, 4, 6, 2, 8, 8
+    args, kw = make_inputs(b, l, h, p, g, n, D="h", z=False, seq=False)
+    kw.pop("z", None)
+    common = dict(chunk_size=chunk, D=kw["D"], dt_bias=kw["dt_bias"], initial_states=kw["initial_states"],
+                  dt_softplus=True, return_final_states=True)
+    ho, hs = hf.mamba2_chunk_scan(args["x"], args["dt"], args["A"], args["B"], args["C"], **common)
+    ro, rs = selective_scan_ref(**args, **common)
+    assert rel_err(ro, ho) < 1e-5 and rel_err(rs, hs) < 1e-5
+    if HAS_CPU:
+        ko, ks = h1r_ops.selective_scan(**args, **common)
+        assert rel_err(ko, ho) < 1e-4 and rel_err(ks, hs) < 1e-4
+        state, hstate = kw["initial_states"].clone(), kw["initial_states"].clone()
+        x0, dt0, B0, C0 = args["x"][:, 0], args["dt"][:, 0], args["B"][:, 0], args["C"][:, 0]
+        ko = h1r_ops.selective_state_update(state, x0, dt0, args["A"], B0, C0, D=kw["D"], dt_bias=kw["dt_bias"],
+                                            dt_softplus=True)
+        ho = hf.mamba2_selective_state_update(
+            hstate, x0, dt0[:, :, None].expand(b, h, p), args["A"][:, None, None].expand(h, p, n), B0, C0,
+            D=kw["D"][:, None].expand(h, p), dt_bias=kw["dt_bias"][:, None].expand(h, p), dt_softplus=True)
+        assert rel_err(ko, ho) < 1e-5 and rel_err(state, hstate) < 1e-5

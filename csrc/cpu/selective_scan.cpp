@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <vector>
 #include <tuple>
 
 #include "checks.h"
@@ -101,8 +102,18 @@ struct ScanArgs {
                                                                     : static_cast<float>(dt_max);
   }
   int64_t nchunks() const { return (prm.seqlen + prm.chunk - 1) / prm.chunk; }
-  Tensor cb_scratch() const {
-    return at::empty({prm.batch, prm.ngroups, nchunks(), prm.chunk, prm.chunk}, x.options().dtype(at::kFloat));
+  // Scratch of the "bmm" stage: CB per (batch, group, chunk), and fp32 copies of B, C for 16-bit inputs.
+  std::vector<Tensor> scratch() {
+    const auto f32 = x.options().dtype(at::kFloat);
+    std::vector<Tensor> t{at::empty({prm.batch, prm.ngroups, nchunks(), prm.chunk, prm.chunk}, f32)};
+    prm.cb = t[0].data_ptr<float>();
+    if (prm.dtype != ScanDtype::f32) {
+      t.push_back(at::empty(B.sizes(), f32));
+      t.push_back(at::empty(C.sizes(), f32));
+      prm.B32 = t[1].data_ptr<float>();
+      prm.C32 = t[2].data_ptr<float>();
+    }
+    return t;
   }
 };
 
@@ -120,8 +131,7 @@ std::tuple<Tensor, Tensor> selective_scan_fwd_cpu(const Tensor& x, const Tensor&
     if (a.init.has_value()) final_states.copy_(*a.init); else final_states.zero_();
     return {out, final_states};
   }
-  Tensor cb = a.cb_scratch();
-  a.prm.cb = cb.data_ptr<float>();
+  auto scratch = a.scratch();
   a.prm.out = out.data_ptr();
   a.prm.final_states = final_states.data_ptr<float>();
   H1R_CPU_DISPATCH(selective_scan_fwd_kernel, a.prm);
@@ -147,9 +157,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   Tensor dbias = a.dt_bias.has_value() ? at::zeros({b, h}, f32) : Tensor();
   Tensor dinit = a.init.has_value() ? at::zeros({b, h, hp, n}, f32) : Tensor();
   if (l > 0) {
-    Tensor cb = a.cb_scratch();
+    auto scratch = a.scratch();
     Tensor states = at::empty({b, h, a.nchunks(), n, hp}, f32);
-    p.cb = cb.data_ptr<float>();
     p.chunk_states = states.data_ptr<float>();
     p.dout = dout_c.data_ptr();
     p.dfinal_states = ptr_or_null<float>(dfin);

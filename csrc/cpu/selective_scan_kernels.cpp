@@ -4,12 +4,13 @@
 //   chunk cumsum   dt' = clamp(softplus(dt + dt_bias)), cs_i = sum_{j <= i} dt'_j A   (log-decay)
 //   bmm            CB = C_c B_c^T (q x q), once per group (shared by the group's heads)
 //   chunk scan     Y  = (CB o Lmask) (dt' x)                 Lmask_ij = exp(cs_i - cs_j), j <= i, same document
-//                  Y += (e o C) S_prev                        e_i = exp(cs_i) (0 after a document boundary)
+//                  Y += e o (C S_prev)                        e_i = exp(cs_i) (0 after a document boundary)
 //   chunk state    S  = e_last S_prev + B^T (w o dt' x)      w_j = exp(cs_last - cs_j) (same document as last)
 // and loops the chunks of one (batch, head) in order, so the state passing is the loop itself and the
 // only per-head intermediates are one chunk's q x q, q x p and n x p blocks. The four products are
 // register-blocked GEMMs (gemm() below); the state is kept as (n, p) so that every product reads its
-// right-hand operand along contiguous rows. Work is parallel over batch x heads (OpenMP).
+// right-hand operand along contiguous rows; B, C (and fp32 x) are read in place. Work is parallel over
+// batch x heads (OpenMP). Denormals are flushed (FlushDenormals) for speed.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -29,15 +30,6 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t VL = Vec::size();
 
 // ---- conversions --------------------------------------------------------------------------------------
-template <typename T>
-inline void to_float(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-template <typename T>
-inline void from_float(const float* src, T* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-}
-
 // Load / store `count` (<= VL) elements of T as one float vector.
 template <typename T>
 inline Vec load_f(const T* p, int64_t count = VL) {
@@ -57,6 +49,22 @@ inline void store_f(T* p, Vec v, int64_t count = VL) {
   }
 }
 
+// dst[0:n] = float(src[0:n]) and back, vectorized.
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += VL) {
+    const int64_t k = std::min(VL, n - i);
+    load_f(src + i, k).store(dst + i, k);
+  }
+}
+template <typename T>
+inline void from_float(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += VL) {
+    const int64_t k = std::min(VL, n - i);
+    store_f(dst + i, Vec::loadu(src + i, k), k);
+  }
+}
+
 inline float hsum(Vec v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
@@ -66,26 +74,45 @@ inline bool clamp_dt(const ScanParams& p) { return !(p.dt_min == 0.f && std::isi
 
 inline float softplus(float v) { return v <= 20.f ? std::log1p(std::exp(v)) : v; }
 
+// Flush denormals to zero (FTZ + DAZ) in this thread while alive. The decays exp(cs) reach 1e-30 within a
+// chunk, and products of such terms are denormal: without this, every FMA that produces one takes a
+// microcode assist (measured: the forward ran ~10x slower). GPU kernels flush them too.
+struct FlushDenormals {
+#if defined(__SSE__) || defined(__x86_64__)
+  unsigned int saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
 // ---- register-blocked GEMM ----------------------------------------------------------------------------
-// Cm[i][j] (+)= sum_k A(i, k) Bm[k][j] for i < M, j < N, with A(i, k) = A[i * rsa + k * csa] (any strides:
-// A's entries are broadcast, so a transposed A costs nothing) and Bm, Cm row-major (ldb, ldc). A tile of
-// MR rows x NV vectors of accumulators stays in registers over the whole K loop. `lower`: A is lower
-// triangular (A(i, k) = 0 for k > i), so row block [i0, i0 + MR) stops at k = i0 + MR.
-constexpr int MR = 6;
-constexpr int NV = 2;
+// Cm[i][j] (+)= rs_i sum_k A(i, k) Bm[k][j] for i < M, j < N, with A(i, k) = A[i * rsa + k * csa] (any
+// strides: A's entries are broadcast, so a transposed A costs nothing) and Bm, Cm row-major (ldb, ldc).
+// rs (optional) scales each row of the product before it is stored / added. A tile of MR rows x NV
+// vectors of accumulators stays in registers over the whole K loop. `tri`: A is lower triangular
+// (A(i, k) = 0 for k > i, so row block [i0, i0 + MR) stops at k = i0 + MR) or upper triangular (A(i, k) = 0
+// for k < i, so the block starts at k = i0).
+enum Tri { kFull = 0, kLower = 1, kUpper = 2 };
+#ifndef H1R_SCAN_MR
+#define H1R_SCAN_MR 6
+#endif
+#ifndef H1R_SCAN_NV  // accumulators MR x NV vectors: 24 of AVX-512's 32 registers, 12 of AVX2's 16
+#define H1R_SCAN_NV (VL >= 16 ? 4 : 2)
+#endif
+constexpr int MR = H1R_SCAN_MR;
+constexpr int NV = H1R_SCAN_NV;
 
 template <int R, bool FULL>
 inline void gemm_tile(int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bm, int64_t ldb,
-                      float* Cm, int64_t ldc, bool acc, int64_t ncols) {
+                      float* Cm, int64_t ldc, bool acc, const float* rs, int64_t ncols) {
   Vec c[R][NV];
   int64_t cnt[NV];
   for (int v = 0; v < NV; ++v) cnt[v] = std::clamp<int64_t>(ncols - v * VL, 0, VL);
+  auto load_c = [&](int r, int v) {
+    return FULL ? Vec::loadu(Cm + r * ldc + v * VL) : Vec::loadu(Cm + r * ldc + v * VL, cnt[v]);
+  };
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) {
-      if (!acc) c[r][v] = Vec(0.f);
-      else if (FULL) c[r][v] = Vec::loadu(Cm + r * ldc + v * VL);
-      else c[r][v] = Vec::loadu(Cm + r * ldc + v * VL, cnt[v]);
-    }
+    for (int v = 0; v < NV; ++v) c[r][v] = (acc && !rs) ? load_c(r, v) : Vec(0.f);
   for (int64_t k = 0; k < K; ++k) {
     Vec b[NV];
     for (int v = 0; v < NV; ++v)
@@ -98,6 +125,7 @@ inline void gemm_tile(int64_t K, const float* A, int64_t rsa, int64_t csa, const
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) {
+      if (rs) c[r][v] = acc ? at::vec::fmadd(Vec(rs[r]), c[r][v], load_c(r, v)) : Vec(rs[r]) * c[r][v];
       if (FULL) c[r][v].store(Cm + r * ldc + v * VL);
       else if (cnt[v] > 0) c[r][v].store(Cm + r * ldc + v * VL, cnt[v]);
     }
@@ -105,30 +133,44 @@ inline void gemm_tile(int64_t K, const float* A, int64_t rsa, int64_t csa, const
 
 template <int R>
 inline void gemm_rows(int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bm, int64_t ldb,
-                      float* Cm, int64_t ldc, bool acc, int64_t ncols) {
-  if (ncols == NV * VL) gemm_tile<R, true>(K, A, rsa, csa, Bm, ldb, Cm, ldc, acc, ncols);
-  else gemm_tile<R, false>(K, A, rsa, csa, Bm, ldb, Cm, ldc, acc, ncols);
+                      float* Cm, int64_t ldc, bool acc, const float* rs, int64_t ncols) {
+  if (ncols == NV * VL) gemm_tile<R, true>(K, A, rsa, csa, Bm, ldb, Cm, ldc, acc, rs, ncols);
+  else gemm_tile<R, false>(K, A, rsa, csa, Bm, ldb, Cm, ldc, acc, rs, ncols);
 }
 
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa, const float* Bm, int64_t ldb,
-          float* Cm, int64_t ldc, bool acc, bool lower = false) {
+          float* Cm, int64_t ldc, bool acc, int tri = kFull, const float* rs = nullptr) {
   for (int64_t j0 = 0; j0 < N; j0 += NV * VL) {
     const int64_t nc = std::min<int64_t>(NV * VL, N - j0);
     for (int64_t i0 = 0; i0 < M; i0 += MR) {
       const int64_t mr = std::min<int64_t>(MR, M - i0);
-      const int64_t kk = lower ? std::min(K, i0 + mr) : K;
-      const float* Ai = A + i0 * rsa;
+      const int64_t k0 = tri == kUpper ? std::min(K, i0) : 0;
+      const int64_t kk = (tri == kLower ? std::min(K, i0 + mr) : K) - k0;
+      const float* Ai = A + i0 * rsa + k0 * csa;
+      const float* Bk = Bm + k0 * ldb;
       float* Ci = Cm + i0 * ldc + j0;
+      const float* ri = rs ? rs + i0 : nullptr;
       switch (mr) {
-        case 6: gemm_rows<6>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
-        case 5: gemm_rows<5>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
-        case 4: gemm_rows<4>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
-        case 3: gemm_rows<3>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
-        case 2: gemm_rows<2>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
-        default: gemm_rows<1>(kk, Ai, rsa, csa, Bm + j0, ldb, Ci, ldc, acc, nc); break;
+#define H1R_ROWS(R) \
+  case R: gemm_rows<R>(kk, Ai, rsa, csa, Bk + j0, ldb, Ci, ldc, acc, ri, nc); break;
+        H1R_ROWS(8) H1R_ROWS(7) H1R_ROWS(6) H1R_ROWS(5) H1R_ROWS(4) H1R_ROWS(3) H1R_ROWS(2)
+#undef H1R_ROWS
+        default: gemm_rows<1>(kk, Ai, rsa, csa, Bk + j0, ldb, Ci, ldc, acc, ri, nc); break;
       }
     }
   }
+}
+
+// dst (cols x rows) = src (rows x cols, leading dim ld)^T, in 16 x 16 blocks (a block's source rows stay
+// in L1 while its destination rows are written whole).
+inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+  constexpr int64_t TB = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += TB)
+    for (int64_t c0 = 0; c0 < cols; c0 += TB) {
+      const int64_t r1 = std::min(rows, r0 + TB), c1 = std::min(cols, c0 + TB);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * ld + c];
+    }
 }
 
 // dst[i] *= s over n floats.
@@ -146,11 +188,20 @@ struct ScanView {
   const ScanParams& p;
   int64_t L, H, P, G, N, Q, nc, hpg;
   const T *x, *dt, *B, *C, *z;
+  const float *Bf, *Cf;  // B, C as fp32 (b, l, g, n): the inputs, or their copies made by chunk_bmm
+  bool convert_bc;
   explicit ScanView(const ScanParams& prm)
       : p(prm), L(prm.seqlen), H(prm.nheads), P(prm.headdim), G(prm.ngroups), N(prm.dstate), Q(prm.chunk),
         nc((prm.seqlen + prm.chunk - 1) / prm.chunk), hpg(prm.nheads / prm.ngroups),
         x(static_cast<const T*>(prm.x)), dt(static_cast<const T*>(prm.dt)), B(static_cast<const T*>(prm.B)),
-        C(static_cast<const T*>(prm.C)), z(static_cast<const T*>(prm.z)) {}
+        C(static_cast<const T*>(prm.C)), z(static_cast<const T*>(prm.z)) {
+    convert_bc = !std::is_same_v<T, float>;
+    Bf = convert_bc ? prm.B32 : static_cast<const float*>(prm.B);
+    Cf = convert_bc ? prm.C32 : static_cast<const float*>(prm.C);
+  }
+  // Row t of group g of B / C (fp32, rows G * N apart).
+  const float* brow(int64_t b, int64_t t, int64_t g) const { return Bf + ((b * L + t) * G + g) * N; }
+  const float* crow(int64_t b, int64_t t, int64_t g) const { return Cf + ((b * L + t) * G + g) * N; }
   int32_t doc(int64_t b, int64_t t) const { return p.seq_idx ? p.seq_idx[b * L + t] : 0; }
   const float* cb(int64_t b, int64_t g, int64_t c) const { return p.cb + ((b * G + g) * nc + c) * Q * Q; }
 };
@@ -187,7 +238,7 @@ struct ChunkDecay {
 
   // Lm = CB o Lmask (q x q, row-major, zero above the diagonal and before each row's document start);
   // with cb == nullptr, Lmask itself.
-  void decay_matrix(const float* cb, int64_t ldcb, int64_t q, float* Lm) const {
+  void decay_matrix(const float* cb, int64_t ldcb, int64_t q, float* Lm, const float* colscale = nullptr) const {
     for (int64_t i = 0; i < q; ++i) {
       float* row = Lm + i * q;
       const Vec ci(cs[i]);
@@ -196,6 +247,7 @@ struct ChunkDecay {
         const int64_t k = std::min(VL, j1 - j);
         Vec d = (ci - Vec::loadu(&cs[j], k)).exp();
         if (cb) d = d * Vec::loadu(cb + i * ldcb + j, k);
+        if (colscale) d = d * Vec::loadu(colscale + j, k);
         d.store(row + j, k);
       }
       std::fill(row, row + dstart[i], 0.f);
@@ -205,33 +257,32 @@ struct ChunkDecay {
 };
 
 // Stage "bmm": CB[b, g, c] = C_c B_c^T for every (batch, group, chunk), fp32 (q x q, leading dim Q).
+// For bf16 / fp16 inputs it also writes B and C in fp32 (p.B32, p.C32), read by every head of the group.
 template <typename T>
 void chunk_bmm(const ScanView<T>& v) {
-  const int64_t nb = v.p.batch;
+  const int64_t nb = v.p.batch, N = v.N, G = v.G;
 #pragma omp parallel
   {
-    std::vector<float> Cf(v.Q * v.N), Bt(v.N * v.Q);
+    FlushDenormals ftz;
+    std::vector<float> Bt(N * v.Q);
 #pragma omp for schedule(dynamic)
-    for (int64_t idx = 0; idx < nb * v.G * v.nc; ++idx) {
-      const int64_t c = idx % v.nc, g = (idx / v.nc) % v.G, b = idx / (v.nc * v.G);
+    for (int64_t idx = 0; idx < nb * G * v.nc; ++idx) {
+      const int64_t c = idx % v.nc, g = (idx / v.nc) % G, b = idx / (v.nc * G);
       const int64_t t0 = c * v.Q, q = std::min(v.Q, v.L - t0);
-      for (int64_t i = 0; i < q; ++i) {
-        const int64_t off = ((b * v.L + t0 + i) * v.G + g) * v.N;
-        to_float(v.C + off, &Cf[i * v.N], v.N);
-        for (int64_t n = 0; n < v.N; ++n) Bt[n * q + i] = static_cast<float>(v.B[off + n]);
-      }
-      gemm(q, q, v.N, Cf.data(), v.N, 1, Bt.data(), q, v.p.cb + ((b * v.G + g) * v.nc + c) * v.Q * v.Q, v.Q, false);
+      if (v.convert_bc)
+        for (int64_t i = 0; i < q; ++i) {
+          const int64_t off = ((b * v.L + t0 + i) * G + g) * N;
+          to_float(v.B + off, v.p.B32 + off, N);
+          to_float(v.C + off, v.p.C32 + off, N);
+        }
+      transpose(v.brow(b, t0, g), q, N, G * N, Bt.data());
+      gemm(q, q, N, v.crow(b, t0, g), G * N, 1, Bt.data(), q, v.p.cb + ((b * G + g) * v.nc + c) * v.Q * v.Q, v.Q,
+           false);
     }
   }
 }
 
-// Copy chunk rows of B or C (group g) into fp32 (q x N).
-template <typename T>
-inline void load_group_rows(const ScanView<T>& v, const T* src, int64_t b, int64_t g, int64_t t0, int64_t q, float* dst) {
-  for (int64_t i = 0; i < q; ++i) to_float(src + ((b * v.L + t0 + i) * v.G + g) * v.N, dst + i * v.N, v.N);
-}
-
-// Copy chunk rows of x (head h) into fp32 (q x P), optionally scaled per row.
+// Copy chunk rows [t0, t0 + q) of head h of a (b, l, h, p) tensor into fp32 (q x P).
 template <typename T>
 inline void load_head_rows(const ScanView<T>& v, const T* src, int64_t b, int64_t h, int64_t t0, int64_t q, float* dst) {
   for (int64_t i = 0; i < q; ++i) to_float(src + ((b * v.L + t0 + i) * v.H + h) * v.P, dst + i * v.P, v.P);
@@ -241,21 +292,20 @@ inline void load_head_rows(const ScanView<T>& v, const T* src, int64_t b, int64_
 template <typename T>
 void scan_fwd(const ScanParams& p) {
   const ScanView<T> v(p);
-  const int64_t L = v.L, H = v.H, P = v.P, N = v.N, Q = v.Q;
+  const int64_t L = v.L, H = v.H, P = v.P, N = v.N, Q = v.Q, G = v.G;
   chunk_bmm(v);
   T* out = static_cast<T*>(p.out);
 #pragma omp parallel
   {
+    FlushDenormals ftz;
     ChunkDecay dc(Q);
-    std::vector<float> X(Q * P), Xs(Q * P), Cf(Q * N), Bf(Q * N), Lm(Q * Q), Y(Q * P), S(N * P), zr(P);
+    std::vector<float> X(Q * P), Xw(Q * P), Lm(Q * Q), Y(Q * P), S(N * P), zr(P);
 #pragma omp for schedule(dynamic)
     for (int64_t bh = 0; bh < p.batch * H; ++bh) {
       const int64_t b = bh / H, h = bh % H, g = h / v.hpg;
       // The state entering chunk 0, as (n, p).
       if (p.initial_states) {
-        const float* s0 = p.initial_states + bh * P * N;
-        for (int64_t i = 0; i < P; ++i)
-          for (int64_t n = 0; n < N; ++n) S[n * P + i] = s0[i * N + n];
+        transpose(p.initial_states + bh * P * N, P, N, N, S.data());
       } else {
         std::fill(S.begin(), S.end(), 0.f);
       }
@@ -263,33 +313,38 @@ void scan_fwd(const ScanParams& p) {
       for (int64_t c = 0; c < v.nc; ++c) {
         const int64_t t0 = c * Q, q = std::min(Q, L - t0);
         dc.compute(v, b, h, t0, q, prev_doc);
-        load_head_rows(v, v.x, b, h, t0, q, X.data());
-        // Xs = dt' x (the input each token writes into the state)
+        // x rows of this head: read in place (fp32, rows H * P apart) or converted.
+        const float* xc;
+        int64_t ldx;
+        if constexpr (std::is_same_v<T, float>) {
+          xc = v.x + ((b * L + t0) * H + h) * P;
+          ldx = H * P;
+        } else {
+          load_head_rows(v, v.x, b, h, t0, q, X.data());
+          xc = X.data();
+          ldx = P;
+        }
+        const float* Cc = v.crow(b, t0, g);
+        const float* Bc = v.brow(b, t0, g);
+
+        // Chunk scan, diagonal block: Y = (CB o Lmask o dt'_j) x (lower-triangular left operand).
+        dc.decay_matrix(v.cb(b, g, c), Q, q, Lm.data(), dc.dtp.data());
+        gemm(q, P, q, Lm.data(), q, 1, xc, ldx, Y.data(), P, false, kLower);
+        // Off-diagonal: Y += e o (C S_prev), the entering state read by C and decayed to each position.
+        bool any_e = false;
+        for (int64_t i = 0; i < q; ++i) any_e |= dc.e[i] != 0.f;
+        if (any_e) gemm(q, P, N, Cc, G * N, 1, S.data(), P, Y.data(), P, true, kFull, dc.e.data());
+
+        // Chunk state and state passing: S = e_last S + B^T ((w o dt') x).
+        scale(S.data(), dc.e_last, N * P);
         for (int64_t i = 0; i < q; ++i) {
-          const Vec d(dc.dtp[i]);
+          const Vec wd(dc.w[i] * dc.dtp[i]);
           for (int64_t j = 0; j < P; j += VL) {
             const int64_t k = std::min(VL, P - j);
-            (Vec::loadu(&X[i * P + j], k) * d).store(&Xs[i * P + j], k);
+            (Vec::loadu(xc + i * ldx + j, k) * wd).store(&Xw[i * P + j], k);
           }
         }
-        load_group_rows(v, v.C, b, g, t0, q, Cf.data());
-        load_group_rows(v, v.B, b, g, t0, q, Bf.data());
-
-        // Chunk scan, diagonal block: Y = (CB o Lmask) Xs (lower-triangular left operand).
-        dc.decay_matrix(v.cb(b, g, c), Q, q, Lm.data());
-        gemm(q, P, q, Lm.data(), q, 1, Xs.data(), P, Y.data(), P, false, /*lower=*/true);
-        // Off-diagonal: Y += (e o C) S_prev.
-        bool any_e = false;
-        for (int64_t i = 0; i < q; ++i) {
-          any_e |= dc.e[i] != 0.f;
-          scale(&Cf[i * N], dc.e[i], N);
-        }
-        if (any_e) gemm(q, P, N, Cf.data(), N, 1, S.data(), P, Y.data(), P, true);
-
-        // Chunk state and state passing: S = e_last S + B^T (w o Xs).
-        scale(S.data(), dc.e_last, N * P);
-        for (int64_t i = 0; i < q; ++i) scale(&Xs[i * P], dc.w[i], P);
-        gemm(N, P, q, Bf.data(), 1, N, Xs.data(), P, S.data(), P, true);
+        gemm(N, P, q, Bc, 1, G * N, Xw.data(), P, S.data(), P, true);
         prev_doc = dc.doc[q - 1];
 
         // out = (Y + D x) * silu(z)
@@ -300,20 +355,19 @@ void scan_fwd(const ScanParams& p) {
           for (int64_t j = 0; j < P; j += VL) {
             const int64_t k = std::min(VL, P - j);
             Vec yv = Vec::loadu(y + j, k);
-            if (p.D) yv = at::vec::fmadd(Vec::loadu(p.D + h * P + j, k), Vec::loadu(&X[i * P + j], k), yv);
+            if (p.D) yv = at::vec::fmadd(Vec::loadu(p.D + h * P + j, k), Vec::loadu(xc + i * ldx + j, k), yv);
             if (v.z) {
               const Vec zv = Vec::loadu(&zr[j], k);
               yv = yv * zv / (Vec(1.f) + zv.neg().exp());
             }
-            yv.store(y + j, k);
+            if constexpr (std::is_same_v<T, float>) yv.store(out + off + j, k);
+            else yv.store(y + j, k);
           }
-          from_float(y, out + off, P);
+          if constexpr (!std::is_same_v<T, float>) from_float(y, out + off, P);
         }
       }
       // Final state, back to (p, n).
-      float* sf = p.final_states + bh * P * N;
-      for (int64_t i = 0; i < P; ++i)
-        for (int64_t n = 0; n < N; ++n) sf[i * N + n] = S[n * P + i];
+      transpose(S.data(), N, P, P, p.final_states + bh * P * N);
     }
   }
 }
@@ -327,12 +381,6 @@ void selective_scan_fwd_kernel(const ScanParams& p) {
 }
 
 // ---- backward -----------------------------------------------------------------------------------------
-// dst (cols x rows) = src (rows x cols, leading dim ld)^T.
-inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * ld + c];
-}
-
 inline float dot(const float* a, const float* b, int64_t n) {
   Vec acc(0.f);
   for (int64_t i = 0; i < n; i += VL) {
@@ -365,13 +413,14 @@ inline void axpy(float* dst, float s, const float* src, int64_t n) {
 template <typename T>
 void scan_bwd(const ScanParams& p) {
   const ScanView<T> v(p);
-  const int64_t L = v.L, H = v.H, P = v.P, N = v.N, Q = v.Q, nc = v.nc;
+  const int64_t L = v.L, H = v.H, P = v.P, N = v.N, Q = v.Q, nc = v.nc, GN = v.G * v.N;
   chunk_bmm(v);
   const T* dout = static_cast<const T*>(p.dout);
 #pragma omp parallel
   {
+    FlushDenormals ftz;
     ChunkDecay dc(Q);
-    std::vector<float> X(Q * P), Xs(Q * P), Xw(Q * P), XsT(P * Q), Cf(Q * N), Bf(Q * N), Dm(Q * Q), Lm(Q * Q),
+    std::vector<float> X(Q * P), Xs(Q * P), Xw(Q * P), XsT(P * Q), Dm(Q * Q), Lm(Q * Q),
         dGL(Q * Q), dY(Q * P), dYe(Q * P), Yr(Q * P), dXs(Q * P), BdS(Q * P), T1(Q * N), dCc(Q * N), dBc(Q * N),
         S(N * P), dS(N * P), dSp(N * P), SpT(P * N), dST(P * N), zr(P), dcs(Q), de(Q), dw(Q), colacc(Q), dDh(P);
 #pragma omp for schedule(dynamic)
@@ -395,9 +444,8 @@ void scan_bwd(const ScanParams& p) {
         load_head_rows(v, v.x, b, h, t0, q, X.data());
         for (int64_t i = 0; i < q; ++i)
           for (int64_t j = 0; j < P; ++j) Xw[i * P + j] = X[i * P + j] * dc.dtp[i] * dc.w[i];
-        load_group_rows(v, v.B, b, g, t0, q, Bf.data());
         scale(S.data(), dc.e_last, N * P);
-        gemm(N, P, q, Bf.data(), 1, N, Xw.data(), P, S.data(), P, true);
+        gemm(N, P, q, v.brow(b, t0, g), 1, GN, Xw.data(), P, S.data(), P, true);
         prev_doc = dc.doc[q - 1];
       }
 
@@ -413,8 +461,8 @@ void scan_bwd(const ScanParams& p) {
         load_head_rows(v, v.x, b, h, t0, q, X.data());
         for (int64_t i = 0; i < q; ++i)
           for (int64_t j = 0; j < P; ++j) Xs[i * P + j] = X[i * P + j] * dc.dtp[i];
-        load_group_rows(v, v.C, b, g, t0, q, Cf.data());
-        load_group_rows(v, v.B, b, g, t0, q, Bf.data());
+        const float* Cf = v.crow(b, t0, g);
+        const float* Bf = v.brow(b, t0, g);
         dc.decay_matrix(nullptr, 0, q, Dm.data());
         const float* cb = v.cb(b, g, c);
         for (int64_t i = 0; i < q; ++i)
@@ -424,12 +472,8 @@ void scan_bwd(const ScanParams& p) {
         // Gate: recompute y = Y_diag + Y_off + D x where z needs it; dY = dout silu(z), dz = dout y silu'(z).
         load_head_rows(v, dout, b, h, t0, q, dY.data());
         if (v.z) {
-          gemm(q, P, q, Lm.data(), q, 1, Xs.data(), P, Yr.data(), P, false, true);
-          for (int64_t i = 0; i < q; ++i) {  // T1 = e o C
-            std::copy(&Cf[i * N], &Cf[i * N] + N, &T1[i * N]);
-            scale(&T1[i * N], dc.e[i], N);
-          }
-          gemm(q, P, N, T1.data(), N, 1, Sp, P, Yr.data(), P, true);
+          gemm(q, P, q, Lm.data(), q, 1, Xs.data(), P, Yr.data(), P, false, kLower);
+          gemm(q, P, N, Cf, GN, 1, Sp, P, Yr.data(), P, true, kFull, dc.e.data());
           for (int64_t i = 0; i < q; ++i) {
             const int64_t off = ((b * L + t0 + i) * H + h) * P;
             to_float(v.z + off, zr.data(), P);
@@ -454,18 +498,18 @@ void scan_bwd(const ScanParams& p) {
           std::copy(&dY[i * P], &dY[i * P] + P, &dYe[i * P]);
           scale(&dYe[i * P], dc.e[i], P);
         }
-        gemm(N, P, q, Cf.data(), 1, N, dYe.data(), P, dSp.data(), P, false);
+        gemm(N, P, q, Cf, 1, GN, dYe.data(), P, dSp.data(), P, false);
         transpose(Sp, N, P, P, SpT.data());
         gemm(q, N, P, dY.data(), P, 1, SpT.data(), N, T1.data(), N, false);
         for (int64_t i = 0; i < q; ++i) {
-          de[i] = dot(&T1[i * N], &Cf[i * N], N);
+          de[i] = dot(&T1[i * N], Cf + i * GN, N);
           for (int64_t n = 0; n < N; ++n) dCc[i * N + n] = dc.e[i] * T1[i * N + n];
         }
 
         // Chunk state: dS_prev += e_last dS; BdS = B dS; dXs = w o BdS; dw = Xs . BdS; dB = (w o Xs) dS^T.
         de[q - 1] += dot(dS.data(), Sp, N * P);
         axpy(dSp.data(), dc.e_last, dS.data(), N * P);
-        gemm(q, P, N, Bf.data(), N, 1, dS.data(), P, BdS.data(), P, false);
+        gemm(q, P, N, Bf, GN, 1, dS.data(), P, BdS.data(), P, false);
         for (int64_t i = 0; i < q; ++i) {
           dw[i] = dot(&BdS[i * P], &Xs[i * P], P);
           for (int64_t j = 0; j < P; ++j) {
@@ -478,7 +522,7 @@ void scan_bwd(const ScanParams& p) {
 
         // Diagonal: dXs += Lm^T dY; dGL = dY Xs^T; dG = dGL o Lmask; dC += dG B; dB += dG^T C;
         // t = dGL o Lm gives dcs_i += sum_j t_ij, dcs_j -= sum_i t_ij.
-        gemm(q, P, q, Lm.data(), 1, q, dY.data(), P, dXs.data(), P, true);
+        gemm(q, P, q, Lm.data(), 1, q, dY.data(), P, dXs.data(), P, true, kUpper);
         transpose(Xs.data(), q, P, P, XsT.data());
         gemm(q, q, P, dY.data(), P, 1, XsT.data(), q, dGL.data(), q, false);
         std::fill(colacc.begin(), colacc.begin() + q, 0.f);
@@ -494,8 +538,8 @@ void scan_bwd(const ScanParams& p) {
           dcs[i] = rs;
         }
         for (int64_t j = 0; j < q; ++j) dcs[j] -= colacc[j];
-        gemm(q, N, q, dGL.data(), q, 1, Bf.data(), N, dCc.data(), N, true, true);
-        gemm(q, N, q, dGL.data(), 1, q, Cf.data(), N, dBc.data(), N, true);
+        gemm(q, N, q, dGL.data(), q, 1, Bf, GN, dCc.data(), N, true, kLower);
+        gemm(q, N, q, dGL.data(), 1, q, Cf, GN, dBc.data(), N, true, kUpper);
 
         // Decays: e_i = exp(cs_i) -> dcs_i += de_i e_i; w_j = exp(cs_last - cs_j) -> dcs_last += dw_j w_j,
         // dcs_j -= dw_j w_j. Then da = reverse cumsum of dcs.
@@ -562,6 +606,7 @@ void state_update(const StateUpdateParams& p) {
   TS* state = static_cast<TS*>(p.state);
 #pragma omp parallel
   {
+    FlushDenormals ftz;
     std::vector<float> Bf(N), Cf(N), yr(P);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < p.batch * H; ++bh) {

@@ -28,6 +28,8 @@ struct ScanParams {
   bool dt_softplus;
   float dt_min, dt_max;
   float* cb;  // scratch: C_c B_c^T per (batch, group, chunk)
+  float* B32;  // scratch (b, l, g, n) fp32 copies of B and C when dtype is not fp32 (else null)
+  float* C32;
   // forward outputs
   void* out;
   float* final_states;
