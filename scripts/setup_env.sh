@@ -17,5 +17,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-pip install --quiet --no-build-isolation --no-deps -e . 2>&1 | { grep -v "is ignored: it is neither" || true; } | tail -n 20
+# The build log goes to build.log; on failure its compiler errors and tail are printed.
+if ! pip install --no-build-isolation --no-deps -e . > build.log 2>&1; then
+  echo "h1r_ops: the build failed; compiler errors and the end of build.log:" >&2
+  grep -E "error|Error" build.log | grep -v "is ignored" | head -n 40 >&2 || true
+  grep -v "is ignored: it is neither" build.log | tail -n 60 >&2
+  exit 1
+fi
 python -c "import h1r_ops, json; print('h1r_ops backends:', json.dumps(h1r_ops.backends()))"
