@@ -11,7 +11,6 @@ like HF's cos/sin), the scan in fp32 with outputs in the model dtype.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

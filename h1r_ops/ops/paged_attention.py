@@ -40,13 +40,6 @@ def _cpu_kernel_loaded() -> bool:
     return _CPU_KERNEL_LOADED
 
 
-def _require_kernel(op: str, device: torch.device) -> None:
-    # The registry lookup is a host-side query Dynamo cannot trace; under torch.compile the dispatcher
-    # itself reports a missing kernel.
-    if not torch.compiler.is_compiling():
-        require_kernel(op, device)
-
-
 def _check_caches(s: Shapes, key_cache, value_cache):
     s.check("key_cache", key_cache, ("num_blocks", "block_size", "num_kv_heads", "head_dim"))
     s.check("value_cache", value_cache, ("num_blocks", "block_size", "num_kv_heads", "head_dim"))
@@ -121,7 +114,7 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) -> None:
     if slot_mapping.device.type != "cpu" and not torch.compiler.is_compiling() and slot_mapping.numel():
         s.require(int(slot_mapping.max()) < s["num_blocks"] * s["block_size"], "slot_mapping",
                   f"expected slots below num_blocks * block_size = {s['num_blocks'] * s['block_size']}")
-    _require_kernel("reshape_and_cache", key.device)
+    require_kernel("reshape_and_cache", key.device)
     torch.ops.h1r.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
 
 
@@ -147,7 +140,7 @@ def paged_attention_decode(q, key_cache, value_cache, block_tables, seq_lens, sc
     s = Shapes("paged_attention_decode")
     block_tables, seq_lens, scale = _check_attention(s, q, key_cache, value_cache, block_tables, seq_lens, scale, "batch")
     _check_table_values(s, block_tables, seq_lens, s["block_size"], s["num_blocks"])
-    _require_kernel("paged_attention_decode", q.device)
+    require_kernel("paged_attention_decode", q.device)
     return torch.ops.h1r.paged_attention_decode(q, key_cache, value_cache, block_tables, seq_lens, scale)
 
 
@@ -177,7 +170,7 @@ def paged_attention_prefill(q, key_cache, value_cache, block_tables, seq_lens, c
         q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
         ok = (cu_seqlens_q[0] == 0) & (cu_seqlens_q[-1] == q.shape[0]) & ((q_lens >= 0) & (q_lens <= seq_lens)).all()
         s.require(bool(ok), "cu_seqlens_q", "expected 0 = cu[0] <= ... <= cu[-1] = total_q with q_len <= seq_lens")
-    _require_kernel("paged_attention_prefill", q.device)
+    require_kernel("paged_attention_prefill", q.device)
     return torch.ops.h1r.paged_attention_prefill(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale)
 
 

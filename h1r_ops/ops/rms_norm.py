@@ -17,11 +17,6 @@ from torch import nn
 from .. import _registry
 
 
-def _require_kernel(op: str, device: torch.device) -> None:
-    # The registry's dispatcher query is not traceable by dynamo; under torch.compile a missing kernel
-    # still fails, at the op call.
-    if not torch.compiler.is_compiling():
-        _registry.require_kernel(op, device)
 from .._checks import Shapes, check_positive
 
 __all__ = ["rms_norm", "gated_rms_norm", "RMSNorm", "RMSNormGated"]
@@ -55,7 +50,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
         s.require(residual.dtype == x.dtype, "residual", f"expected dtype {x.dtype} (that of 'x'), got {residual.dtype}")
         residual = residual.contiguous()
     check_positive("rms_norm", "eps", eps, strict=False)
-    _require_kernel("rms_norm_fwd", x.device)
+    _registry.require_kernel("rms_norm_fwd", x.device)
     out, residual_out, _ = torch.ops.h1r.rms_norm_fwd(x.contiguous(), weight.contiguous(), float(eps), residual)
     return out if residual is None else (out, residual_out)
 
@@ -97,7 +92,7 @@ def gated_rms_norm(
         f"expected a positive divisor of d = {d}, got {group_size!r}",
     )
     check_positive("gated_rms_norm", "eps", eps, strict=False)
-    _require_kernel("gated_rms_norm_fwd", x.device)
+    _registry.require_kernel("gated_rms_norm_fwd", x.device)
     out, _ = torch.ops.h1r.gated_rms_norm_fwd(
         x.contiguous(), z, weight.contiguous(), float(eps), group_size, bool(norm_before_gate)
     )

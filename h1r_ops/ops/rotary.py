@@ -14,11 +14,6 @@ from torch import nn
 from .. import _registry
 
 
-def _require_kernel(op: str, device: torch.device) -> None:
-    # The registry's dispatcher query is not traceable by dynamo; under torch.compile a missing kernel
-    # still fails, at the op call.
-    if not torch.compiler.is_compiling():
-        _registry.require_kernel(op, device)
 from .._checks import INDEX_DTYPES, Shapes, check_choice, check_positive
 from ..reference.rotary import rotary_cos_sin as _rotary_cos_sin_fp32
 
@@ -56,7 +51,7 @@ def _prepare(op, q, k, cos, sin, position_ids, unsqueeze_dim, inplace):
     if not inplace:
         q = q if q.stride(-1) == 1 else q.contiguous()
         k = k if k.stride(-1) == 1 else k.contiguous()
-    _require_kernel("rotary_" if inplace else "rotary", q.device)
+    _registry.require_kernel("rotary_" if inplace else "rotary", q.device)
     return q, k, cos.contiguous(), sin.contiguous(), position_ids
 
 

@@ -15,7 +15,7 @@ import math
 import torch
 
 from .. import _registry
-from .._checks import FLOAT_DTYPES, INDEX_DTYPES, Shapes
+from .._checks import INDEX_DTYPES, Shapes
 
 __all__ = ["selective_scan", "selective_state_update"]
 
@@ -61,8 +61,7 @@ def selective_scan(
     s.check("seq_idx", seq_idx, ("b", "l"), dtypes=INDEX_DTYPES, optional=True)
     lo, hi = _limits(dt_limit)
     s.require(lo <= hi, "dt_limit", f"expected min <= max, got {dt_limit!r}")
-    if not torch.compiler.is_compiling():  # (a dispatcher query dynamo cannot trace)
-        _registry.require_kernel("selective_scan_fwd", x.device)
+    _registry.require_kernel("selective_scan_fwd", x.device)
 
     dtype = x.dtype
     h, p = s["h"], s["p"]
@@ -135,8 +134,7 @@ def selective_state_update(
     s.require(state.is_contiguous(), "state", f"expected a contiguous tensor (updated in place), got strides {state.stride()}")
     if state_batch_indices is None:
         s.require(s["S"] >= s["b"], "state", f"expected at least b = {s['b']} rows, got {s['S']}")
-    if not torch.compiler.is_compiling():
-        _registry.require_kernel("selective_state_update", x.device)
+    _registry.require_kernel("selective_state_update", x.device)
 
     dtype = x.dtype
     h, p = s["h"], s["p"]
