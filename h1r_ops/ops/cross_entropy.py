@@ -167,6 +167,9 @@ def _ce_bwd_fake(grad_loss, hidden, weight, target, bias, lse, ignore_index, lab
 def _ce_setup_context(ctx, inputs, output):
     hidden, weight, target, bias, ignore_index, label_smoothing, z_loss_scale, logit_scale, reduction, compute_grad = inputs
     _, _, lse, gh, gw, gb = output
+    # Leave the gradients of the other outputs None: materialized, the one for grad_weight alone would
+    # be a (V, d) tensor of zeros.
+    ctx.set_materialize_grads(False)
     ctx.args = (ignore_index, label_smoothing, z_loss_scale, logit_scale)
     ctx.reduction, ctx.has_bias = reduction, bias is not None
     ctx.precomputed = bool(compute_grad) and reduction != 0
@@ -177,6 +180,8 @@ def _ce_setup_context(ctx, inputs, output):
 
 
 def _ce_backward(ctx, grad_loss, grad_z_loss, grad_lse, *unused):
+    if grad_loss is None:  # only the (non-differentiable) side outputs were used
+        return (None,) * 10
     if ctx.precomputed:
         gh, gw, gb = ctx.saved_tensors
         # Eager: scaled in place, so no second copy of a (V, d) gradient exists (a second backward
@@ -250,10 +255,13 @@ def _lp_setup_context(ctx, inputs, output):
     hidden, weight, target, bias, temperature, logit_scale, ignore_index = inputs
     ctx.args = (temperature, logit_scale, ignore_index)
     ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(hidden, weight, target, bias, output[2])
 
 
 def _lp_backward(ctx, dlogprobs, dentropy, dlse):
+    if dlogprobs is None and dentropy is None:
+        return (None,) * 7
     hidden, weight, target, bias, lse = ctx.saved_tensors
     as_f32 = lambda g: None if g is None else g.float().contiguous()  # noqa: E731
     gh, gw, gb = torch.ops.h1r.fused_linear_logprobs_bwd(
