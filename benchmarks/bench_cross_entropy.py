@@ -97,6 +97,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1024 tokens")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--json", help="also append every case's figures to this file (JSON lines)")
     ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -113,7 +114,13 @@ def main():
           f"median of {a.iters} after {a.warmup} warm-up")
     flops = 6 * T * d * V  # logits, dhidden, dweight
     for dtype in a.dtypes.split(","):
-        res = {p: run_case(p, dtype, T, d, V, a.warmup, a.iters) for p in a.paths.split(",")}
+        res = {}
+        for p in a.paths.split(","):
+            res[p] = run_case(p, dtype, T, d, V, a.warmup, a.iters)
+            print(f"  {dtype} {p}: {res[p]}", flush=True)
+            if a.json:
+                with open(a.json, "a") as f:
+                    f.write(json.dumps(dict(path=p, dtype=dtype, tokens=T, hidden=d, vocab=V, **res[p])) + "\n")
         base = res.get("eager")
         rows = []
         for p, r in res.items():

@@ -138,7 +138,6 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
                 f"{self.label_smoothing}, z_loss={self.z_loss}, logit_scale={self.logit_scale}")
 
 
-@torch.library.register_fake("h1r::fused_linear_cross_entropy_fwd")
 def _ce_fwd_fake(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss_scale, logit_scale,
                  reduction, compute_grad):
     T = hidden.shape[0]
@@ -158,7 +157,6 @@ def _grads_fake(hidden, weight, bias):
     return torch.empty_like(hidden), torch.empty_like(weight), gb
 
 
-@torch.library.register_fake("h1r::fused_linear_cross_entropy_bwd")
 def _ce_bwd_fake(grad_loss, hidden, weight, target, bias, lse, ignore_index, label_smoothing, z_loss_scale,
                  logit_scale):
     return _grads_fake(hidden, weight, bias)
@@ -203,9 +201,6 @@ def _ce_backward(ctx, grad_loss, grad_z_loss, grad_lse, *unused):
     return (gh, gw, None, gb if ctx.has_bias else None) + (None,) * 6
 
 
-torch.library.register_autograd("h1r::fused_linear_cross_entropy_fwd", _ce_backward, setup_context=_ce_setup_context)
-
-
 # ------------------------------------------------------------------------------ log-probs and entropy
 def fused_linear_logprobs(
     hidden: torch.Tensor,
@@ -240,13 +235,11 @@ def fused_linear_logprobs(
     return lp.view(shape), ent.view(shape)
 
 
-@torch.library.register_fake("h1r::fused_linear_logprobs_fwd")
 def _lp_fwd_fake(hidden, weight, target, bias, temperature, logit_scale, ignore_index):
     T = hidden.shape[0]
     return tuple(hidden.new_empty((T,), dtype=torch.float32) for _ in range(3))
 
 
-@torch.library.register_fake("h1r::fused_linear_logprobs_bwd")
 def _lp_bwd_fake(dlogprobs, dentropy, hidden, weight, target, bias, temperature, logit_scale, ignore_index, lse):
     return _grads_fake(hidden, weight, bias)
 
@@ -269,14 +262,23 @@ def _lp_backward(ctx, dlogprobs, dentropy, dlse):
     return gh, gw, None, gb if ctx.has_bias else None, None, None, None
 
 
-torch.library.register_autograd("h1r::fused_linear_logprobs_fwd", _lp_backward, setup_context=_lp_setup_context)
-
-
-# CUDA tensors: the Triton row kernels (h1r_ops/triton_kernels/cross_entropy.py), when Triton is there.
-if torch.version.cuda is not None and _registry._LOAD_ERROR is None:
-    try:
-        from ..triton_kernels.cross_entropy import register_cuda_kernels
-    except ImportError:  # pragma: no cover - Triton is optional
-        pass
-    else:
+def _register() -> None:
+    """Fake (meta) implementations and autograd formulas of the family's ops; for CUDA tensors, the
+    Triton row kernels (h1r_ops/triton_kernels/cross_entropy.py) when Triton is there."""
+    torch.library.register_fake("h1r::fused_linear_cross_entropy_fwd")(_ce_fwd_fake)
+    torch.library.register_fake("h1r::fused_linear_cross_entropy_bwd")(_ce_bwd_fake)
+    torch.library.register_fake("h1r::fused_linear_logprobs_fwd")(_lp_fwd_fake)
+    torch.library.register_fake("h1r::fused_linear_logprobs_bwd")(_lp_bwd_fake)
+    torch.library.register_autograd("h1r::fused_linear_cross_entropy_fwd", _ce_backward,
+                                    setup_context=_ce_setup_context)
+    torch.library.register_autograd("h1r::fused_linear_logprobs_fwd", _lp_backward, setup_context=_lp_setup_context)
+    if torch.version.cuda is not None:
+        try:
+            from ..triton_kernels.cross_entropy import register_cuda_kernels
+        except ImportError:  # pragma: no cover - Triton is optional
+            return
         register_cuda_kernels()
+
+
+if _registry._LOAD_ERROR is None:  # else the public functions raise the registry's ImportError
+    _register()
