@@ -144,19 +144,21 @@ def _run_both(fn_ours, fn_ref, tensors, grad_out_fn):
     return outs_o, outs_r, ours, refs
 
 
-CE_CASES = [  # T, d, V, bias, n_ignored, label_smoothing, z_loss, logit_scale
-    (1, 1, 5, False, 0, 0.0, 0.0, 1.0),
-    (7, 7, 1000, True, 2, 0.1, 0.0, 1.0),
-    (33, 300, 4099, False, 5, 0.0, 1e-3, 0.5),
-    (16, 64, 1000, True, 3, 0.2, 1e-2, 2.0),
+CE_CASES = [  # T, d, V, bias, n_ignored, label_smoothing, z_loss, logit_scale, chunk rows (None: default)
+    (1, 1, 5, False, 0, 0.0, 0.0, 1.0, None),
+    (7, 7, 1000, True, 2, 0.1, 0.0, 1.0, 3),
+    (33, 300, 4099, False, 5, 0.0, 1e-3, 0.5, 8),
+    (16, 64, 1000, True, 3, 0.2, 1e-2, 2.0, None),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CE_CASES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_cross_entropy_matches_reference(dtype, case, reduction):
-    T, d, V, bias, n_ign, ls, zl, scale = case
+def test_cross_entropy_matches_reference(dtype, case, reduction, monkeypatch):
+    T, d, V, bias, n_ign, ls, zl, scale, chunk = case
+    if chunk:
+        monkeypatch.setenv("H1R_CE_CHUNK", str(chunk))
     h, W, y, b = _inputs(T, d, V, dtype, bias, n_ign, seed=T + V)
     kw = dict(reduction=reduction, label_smoothing=ls, z_loss=zl, logit_scale=scale, return_z_loss=True)
     g = torch.Generator().manual_seed(1)
@@ -214,6 +216,16 @@ def test_no_grad_forward_and_grad_of_hidden_only():
     _close_rel(hh.grad, hr.grad, 1e-4)
 
 
+def test_side_outputs_and_second_backward():
+    h, W, y, _ = _inputs(8, 6, 50, torch.float32, n_ignored=1)
+    hh = _leaf(h)
+    loss, zl = h1r_ops.fused_linear_cross_entropy(hh, W, y, z_loss=1e-2, return_z_loss=True)
+    assert not zl.requires_grad and zl.item() > 0
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError):  # the precomputed gradients were scaled in place
+        loss.backward()
+
+
 def test_chunking_does_not_change_the_result(monkeypatch):
     h, W, y, b = _inputs(23, 12, 257, torch.float32, bias=True, n_ignored=3)
     res = []
@@ -229,14 +241,17 @@ def test_chunking_does_not_change_the_result(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ log-probs and entropy
-LP_CASES = [(1, 1, 5, False, 0, 1.0, 1.0), (7, 7, 1000, True, 2, 0.7, 1.0), (33, 300, 4099, False, 4, 1.3, 0.5)]
+LP_CASES = [  # T, d, V, bias, n_ignored, temperature, logit_scale, chunk rows
+    (1, 1, 5, False, 0, 1.0, 1.0, None), (7, 7, 1000, True, 2, 0.7, 1.0, 2), (33, 300, 4099, False, 4, 1.3, 0.5, 16)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", LP_CASES)
 @pytest.mark.parametrize("grads", ["logprobs", "entropy", "both"])
-def test_logprobs_matches_reference(dtype, case, grads):
-    T, d, V, bias, n_ign, temp, scale = case
+def test_logprobs_matches_reference(dtype, case, grads, monkeypatch):
+    T, d, V, bias, n_ign, temp, scale, chunk = case
+    if chunk:
+        monkeypatch.setenv("H1R_CE_CHUNK", str(chunk))
     h, W, y, b = _inputs(T, d, V, dtype, bias, n_ign, seed=T * V)
     g = torch.Generator().manual_seed(2)
     want = {"logprobs": (0,), "entropy": (1,), "both": (0, 1)}[grads]

@@ -45,11 +45,6 @@ def _normalize(op: str, hidden, weight, target, bias):
     return h2, weight.contiguous(), t1, None if bias is None else bias.contiguous()
 
 
-def _require_kernel(op: str, device: torch.device) -> None:
-    # The dispatcher query is not traceable by dynamo: under torch.compile a missing kernel fails at the
-    # op itself, with the dispatcher's message.
-    if not torch.compiler.is_compiling():
-        _registry.require_kernel(op, device)
 
 
 def _check_float(op: str, name: str, value, lo=None, hi=None, positive=False):
@@ -105,7 +100,7 @@ def fused_linear_cross_entropy(
         raise ValueError(f"{op}: argument 'ignore_index': expected an int, got {ignore_index!r}")
     shape = target.shape if isinstance(target, torch.Tensor) else None
     h, w, t, b = _normalize(op, hidden, weight, target, bias)
-    _require_kernel("fused_linear_cross_entropy_fwd", h.device)
+    _registry.require_kernel("fused_linear_cross_entropy_fwd", h.device)
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
     compute_grad = needs_grad and reduction != "none"
     loss, zl, *_ = torch.ops.h1r.fused_linear_cross_entropy_fwd(
@@ -138,7 +133,6 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
                 f"{self.label_smoothing}, z_loss={self.z_loss}, logit_scale={self.logit_scale}")
 
 
-@torch.library.register_fake("h1r::fused_linear_cross_entropy_fwd")
 def _ce_fwd_fake(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss_scale, logit_scale,
                  reduction, compute_grad):
     T = hidden.shape[0]
@@ -158,7 +152,6 @@ def _grads_fake(hidden, weight, bias):
     return torch.empty_like(hidden), torch.empty_like(weight), gb
 
 
-@torch.library.register_fake("h1r::fused_linear_cross_entropy_bwd")
 def _ce_bwd_fake(grad_loss, hidden, weight, target, bias, lse, ignore_index, label_smoothing, z_loss_scale,
                  logit_scale):
     return _grads_fake(hidden, weight, bias)
@@ -167,6 +160,9 @@ def _ce_bwd_fake(grad_loss, hidden, weight, target, bias, lse, ignore_index, lab
 def _ce_setup_context(ctx, inputs, output):
     hidden, weight, target, bias, ignore_index, label_smoothing, z_loss_scale, logit_scale, reduction, compute_grad = inputs
     _, _, lse, gh, gw, gb = output
+    # Leave the gradients of the other outputs None: materialized, the one for grad_weight alone would
+    # be a (V, d) tensor of zeros.
+    ctx.set_materialize_grads(False)
     ctx.args = (ignore_index, label_smoothing, z_loss_scale, logit_scale)
     ctx.reduction, ctx.has_bias = reduction, bias is not None
     ctx.precomputed = bool(compute_grad) and reduction != 0
@@ -177,6 +173,8 @@ def _ce_setup_context(ctx, inputs, output):
 
 
 def _ce_backward(ctx, grad_loss, grad_z_loss, grad_lse, *unused):
+    if grad_loss is None:  # only the (non-differentiable) side outputs were used
+        return (None,) * 10
     if ctx.precomputed:
         gh, gw, gb = ctx.saved_tensors
         # Eager: scaled in place, so no second copy of a (V, d) gradient exists (a second backward
@@ -196,9 +194,6 @@ def _ce_backward(ctx, grad_loss, grad_z_loss, grad_lse, *unused):
         gh, gw, gb = torch.ops.h1r.fused_linear_cross_entropy_bwd(
             g.contiguous(), hidden, weight, target, bias, lse, *ctx.args)
     return (gh, gw, None, gb if ctx.has_bias else None) + (None,) * 6
-
-
-torch.library.register_autograd("h1r::fused_linear_cross_entropy_fwd", _ce_backward, setup_context=_ce_setup_context)
 
 
 # ------------------------------------------------------------------------------ log-probs and entropy
@@ -230,18 +225,16 @@ def fused_linear_logprobs(
         raise ValueError(f"{op}: argument 'ignore_index': expected an int, got {ignore_index!r}")
     shape = target.shape if isinstance(target, torch.Tensor) else None
     h, w, t, b = _normalize(op, hidden, weight, target, bias)
-    _require_kernel("fused_linear_logprobs_fwd", h.device)
+    _registry.require_kernel("fused_linear_logprobs_fwd", h.device)
     lp, ent, _ = torch.ops.h1r.fused_linear_logprobs_fwd(h, w, t, b, temperature, logit_scale, ignore_index)
     return lp.view(shape), ent.view(shape)
 
 
-@torch.library.register_fake("h1r::fused_linear_logprobs_fwd")
 def _lp_fwd_fake(hidden, weight, target, bias, temperature, logit_scale, ignore_index):
     T = hidden.shape[0]
     return tuple(hidden.new_empty((T,), dtype=torch.float32) for _ in range(3))
 
 
-@torch.library.register_fake("h1r::fused_linear_logprobs_bwd")
 def _lp_bwd_fake(dlogprobs, dentropy, hidden, weight, target, bias, temperature, logit_scale, ignore_index, lse):
     return _grads_fake(hidden, weight, bias)
 
@@ -250,10 +243,13 @@ def _lp_setup_context(ctx, inputs, output):
     hidden, weight, target, bias, temperature, logit_scale, ignore_index = inputs
     ctx.args = (temperature, logit_scale, ignore_index)
     ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(hidden, weight, target, bias, output[2])
 
 
 def _lp_backward(ctx, dlogprobs, dentropy, dlse):
+    if dlogprobs is None and dentropy is None:
+        return (None,) * 7
     hidden, weight, target, bias, lse = ctx.saved_tensors
     as_f32 = lambda g: None if g is None else g.float().contiguous()  # noqa: E731
     gh, gw, gb = torch.ops.h1r.fused_linear_logprobs_bwd(
@@ -261,14 +257,23 @@ def _lp_backward(ctx, dlogprobs, dentropy, dlse):
     return gh, gw, None, gb if ctx.has_bias else None, None, None, None
 
 
-torch.library.register_autograd("h1r::fused_linear_logprobs_fwd", _lp_backward, setup_context=_lp_setup_context)
-
-
-# CUDA tensors: the Triton row kernels (h1r_ops/triton_kernels/cross_entropy.py), when Triton is there.
-if torch.version.cuda is not None and _registry._LOAD_ERROR is None:
-    try:
-        from ..triton_kernels.cross_entropy import register_cuda_kernels
-    except ImportError:  # pragma: no cover - Triton is optional
-        pass
-    else:
+def _register() -> None:
+    """Fake (meta) implementations and autograd formulas of the family's ops; for CUDA tensors, the
+    Triton row kernels (h1r_ops/triton_kernels/cross_entropy.py) when Triton is there."""
+    torch.library.register_fake("h1r::fused_linear_cross_entropy_fwd")(_ce_fwd_fake)
+    torch.library.register_fake("h1r::fused_linear_cross_entropy_bwd")(_ce_bwd_fake)
+    torch.library.register_fake("h1r::fused_linear_logprobs_fwd")(_lp_fwd_fake)
+    torch.library.register_fake("h1r::fused_linear_logprobs_bwd")(_lp_bwd_fake)
+    torch.library.register_autograd("h1r::fused_linear_cross_entropy_fwd", _ce_backward,
+                                    setup_context=_ce_setup_context)
+    torch.library.register_autograd("h1r::fused_linear_logprobs_fwd", _lp_backward, setup_context=_lp_setup_context)
+    if torch.version.cuda is not None:
+        try:
+            from ..triton_kernels.cross_entropy import register_cuda_kernels
+        except ImportError:  # pragma: no cover - Triton is optional
+            return
         register_cuda_kernels()
+
+
+if _registry._LOAD_ERROR is None:  # else the public functions raise the registry's ImportError
+    _register()
