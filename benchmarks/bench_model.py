@@ -53,8 +53,6 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args(argv)
 
-    import transformers
-
     from h1r_ops.model import FalconH1ForCausalLM
 
     bw = memcpy_bandwidth()
@@ -82,7 +80,6 @@ def main(argv=None):
                 bound = bw / weight_bytes * batch
                 rows.append((f"decode {n} new", dname, batch, batch * n / t_hf, batch * n / t_us, t_hf / t_us,
                              f"{bound:.0f}"))
-            del ours
     print_table(rows, ("path", "dtype", "batch", "transformers tok/s", "h1r tok/s", "speed-up", "weight-bound tok/s"),
                 title=f"Falcon-H1 {'4' if args.quick else '8'}-layer 185M-class model, CPU {torch.get_num_threads()} "
                       f"threads (memcpy {bw / 1e9:.1f} GB/s)")
