@@ -76,8 +76,8 @@ def bench_prefill(args, dtype, bw, rows_fwd, rows_bwd):
     esize = torch.finfo(dtype).bits // 8
     conv = torch.nn.Conv1d(d, d, w, groups=d, padding=w - 1, bias=True).to(dtype)
     weight, bias = conv.weight.detach(), conv.bias.detach()  # (d, 1, w), (d,)
-    ref_compiled = maybe_compile(causal_conv1d_ref, args.compile)
     for L in args.lengths:
+        ref_compiled = maybe_compile(causal_conv1d_ref, args.compile)  # fresh per case: no recompiles
         xBC = torch.randn(b, L, d + 512, dtype=dtype)[..., :d]  # a slice of in_proj's output, (b, l, d)
         x = xBC.transpose(1, 2)  # channel-last (b, d, l)
         it, wu = (args.iters, 2) if L <= 2048 else (max(3, args.iters // 2), 1)
@@ -90,6 +90,7 @@ def bench_prefill(args, dtype, bw, rows_fwd, rows_bwd):
         gbs = 2 * b * L * d * esize / ours / 1e9
         rows_fwd.append([f"L={L}", ms(ours), ms(eager), ms(comp), ms(peer), ratio(eager, ours), ratio(comp, ours),
                          ratio(peer, ours), f"{gbs:.1f}", f"{gbs * 1e9 / bw:.0%}"])
+        print("  forward", rows_fwd[-1], flush=True)
 
         # forward + backward (grads for x, weight, bias)
         xg = x.detach().clone().requires_grad_(True)
@@ -110,11 +111,13 @@ def bench_prefill(args, dtype, bw, rows_fwd, rows_bwd):
 
         ours = timeit(fb_ours, wu, it)
         eager = timeit(fb_ref, wu, it)
+        ref_compiled = maybe_compile(causal_conv1d_ref, args.compile)
         comp = time_or_none(ref_compiled and (lambda: fb_ref(ref_compiled)), wu + 1, it)
         peer = timeit(fb_peer, wu, it)
         gbs = 5 * b * L * d * esize / ours / 1e9  # fwd: x, out; bwd: x, dout, dx
         rows_bwd.append([f"L={L}", ms(ours), ms(eager), ms(comp), ms(peer), ratio(eager, ours), ratio(comp, ours),
                          ratio(peer, ours), f"{gbs:.1f}", f"{gbs * 1e9 / bw:.0%}"])
+        print("  fwd+bwd", rows_bwd[-1], flush=True)
 
 
 def bench_update(args, dtype, bw, rows):
@@ -122,8 +125,8 @@ def bench_update(args, dtype, bw, rows):
     esize = torch.finfo(dtype).bits // 8
     weight = torch.randn(d, 1, w, dtype=dtype)
     bias = torch.randn(d, dtype=dtype)
-    ref_compiled = maybe_compile(causal_conv1d_update_ref, args.compile)
     for b in args.batches:
+        ref_compiled = maybe_compile(causal_conv1d_update_ref, args.compile)
         x = torch.randn(b, d, dtype=dtype)
         s_ours = torch.randn(b, d, w - 1, dtype=dtype)  # h1r / causal-conv1d keep w - 1 steps
         s_ref = s_ours.clone()
@@ -138,6 +141,7 @@ def bench_update(args, dtype, bw, rows):
         rows.append([f"b={b}", f"{ours * 1e6:.1f}", f"{eager * 1e6:.1f}", "-" if comp is None else f"{comp * 1e6:.1f}",
                      f"{peer * 1e6:.1f}", ratio(eager, ours), ratio(comp, ours), ratio(peer, ours), f"{gbs:.1f}",
                      f"{gbs * 1e9 / bw:.0%}"])
+        print("  update", rows[-1], flush=True)
 
 
 def main():
@@ -155,9 +159,10 @@ def main():
         args.lengths, args.batches, args.iters = [512], [1, 64], 5
 
     torch.manual_seed(0)
+    torch._dynamo.config.recompile_limit = 64  # one compiled anchor per case and dtype
     bw = memcpy_bandwidth()
     print(f"h1r causal_conv1d benchmark: {torch.get_num_threads()} threads, CPU ISA {torch.ops.h1r.cpu_isa()}, "
-          f"memcpy {bw / 1e9:.1f} GB/s (read + write), conv_dim {args.dim}, width {args.width}")
+          f"memcpy {bw / 1e9:.1f} GB/s (read + write), conv_dim {args.dim}, width {args.width}", flush=True)
     heads = ["case", "h1r ms", "eager ms", "compile ms", "transformers ms", "vs eager", "vs compile",
              "vs transformers", "GB/s", "of memcpy"]
     for name in args.dtype:

@@ -111,6 +111,10 @@ inline Vec silu_grad(const Vec& z) {
 
 inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
 
+// Below this many elements of work a loop runs on the calling thread: waking the OpenMP team costs more
+// than the work (a decode step of one sequence is ~4K channels).
+constexpr int64_t kParallelMin = 1 << 15;
+
 // ---- dispatch on (dtype, width, seq_idx present) -----------------------------------------------------
 
 template <typename F>
@@ -152,7 +156,7 @@ TapMasks build_tap_masks(const CausalConv1dParams& p) {
   m.H = H;
   m.row = 2 * H + round_up(l, kV) + kV;
   m.data.assign(p.batch * H * m.row, 0.f);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (p.batch * p.seqlen * (p.width - 1) >= kParallelMin)
   for (int64_t b = 0; b < p.batch; ++b) {
     const int32_t* seq = p.seq_idx + b * l;
     for (int64_t k = 0; k < H; ++k) {
@@ -241,7 +245,7 @@ template <typename T>
 void write_final_states(const CausalConv1dParams& p) {
   const int64_t H = p.width - 1, l = p.seqlen, d = p.dim;
   const T* x = static_cast<const T*>(p.x);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (p.batch * p.dim * p.width >= kParallelMin)
   for (int64_t bc = 0; bc < p.batch * d; ++bc) {
     const int64_t b = bc / d, c = bc % d;
     for (int64_t j = 0; j < H; ++j) {
@@ -263,7 +267,7 @@ void fwd_channel_first(const CausalConv1dParams& p, const TapMasks& masks) {
   const int64_t l = p.seqlen, d = p.dim, Lr = round_up(l, kV);
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
-#pragma omp parallel
+#pragma omp parallel if (p.batch * p.dim * p.seqlen >= kParallelMin)
   {
     std::vector<float> X(H + Lr, 0.f);  // [history | x row in fp32 | zeros]
 #pragma omp for schedule(static)
@@ -300,7 +304,7 @@ void fwd_channel_last(const CausalConv1dParams& p, const TapMasks& masks) {
   const std::vector<float> wt = transpose_weight(p);
   const ChannelLastTiles tiles = channel_last_tiles(p);
   const int64_t range = tiles.range;
-#pragma omp parallel
+#pragma omp parallel if (p.batch * p.dim * p.seqlen >= kParallelMin)
   {
     std::vector<float> hist(H * range);
 #pragma omp for schedule(static)
@@ -339,7 +343,7 @@ void fwd_channel_last(const CausalConv1dParams& p, const TapMasks& masks) {
 // Summed over items in order at the end (deterministic).
 void reduce_weight_grads(const CausalConv1dParams& p, const std::vector<float>& slots, int64_t items) {
   const int64_t W = p.width, d = p.dim;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (p.dim * (p.width + 1) * items >= kParallelMin)
   for (int64_t c = 0; c < d; ++c) {
     for (int64_t k = 0; k <= W; ++k) {
       float s = 0.f;
@@ -360,7 +364,7 @@ void bwd_channel_first(const CausalConv1dParams& p, const TapMasks& masks, std::
   const T* x = static_cast<const T*>(p.x);
   const T* dout = static_cast<const T*>(p.dout);
   T* dx = static_cast<T*>(p.out);
-#pragma omp parallel
+#pragma omp parallel if (p.batch * p.dim * p.seqlen >= kParallelMin)
   {
     std::vector<float> X(H + Lr, 0.f);
     std::vector<float> G(2 * H + Lr + kV, 0.f);  // G[H + t] = g[t]
@@ -434,7 +438,7 @@ int64_t bwd_channel_last(const CausalConv1dParams& p, const TapMasks& masks, std
   const int64_t range = tiles.range, l = p.seqlen, d = p.dim;
   const int64_t nslots = p.batch * tiles.nchunks;  // one dweight slot per (batch, chunk)
   slots.assign(nslots * (W + 1) * d, 0.f);
-#pragma omp parallel
+#pragma omp parallel if (p.batch * p.dim * p.seqlen >= kParallelMin)
   {
     std::vector<float> hist(H * range), ring((H + 1) * range), acc_w((W + 1) * range);
 #pragma omp for schedule(static)
@@ -525,7 +529,7 @@ void update_impl(const CausalConv1dUpdateParams& p) {
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
   T* state = static_cast<T*>(p.conv_state);
-#pragma omp parallel
+#pragma omp parallel if (p.batch * p.dim * p.seqlen >= kParallelMin)
   {
     std::vector<float> buf(l > 1 ? kV * span : 0);  // buf[i * span + j]: lane i, step j of [state | x]
     __at_align__ float pre[kV];
