@@ -546,6 +546,26 @@ void update_impl(const CausalConv1dUpdateParams& p) {
       const T* xb = x + b * p.x_stride_b + c * p.x_stride_c;
       const float* wc = p.weight + c * W;
 
+      if (l == 1 && S == H && ss_t == 1) {  // the usual cache: exactly w - 1 steps, contiguous per channel
+        for (int64_t i = 0; i < kV; ++i) {
+          if (i >= n) { pre[i] = 0.f; continue; }
+          T* st = sb + i * ss_c;
+          const T xi = xb[i * p.x_stride_c];
+          const float* wi = wc + i * W;
+          float acc = p.bias ? p.bias[c + i] : 0.f;
+          T s[H];
+          for (int k = 0; k < H; ++k) s[k] = st[k];
+          for (int k = 0; k < H; ++k) acc += wi[k] * static_cast<float>(s[k]);
+          pre[i] = acc + wi[H] * static_cast<float>(xi);
+          for (int k = 0; k + 1 < H; ++k) st[k] = s[k + 1];
+          st[H - 1] = xi;
+        }
+        Vec v = Vec::loadu(pre);
+        if (p.silu) v = silu(v);
+        store_vec(ob, v, n);
+        continue;
+      }
+
       if (l == 1) {
         for (int64_t i = 0; i < kV; ++i) {
           if (i >= n) { pre[i] = 0.f; continue; }
