@@ -8,13 +8,20 @@ op must move (x read, out written, + dout read and dx written for the backward; 
 for the update) over the time, against the machine's copy bandwidth measured here.
 
     python benchmarks/bench_causal_conv1d.py [--quick] [--dtype bf16] [--lengths 512 2048] [--batches 1 64]
+                                             [--cpu-time]
+
+On a shared, oversubscribed machine wall-clock times mostly measure the scheduler: --cpu-time runs every
+path on one thread and times the process CPU time (time.process_time) instead, which is what the ratios
+should compare there.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import h1r_ops  # noqa: E402
-from common import memcpy_bandwidth, print_table, timeit  # noqa: E402
+import common  # noqa: E402
+from common import memcpy_bandwidth, print_table  # noqa: E402
 from h1r_ops.reference import causal_conv1d_ref, causal_conv1d_update_ref  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,6 +49,34 @@ def transformers_decode(conv_state, x, weight, bias):
     state[:, :, -1] = x
     conv_state.copy_(state)
     return F.silu(torch.sum(state * weight[:, 0, :], dim=-1) + bias)
+
+
+def timeit(fn, warmup, iters):
+    return common.timeit(fn, warmup=warmup, iters=iters) if not CPU_TIME else timeit_cpu(fn, warmup, iters)
+
+
+def timeit_cpu(fn, warmup, iters):
+    """Median process CPU time of fn() in seconds (single-threaded runs only)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return statistics.median(times)
+
+
+CPU_TIME = False
+
+
+def memcpy_bandwidth_cpu(nbytes=1 << 30):
+    """common.memcpy_bandwidth, timed in process CPU time on one thread."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    t = timeit_cpu(lambda: dst.copy_(src), 1, 5)
+    del src, dst
+    return 2 * nbytes / t
 
 
 def maybe_compile(fn, enabled):
@@ -76,8 +112,8 @@ def bench_prefill(args, dtype, bw, rows_fwd, rows_bwd):
     esize = torch.finfo(dtype).bits // 8
     conv = torch.nn.Conv1d(d, d, w, groups=d, padding=w - 1, bias=True).to(dtype)
     weight, bias = conv.weight.detach(), conv.bias.detach()  # (d, 1, w), (d,)
-    ref_compiled = maybe_compile(causal_conv1d_ref, args.compile)
     for L in args.lengths:
+        ref_compiled = maybe_compile(causal_conv1d_ref, args.compile)  # fresh per case: no recompiles
         xBC = torch.randn(b, L, d + 512, dtype=dtype)[..., :d]  # a slice of in_proj's output, (b, l, d)
         x = xBC.transpose(1, 2)  # channel-last (b, d, l)
         it, wu = (args.iters, 2) if L <= 2048 else (max(3, args.iters // 2), 1)
@@ -90,11 +126,12 @@ def bench_prefill(args, dtype, bw, rows_fwd, rows_bwd):
         gbs = 2 * b * L * d * esize / ours / 1e9
         rows_fwd.append([f"L={L}", ms(ours), ms(eager), ms(comp), ms(peer), ratio(eager, ours), ratio(comp, ours),
                          ratio(peer, ours), f"{gbs:.1f}", f"{gbs * 1e9 / bw:.0%}"])
+        print("  forward", rows_fwd[-1], flush=True)
 
-        # forward + backward (grads for x, weight, bias)
-        xg = x.detach().clone().requires_grad_(True)
+        # forward + backward (grads for x, weight, bias), x and dout channel-last as in the model
+        xg = xBC.detach().clone().requires_grad_(True).transpose(1, 2)
         wg, bg = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
-        dout = torch.randn(b, d, L, dtype=dtype)
+        dout = torch.randn(b, L, d, dtype=dtype).transpose(1, 2)
 
         def fb_ours():
             torch.autograd.backward(h1r_ops.causal_conv1d(xg, wg, bg, activation="silu"), dout)
@@ -110,11 +147,13 @@ def bench_prefill(args, dtype, bw, rows_fwd, rows_bwd):
 
         ours = timeit(fb_ours, wu, it)
         eager = timeit(fb_ref, wu, it)
+        ref_compiled = maybe_compile(causal_conv1d_ref, args.compile)
         comp = time_or_none(ref_compiled and (lambda: fb_ref(ref_compiled)), wu + 1, it)
         peer = timeit(fb_peer, wu, it)
         gbs = 5 * b * L * d * esize / ours / 1e9  # fwd: x, out; bwd: x, dout, dx
         rows_bwd.append([f"L={L}", ms(ours), ms(eager), ms(comp), ms(peer), ratio(eager, ours), ratio(comp, ours),
                          ratio(peer, ours), f"{gbs:.1f}", f"{gbs * 1e9 / bw:.0%}"])
+        print("  fwd+bwd", rows_bwd[-1], flush=True)
 
 
 def bench_update(args, dtype, bw, rows):
@@ -122,8 +161,8 @@ def bench_update(args, dtype, bw, rows):
     esize = torch.finfo(dtype).bits // 8
     weight = torch.randn(d, 1, w, dtype=dtype)
     bias = torch.randn(d, dtype=dtype)
-    ref_compiled = maybe_compile(causal_conv1d_update_ref, args.compile)
     for b in args.batches:
+        ref_compiled = maybe_compile(causal_conv1d_update_ref, args.compile)
         x = torch.randn(b, d, dtype=dtype)
         s_ours = torch.randn(b, d, w - 1, dtype=dtype)  # h1r / causal-conv1d keep w - 1 steps
         s_ref = s_ours.clone()
@@ -138,6 +177,7 @@ def bench_update(args, dtype, bw, rows):
         rows.append([f"b={b}", f"{ours * 1e6:.1f}", f"{eager * 1e6:.1f}", "-" if comp is None else f"{comp * 1e6:.1f}",
                      f"{peer * 1e6:.1f}", ratio(eager, ours), ratio(comp, ours), ratio(peer, ours), f"{gbs:.1f}",
                      f"{gbs * 1e9 / bw:.0%}"])
+        print("  update", rows[-1], flush=True)
 
 
 def main():
@@ -150,14 +190,21 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--cpu-time", action="store_true", help="one thread everywhere, time process CPU time")
     args = ap.parse_args()
+    global CPU_TIME
+    CPU_TIME = args.cpu_time
+    if CPU_TIME:
+        torch.set_num_threads(1)  # also the OpenMP team size of the h1r kernels
     if args.quick:
         args.lengths, args.batches, args.iters = [512], [1, 64], 5
 
     torch.manual_seed(0)
-    bw = memcpy_bandwidth()
-    print(f"h1r causal_conv1d benchmark: {torch.get_num_threads()} threads, CPU ISA {torch.ops.h1r.cpu_isa()}, "
-          f"memcpy {bw / 1e9:.1f} GB/s (read + write), conv_dim {args.dim}, width {args.width}")
+    torch._dynamo.config.recompile_limit = 64  # one compiled anchor per case and dtype
+    bw = memcpy_bandwidth() if not CPU_TIME else memcpy_bandwidth_cpu()
+    print(f"h1r causal_conv1d benchmark ({'process CPU time' if CPU_TIME else 'wall time'}): "
+          f"{torch.get_num_threads()} threads, CPU ISA {torch.ops.h1r.cpu_isa()}, "
+          f"memcpy {bw / 1e9:.1f} GB/s (read + write), conv_dim {args.dim}, width {args.width}", flush=True)
     heads = ["case", "h1r ms", "eager ms", "compile ms", "transformers ms", "vs eager", "vs compile",
              "vs transformers", "GB/s", "of memcpy"]
     for name in args.dtype:

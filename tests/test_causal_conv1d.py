@@ -425,3 +425,20 @@ def test_lower_isa_levels(isa):
 @pytest.mark.skipif("H1R_CONV_EXPECT_ISA" not in os.environ, reason="only inside test_lower_isa_levels")
 def test_expect_isa():
     assert torch.ops.h1r.cpu_isa() == os.environ["H1R_CONV_EXPECT_ISA"]
+
+
+def test_conv1d_weight_layout_and_mixed_dtypes_backward():
+    """An nn.Conv1d (d, 1, w) fp32 weight and bias with a bf16 x: gradients reach the parameters in fp32."""
+    conv = torch.nn.Conv1d(D, D, 4, groups=D, padding=3)
+    x = make_x(2, D, 33, torch.bfloat16, True).requires_grad_(True)
+    out = causal_conv1d(x, conv.weight, conv.bias, activation="silu")
+    assert out.dtype == torch.bfloat16
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    rx = f32(x).requires_grad_(True)
+    rw, rb = conv.weight.detach().clone().requires_grad_(True), conv.bias.detach().clone().requires_grad_(True)
+    causal_conv1d_ref(rx, rw, rb, activation="silu").backward(dout.float())
+    assert conv.weight.grad.dtype == torch.float32 and conv.weight.grad.shape == (D, 1, 4)
+    torch.testing.assert_close(conv.weight.grad, rw.grad, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(conv.bias.grad, rb.grad, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(x.grad.float(), rx.grad, atol=3e-2, rtol=2e-2)

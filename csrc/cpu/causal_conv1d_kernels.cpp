@@ -10,8 +10,9 @@
 //
 // Two layouts of x, each vectorized along its unit-stride axis:
 // * channel-last (b, l, d) in memory (the layout Falcon-H1's xBC comes in, a slice of in_proj's output):
-//   a vector holds kV neighbouring channels; walking time, the w taps stay in registers (a sliding
-//   window), so every x element is loaded once. Work items are (batch, time chunk, channel vector).
+//   a vector holds kV neighbouring channels. Work items are tiles (batch, time chunk, channel range)
+//   walked row by row (time outermost), so x and out stream through memory; the taps re-read the
+//   previous H rows of the range from L1.
 // * channel-first (b, d, l): a vector holds kV consecutive time steps of one channel row; the row is
 //   first widened to fp32 with its history in front (X), so the taps are unaligned loads X[t + k].
 // The document masks M_k are built once per call (per batch row and tap) as fp32 arrays, zero-padded on
@@ -99,16 +100,20 @@ inline float hsum(const Vec& v) {
 
 // ---- activation -------------------------------------------------------------------------------------
 
-inline Vec sigmoid(const Vec& z) { return Vec(1.f) / (Vec(1.f) + z.neg().exp()); }
+// exp_u20: ATen's inline polynomial exp (<= 20 ulp), several times faster than the Sleef call of exp().
+inline Vec sigmoid(const Vec& z) { return Vec(1.f) / (Vec(1.f) + z.neg().exp_u20()); }
 inline Vec silu(const Vec& z) { return z * sigmoid(z); }
 // d silu / dz = s (1 + z (1 - s)), s = sigmoid(z)
 inline Vec silu_grad(const Vec& z) {
   Vec s = sigmoid(z);
   return s * (Vec(1.f) + z * (Vec(1.f) - s));
 }
-inline float silu_scalar(float z) { return z / (1.f + std::exp(-z)); }
 
 inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
+
+// Below this many elements of work a loop runs on the calling thread: waking the OpenMP team costs more
+// than the work (a decode step of one sequence is ~4K channels).
+constexpr int64_t kParallelMin = 1 << 15;
 
 // ---- dispatch on (dtype, width, seq_idx present) -----------------------------------------------------
 
@@ -151,7 +156,7 @@ TapMasks build_tap_masks(const CausalConv1dParams& p) {
   m.H = H;
   m.row = 2 * H + round_up(l, kV) + kV;
   m.data.assign(p.batch * H * m.row, 0.f);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (p.batch * p.seqlen * (p.width - 1) >= kParallelMin)
   for (int64_t b = 0; b < p.batch; ++b) {
     const int32_t* seq = p.seq_idx + b * l;
     for (int64_t k = 0; k < H; ++k) {
@@ -181,12 +186,57 @@ std::vector<float> transpose_weight(const CausalConv1dParams& p) {
   return wt;
 }
 
-// Time chunk of the channel-last work items: long enough that re-reading H steps of history per chunk
-// is noise, short enough that (batch x chunks x channel vectors) feeds every thread, and bounded in
-// count so that the backward's per-chunk dweight slots stay small.
-int64_t channel_last_chunk(const CausalConv1dParams& p) {
-  const int64_t by_count = (p.batch * p.seqlen + 63) / 64;
-  return std::max<int64_t>(256, by_count);
+// Channel-last work items are tiles of (batch, time chunk, channel range). Inside a tile the loop walks
+// time outermost and channels innermost, so x and out stream through memory row by row; the taps
+// re-read the previous H rows of the range, which are still in L1 (a range is at most kMaxRange
+// channels). Tiles per batch row are bounded (<= ~64 in all) so that the backward's per-tile dweight
+// slots stay small, and chunks are >= 64 steps so that the backward's H-step halo is noise.
+constexpr int64_t kMaxRange = 1024;
+
+struct ChannelLastTiles {
+  int64_t chunk, nchunks, range, nranges;
+  int64_t count(int64_t batch) const { return batch * nchunks * nranges; }
+};
+
+ChannelLastTiles channel_last_tiles(const CausalConv1dParams& p) {
+  ChannelLastTiles t;
+  const int64_t nr = (p.dim + kMaxRange - 1) / kMaxRange;
+  t.range = round_up((p.dim + nr - 1) / nr, kV);
+  t.nranges = (p.dim + t.range - 1) / t.range;
+  const int64_t want = std::max<int64_t>(1, std::min((64 + p.batch - 1) / p.batch, p.seqlen / 64));
+  t.chunk = (p.seqlen + want - 1) / want;
+  t.nchunks = (p.seqlen + t.chunk - 1) / t.chunk;
+  return t;
+}
+
+// The rows feeding the taps of output time t in a channel-last tile: tap k reads time t - H + k, from x
+// when that is >= 0, else from the history rows hist[(H + s) * range] (initial_states transposed to
+// (H, range) for the tile, or zeros).
+template <typename T, int W>
+struct TapRows {
+  const T* x[W];
+  const float* hist[W];
+  bool all_x;
+  TapRows(const CausalConv1dParams& p, const T* xb, const float* hist_rows, int64_t range, int64_t c0, int64_t t) {
+    constexpr int H = W - 1;
+    all_x = t >= H;
+    for (int k = 0; k < W; ++k) {
+      const int64_t s = t - H + k;
+      x[k] = s >= 0 ? xb + s * p.x_stride_t : nullptr;
+      hist[k] = s >= 0 ? nullptr : hist_rows + (H + s) * range - c0;
+    }
+  }
+  Vec load(int k, int64_t c, int64_t n) const {
+    return (all_x || x[k]) ? load_vec(x[k] + c, n) : Vec::loadu(hist[k] + c, n);
+  }
+};
+
+// initial_states (b, d, H) of channels [c0, c0 + nc) transposed to rows (H, range); zeros without them.
+void history_rows(const CausalConv1dParams& p, int64_t b, int64_t c0, int64_t nc, int64_t range, float* rows) {
+  const int64_t H = p.width - 1;
+  for (int64_t j = 0; j < H; ++j)
+    for (int64_t i = 0; i < range; ++i)
+      rows[j * range + i] = (p.initial_states && i < nc) ? p.initial_states[(b * p.dim + c0 + i) * H + j] : 0.f;
 }
 
 // ---- final states (both layouts; b * d * H values, scalar) --------------------------------------------
@@ -195,7 +245,7 @@ template <typename T>
 void write_final_states(const CausalConv1dParams& p) {
   const int64_t H = p.width - 1, l = p.seqlen, d = p.dim;
   const T* x = static_cast<const T*>(p.x);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (p.batch * p.dim * p.width >= kParallelMin)
   for (int64_t bc = 0; bc < p.batch * d; ++bc) {
     const int64_t b = bc / d, c = bc % d;
     for (int64_t j = 0; j < H; ++j) {
@@ -217,7 +267,7 @@ void fwd_channel_first(const CausalConv1dParams& p, const TapMasks& masks) {
   const int64_t l = p.seqlen, d = p.dim, Lr = round_up(l, kV);
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
-#pragma omp parallel
+#pragma omp parallel if (p.batch * p.dim * p.seqlen >= kParallelMin)
   {
     std::vector<float> X(H + Lr, 0.f);  // [history | x row in fp32 | zeros]
 #pragma omp for schedule(static)
@@ -247,61 +297,43 @@ void fwd_channel_first(const CausalConv1dParams& p, const TapMasks& masks) {
   }
 }
 
-// History window of a channel-last block before time t0: win[j + 1] = X at time t0 - H + j.
-template <typename T, int W>
-inline void load_history(const CausalConv1dParams& p, int64_t b, int64_t t0, int64_t c, int64_t n, Vec* win) {
-  constexpr int H = W - 1;
-  const T* xb = static_cast<const T*>(p.x) + b * p.x_stride_b + c;
-  for (int j = 0; j < H; ++j) {
-    const int64_t s = t0 - H + j;
-    if (s >= 0) win[j + 1] = load_vec(xb + s * p.x_stride_t, n);
-    else if (p.initial_states) win[j + 1] = gather(p.initial_states + (b * p.dim + c) * H + H + s, H, n);
-    else win[j + 1] = Vec(0.f);
-  }
-}
-
-// Channel-last: n <= kV channels starting at c, times [t0, t1), taps kept in registers.
-template <typename T, int W, bool SEQ>
-void fwd_channel_last_block(const CausalConv1dParams& p, const TapMasks& masks, const float* wt, int64_t b,
-                            int64_t t0, int64_t t1, int64_t c, int64_t n) {
-  constexpr int H = W - 1;
-  const T* xb = static_cast<const T*>(p.x) + b * p.x_stride_b + c;
-  T* ob = static_cast<T*>(p.out) + b * p.out_stride_b + c;
-  Vec wk[W], win[W];
-  for (int k = 0; k < W; ++k) wk[k] = Vec::loadu(wt + k * p.dim + c, n);
-  const Vec bias = p.bias ? Vec::loadu(p.bias + c, n) : Vec(0.f);
-  load_history<T, W>(p, b, t0, c, n, win);
-  const float* mk[H > 0 ? H : 1];
-  if constexpr (SEQ) for (int k = 0; k < H; ++k) mk[k] = masks.at(b, k);
-
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int k = 0; k < H; ++k) win[k] = win[k + 1];  // slide: win[k] = X at time t - H + k
-    win[H] = load_vec(xb + t * p.x_stride_t, n);
-    Vec acc = bias;
-    for (int k = 0; k < W; ++k) {
-      Vec tap = win[k];
-      if constexpr (SEQ) {
-        if (k < H) tap = tap * Vec(mk[k][t]);
-      }
-      acc = at::vec::fmadd(wk[k], tap, acc);
-    }
-    if (p.silu) acc = silu(acc);
-    store_vec(ob + t * p.out_stride_t, acc, n);
-  }
-}
-
+// Channel-last: tiles of (batch, time chunk, channel range), time outermost inside a tile.
 template <typename T, int W, bool SEQ>
 void fwd_channel_last(const CausalConv1dParams& p, const TapMasks& masks) {
+  constexpr int H = W - 1;
   const std::vector<float> wt = transpose_weight(p);
-  const int64_t chunk = channel_last_chunk(p);
-  const int64_t nchunks = (p.seqlen + chunk - 1) / chunk, ncv = (p.dim + kV - 1) / kV;
-  const int64_t items = p.batch * nchunks * ncv;
-#pragma omp parallel for schedule(static)
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t cv = it % ncv, tc = (it / ncv) % nchunks, b = it / (ncv * nchunks);
-    const int64_t c = cv * kV, t0 = tc * chunk;
-    fwd_channel_last_block<T, W, SEQ>(p, masks, wt.data(), b, t0, std::min(t0 + chunk, p.seqlen), c,
-                                      std::min(kV, p.dim - c));
+  const ChannelLastTiles tiles = channel_last_tiles(p);
+  const int64_t range = tiles.range;
+#pragma omp parallel if (p.batch * p.dim * p.seqlen >= kParallelMin)
+  {
+    std::vector<float> hist(H * range);
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < tiles.count(p.batch); ++it) {
+      const int64_t rc = it % tiles.nranges, tc = (it / tiles.nranges) % tiles.nchunks;
+      const int64_t b = it / (tiles.nranges * tiles.nchunks);
+      const int64_t c0 = rc * range, c1 = std::min(c0 + range, p.dim);
+      const int64_t t0 = tc * tiles.chunk, t1 = std::min(t0 + tiles.chunk, p.seqlen);
+      const T* xb = static_cast<const T*>(p.x) + b * p.x_stride_b;
+      T* ob = static_cast<T*>(p.out) + b * p.out_stride_b;
+      if (t0 < H) history_rows(p, b, c0, c1 - c0, range, hist.data());
+      for (int64_t t = t0; t < t1; ++t) {
+        const TapRows<T, W> rows(p, xb, hist.data(), range, c0, t);
+        float m[W];  // document mask of each tap (scalar: one time step)
+        for (int k = 0; k < W; ++k) m[k] = (SEQ && k < H) ? masks.at(b, k)[t] : 1.f;
+        T* orow = ob + t * p.out_stride_t;
+        for (int64_t c = c0; c < c1; c += kV) {
+          const int64_t n = std::min(kV, c1 - c);
+          Vec acc = p.bias ? Vec::loadu(p.bias + c, n) : Vec(0.f);
+          for (int k = 0; k < W; ++k) {
+            Vec tap = rows.load(k, c, n);
+            if constexpr (SEQ) tap = tap * Vec(m[k]);
+            acc = at::vec::fmadd(Vec::loadu(wt.data() + k * p.dim + c, n), tap, acc);
+          }
+          if (p.silu) acc = silu(acc);
+          store_vec(orow + c, acc, n);
+        }
+      }
+    }
   }
 }
 
@@ -311,7 +343,7 @@ void fwd_channel_last(const CausalConv1dParams& p, const TapMasks& masks) {
 // Summed over items in order at the end (deterministic).
 void reduce_weight_grads(const CausalConv1dParams& p, const std::vector<float>& slots, int64_t items) {
   const int64_t W = p.width, d = p.dim;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (p.dim * (p.width + 1) * items >= kParallelMin)
   for (int64_t c = 0; c < d; ++c) {
     for (int64_t k = 0; k <= W; ++k) {
       float s = 0.f;
@@ -332,7 +364,7 @@ void bwd_channel_first(const CausalConv1dParams& p, const TapMasks& masks, std::
   const T* x = static_cast<const T*>(p.x);
   const T* dout = static_cast<const T*>(p.dout);
   T* dx = static_cast<T*>(p.out);
-#pragma omp parallel
+#pragma omp parallel if (p.batch * p.dim * p.seqlen >= kParallelMin)
   {
     std::vector<float> X(H + Lr, 0.f);
     std::vector<float> G(2 * H + Lr + kV, 0.f);  // G[H + t] = g[t]
@@ -394,102 +426,112 @@ void bwd_channel_first(const CausalConv1dParams& p, const TapMasks& masks, std::
   }
 }
 
-// Channel-last block: channels [c, c + n), outputs dx at times [t0, t1) (and dinitial_states when
-// t0 == 0). Walks t over [t0, t1 + H): the x window gives pre[t] and g[t]; the g window (g at t - i)
-// gives dX at time t - H, whose taps read g[t - H .. t].
-template <typename T, int W, bool SEQ>
-void bwd_channel_last_block(const CausalConv1dParams& p, const TapMasks& masks, const float* wt, float* slot,
-                            int64_t b, int64_t t0, int64_t t1, int64_t c, int64_t n) {
-  constexpr int H = W - 1;
-  const int64_t l = p.seqlen, d = p.dim;
-  const T* xb = static_cast<const T*>(p.x) + b * p.x_stride_b + c;
-  const T* gb = static_cast<const T*>(p.dout) + b * p.dout_stride_b + c;
-  T* dxb = static_cast<T*>(p.out) + b * p.out_stride_b + c;
-  Vec wk[W], win[W], gw[W], dw[W];
-  for (int k = 0; k < W; ++k) wk[k] = Vec::loadu(wt + k * d + c, n), gw[k] = Vec(0.f), dw[k] = Vec(0.f);
-  const Vec bias = p.bias ? Vec::loadu(p.bias + c, n) : Vec(0.f);
-  Vec db(0.f);
-  load_history<T, W>(p, b, t0, c, n, win);
-  const float* mk[H > 0 ? H : 1];
-  if constexpr (SEQ) for (int k = 0; k < H; ++k) mk[k] = masks.at(b, k);
-  const int64_t first_out = (t0 == 0 && p.dinitial_states) ? -H : t0;
-
-  for (int64_t t = t0; t < t1 + H; ++t) {
-    Vec g(0.f);
-    if (t < l) {
-      for (int k = 0; k < H; ++k) win[k] = win[k + 1];
-      win[H] = load_vec(xb + t * p.x_stride_t, n);
-      Vec taps[W];
-      Vec pre = bias;
-      for (int k = 0; k < W; ++k) {
-        taps[k] = win[k];
-        if constexpr (SEQ) {
-          if (k < H) taps[k] = taps[k] * Vec(mk[k][t]);
-        }
-        pre = at::vec::fmadd(wk[k], taps[k], pre);
-      }
-      g = load_vec(gb + t * p.dout_stride_t, n);
-      if (p.silu) g = g * silu_grad(pre);
-      if (t < t1) {
-        for (int k = 0; k < W; ++k) dw[k] = at::vec::fmadd(g, taps[k], dw[k]);
-        db = db + g;
-      }
-    }
-    for (int i = H; i > 0; --i) gw[i] = gw[i - 1];  // gw[i] = g at time t - i
-    gw[0] = g;
-
-    const int64_t s = t - H;  // the time whose dX is now complete
-    if (s < first_out) continue;
-    Vec acc(0.f);
-    for (int k = 0; k < W; ++k) {
-      Vec gk = gw[k];  // g[s + H - k] feeds X[s] through tap k
-      if constexpr (SEQ) {
-        if (k < H) gk = gk * Vec(mk[k][t - k]);
-      }
-      acc = at::vec::fmadd(wk[k], gk, acc);
-    }
-    if (p.dfinal_states && s >= l - H) {
-      const int64_t j = s - (l - H);
-      if (final_step_kept(p, b, j)) acc = acc + gather(p.dfinal_states + (b * d + c) * H + j, H, n);
-    }
-    if (s >= 0) store_vec(dxb + s * p.out_stride_t, acc, n);
-    else scatter(p.dinitial_states + (b * d + c) * H + H + s, H, acc, n);
-  }
-  for (int k = 0; k < W; ++k) dw[k].store(slot + k * d + c, n);
-  db.store(slot + W * d + c, n);
-}
-
+// Channel-last: tiles as in the forward. A tile walks t over [t0, t1 + H): it computes the row g[t] (pre
+// recomputed from the x rows) into a ring of H + 1 rows, accumulates dweight / dbias for t < t1, and
+// completes the row dX at time s = t - H, whose taps read g[s .. s + H] from the ring. Ring rows of
+// times before t0 stay zero (they only feed rows s < t0, which belong to the previous tile).
 template <typename T, int W, bool SEQ>
 int64_t bwd_channel_last(const CausalConv1dParams& p, const TapMasks& masks, std::vector<float>& slots) {
+  constexpr int H = W - 1;
   const std::vector<float> wt = transpose_weight(p);
-  const int64_t chunk = channel_last_chunk(p);
-  const int64_t nchunks = (p.seqlen + chunk - 1) / chunk, ncv = (p.dim + kV - 1) / kV;
-  const int64_t nslots = p.batch * nchunks;
-  slots.assign(nslots * (W + 1) * p.dim, 0.f);
-#pragma omp parallel for schedule(static)
-  for (int64_t it = 0; it < nslots * ncv; ++it) {
-    const int64_t cv = it % ncv, bt = it / ncv, tc = bt % nchunks, b = bt / nchunks;
-    const int64_t c = cv * kV, t0 = tc * chunk;
-    bwd_channel_last_block<T, W, SEQ>(p, masks, wt.data(), slots.data() + bt * (W + 1) * p.dim, b, t0,
-                                      std::min(t0 + chunk, p.seqlen), c, std::min(kV, p.dim - c));
+  const ChannelLastTiles tiles = channel_last_tiles(p);
+  const int64_t range = tiles.range, l = p.seqlen, d = p.dim;
+  const int64_t nslots = p.batch * tiles.nchunks;  // one dweight slot per (batch, chunk)
+  slots.assign(nslots * (W + 1) * d, 0.f);
+#pragma omp parallel if (p.batch * p.dim * p.seqlen >= kParallelMin)
+  {
+    std::vector<float> hist(H * range), ring((H + 1) * range), acc_w((W + 1) * range);
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < tiles.count(p.batch); ++it) {
+      const int64_t rc = it % tiles.nranges, bt = it / tiles.nranges, tc = bt % tiles.nchunks;
+      const int64_t b = bt / tiles.nchunks;
+      const int64_t c0 = rc * range, c1 = std::min(c0 + range, d);
+      const int64_t t0 = tc * tiles.chunk, t1 = std::min(t0 + tiles.chunk, l);
+      const T* xb = static_cast<const T*>(p.x) + b * p.x_stride_b;
+      const T* gb = static_cast<const T*>(p.dout) + b * p.dout_stride_b;
+      T* dxb = static_cast<T*>(p.out) + b * p.out_stride_b;
+      if (t0 < H) history_rows(p, b, c0, c1 - c0, range, hist.data());
+      std::fill(ring.begin(), ring.end(), 0.f);
+      std::fill(acc_w.begin(), acc_w.end(), 0.f);
+      float* dw = acc_w.data() - c0;  // dw[k * range + c], dbias at k = W
+      const int64_t first_out = (t0 == 0 && p.dinitial_states) ? -H : t0;
+
+      for (int64_t t = t0; t < t1 + H; ++t) {
+        float* grow = ring.data() + (t % (H + 1)) * range - c0;  // g[t]
+        if (t < l) {
+          const TapRows<T, W> rows(p, xb, hist.data(), range, c0, t);
+          float m[W];
+          for (int k = 0; k < W; ++k) m[k] = (SEQ && k < H) ? masks.at(b, k)[t] : 1.f;
+          const T* drow = gb + t * p.dout_stride_t;
+          const bool own = t < t1;  // not the halo: dweight / dbias count it here
+          for (int64_t c = c0; c < c1; c += kV) {
+            const int64_t n = std::min(kV, c1 - c);
+            Vec taps[W];
+            Vec pre = p.bias ? Vec::loadu(p.bias + c, n) : Vec(0.f);
+            for (int k = 0; k < W; ++k) {
+              taps[k] = rows.load(k, c, n);
+              if constexpr (SEQ) taps[k] = taps[k] * Vec(m[k]);
+              pre = at::vec::fmadd(Vec::loadu(wt.data() + k * d + c, n), taps[k], pre);
+            }
+            Vec g = load_vec(drow + c, n);
+            if (p.silu) g = g * silu_grad(pre);
+            g.store(grow + c, n);
+            if (own) {
+              for (int k = 0; k < W; ++k)
+                at::vec::fmadd(g, taps[k], Vec::loadu(dw + k * range + c, n)).store(dw + k * range + c, n);
+              (Vec::loadu(dw + W * range + c, n) + g).store(dw + W * range + c, n);
+            }
+          }
+        } else {
+          std::fill(grow + c0, grow + c1, 0.f);
+        }
+
+        const int64_t s = t - H;  // dX[s] is complete: its taps read g[s + H - k], k = 0..H
+        if (s < first_out) continue;
+        const float* gk[W];
+        float m[W];
+        for (int k = 0; k < W; ++k) {
+          gk[k] = ring.data() + ((t - k + H + 1) % (H + 1)) * range - c0;
+          m[k] = (SEQ && k < H) ? masks.at(b, k)[t - k] : 1.f;
+        }
+        const bool add_final = p.dfinal_states && s >= l - H && final_step_kept(p, b, s - (l - H));
+        for (int64_t c = c0; c < c1; c += kV) {
+          const int64_t n = std::min(kV, c1 - c);
+          Vec acc(0.f);
+          for (int k = 0; k < W; ++k) {
+            Vec wk = Vec::loadu(wt.data() + k * d + c, n);
+            if constexpr (SEQ) wk = wk * Vec(m[k]);
+            acc = at::vec::fmadd(wk, Vec::loadu(gk[k] + c, n), acc);
+          }
+          if (add_final) acc = acc + gather(p.dfinal_states + (b * d + c) * H + s - (l - H), H, n);
+          if (s >= 0) store_vec(dxb + s * p.out_stride_t + c, acc, n);
+          else scatter(p.dinitial_states + (b * d + c) * H + H + s, H, acc, n);
+        }
+      }
+      float* slot = slots.data() + bt * (W + 1) * d;
+      for (int k = 0; k <= W; ++k) std::copy(dw + k * range + c0, dw + k * range + c1, slot + k * d + c0);
+    }
   }
   return nslots;
 }
 
 // ---- decode-step update -------------------------------------------------------------------------------
 
-// Per (batch row, kV channels): the window [state | new x] of each channel in fp32, the conv of the
-// new steps (silu vectorized across the channels), then the state shifted in place.
-template <typename T>
+// Per (batch row, kV channels). One new step (the decode case): each channel's W taps are its last H
+// state steps and x, the pre-activations of the kV channels are gathered into one vector for the silu,
+// and the state is shifted in place. Several new steps: the window [state | x] of each channel is
+// widened to fp32 first.
+template <typename T, int W>
 void update_impl(const CausalConv1dUpdateParams& p) {
-  const int64_t W = p.width, H = W - 1, S = p.state_len, l = p.seqlen, d = p.dim;
+  constexpr int H = W - 1;
+  const int64_t S = p.state_len, l = p.seqlen, d = p.dim, ss_c = p.state_stride_c, ss_t = p.state_stride_t;
   const int64_t ncv = (d + kV - 1) / kV, span = S + l;
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
   T* state = static_cast<T*>(p.conv_state);
-#pragma omp parallel
+#pragma omp parallel if (p.batch * p.dim * p.seqlen >= kParallelMin)
   {
-    std::vector<float> buf(kV * span);  // buf[i * span + j]: lane i, step j of [state | x]
+    std::vector<float> buf(l > 1 ? kV * span : 0);  // buf[i * span + j]: lane i, step j of [state | x]
     __at_align__ float pre[kV];
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < p.batch * ncv; ++it) {
@@ -500,34 +542,69 @@ void update_impl(const CausalConv1dUpdateParams& p) {
         for (int64_t i = 0; i < n * l; ++i) ob[i] = T(0.f);
         continue;
       }
-      T* sb = state + row * p.state_stride_b + c * p.state_stride_c;
+      T* sb = state + row * p.state_stride_b + c * ss_c;
       const T* xb = x + b * p.x_stride_b + c * p.x_stride_c;
+      const float* wc = p.weight + c * W;
+
+      if (l == 1 && S == H && ss_t == 1) {  // the usual cache: exactly w - 1 steps, contiguous per channel
+        for (int64_t i = 0; i < kV; ++i) {
+          if (i >= n) { pre[i] = 0.f; continue; }
+          T* st = sb + i * ss_c;
+          const T xi = xb[i * p.x_stride_c];
+          const float* wi = wc + i * W;
+          float acc = p.bias ? p.bias[c + i] : 0.f;
+          T s[H];
+          for (int k = 0; k < H; ++k) s[k] = st[k];
+          for (int k = 0; k < H; ++k) acc += wi[k] * static_cast<float>(s[k]);
+          pre[i] = acc + wi[H] * static_cast<float>(xi);
+          for (int k = 0; k + 1 < H; ++k) st[k] = s[k + 1];
+          st[H - 1] = xi;
+        }
+        Vec v = Vec::loadu(pre);
+        if (p.silu) v = silu(v);
+        store_vec(ob, v, n);
+        continue;
+      }
+
+      if (l == 1) {
+        for (int64_t i = 0; i < kV; ++i) {
+          if (i >= n) { pre[i] = 0.f; continue; }
+          T* st = sb + i * ss_c;
+          const T xi = xb[i * p.x_stride_c];
+          float acc = p.bias ? p.bias[c + i] : 0.f;
+          for (int k = 0; k < H; ++k) acc += wc[i * W + k] * static_cast<float>(st[(S - H + k) * ss_t]);
+          acc += wc[i * W + H] * static_cast<float>(xi);
+          pre[i] = acc;
+          for (int64_t j = 0; j + 1 < S; ++j) st[j * ss_t] = st[(j + 1) * ss_t];
+          st[(S - 1) * ss_t] = xi;
+        }
+        Vec v = Vec::loadu(pre);
+        if (p.silu) v = silu(v);
+        store_vec(ob, v, n);
+        continue;
+      }
+
       for (int64_t i = 0; i < n; ++i) {
         float* bi = buf.data() + i * span;
-        for (int64_t j = 0; j < S; ++j) bi[j] = static_cast<float>(sb[i * p.state_stride_c + j * p.state_stride_t]);
+        for (int64_t j = 0; j < S; ++j) bi[j] = static_cast<float>(sb[i * ss_c + j * ss_t]);
         for (int64_t t = 0; t < l; ++t) bi[S + t] = static_cast<float>(xb[i * p.x_stride_c + t * p.x_stride_t]);
       }
       for (int64_t t = 0; t < l; ++t) {
         for (int64_t i = 0; i < kV; ++i) {
           if (i >= n) { pre[i] = 0.f; continue; }
-          const float* win = buf.data() + i * span + S - H + t;  // the w taps of step t
-          const float* wc = p.weight + (c + i) * W;
+          const float* win = buf.data() + i * span + S - H + t;  // the W taps of step t
           float acc = p.bias ? p.bias[c + i] : 0.f;
-          for (int64_t k = 0; k < W; ++k) acc += wc[k] * win[k];
+          for (int k = 0; k < W; ++k) acc += wc[i * W + k] * win[k];
           pre[i] = acc;
         }
         Vec v = Vec::loadu(pre);
         if (p.silu) v = silu(v);
-        if (l == 1) {
-          store_vec(ob, v, n);
-        } else {
-          v.store(pre);
-          for (int64_t i = 0; i < n; ++i) ob[i * l + t] = T(pre[i]);
-        }
+        v.store(pre);
+        for (int64_t i = 0; i < n; ++i) ob[i * l + t] = T(pre[i]);
       }
       for (int64_t i = 0; i < n; ++i) {
         const float* bi = buf.data() + i * span + l;  // the newest S steps
-        for (int64_t j = 0; j < S; ++j) sb[i * p.state_stride_c + j * p.state_stride_t] = T(bi[j]);
+        for (int64_t j = 0; j < S; ++j) sb[i * ss_c + j * ss_t] = T(bi[j]);
       }
     }
   }
@@ -569,11 +646,9 @@ void causal_conv1d_bwd_kernel(const CausalConv1dParams& p) {
 }
 
 void causal_conv1d_update_kernel(const CausalConv1dUpdateParams& p) {
-  switch (p.dtype) {
-    case ConvDtype::bf16: update_impl<c10::BFloat16>(p); break;
-    case ConvDtype::f16: update_impl<c10::Half>(p); break;
-    default: update_impl<float>(p); break;
-  }
+  dispatch_conv(p.dtype, p.width, false, [&](auto t, auto w, auto) {
+    update_impl<decltype(t), decltype(w)::value>(p);
+  });
 }
 
 }  // namespace h1r::cpu::H1R_ISA
