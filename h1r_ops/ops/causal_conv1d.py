@@ -96,8 +96,7 @@ def causal_conv1d(
     if initial_states is not None:
         initial_states = initial_states.contiguous()
     x = _in_supported_layout(x)
-    if not torch.compiler.is_compiling():  # the registry lookup is not traceable; dispatch checks anyway
-        _registry.require_kernel("causal_conv1d_fwd", x.device)
+    _registry.require_kernel("causal_conv1d_fwd", x.device)
     out, final_states = torch.ops.h1r.causal_conv1d_fwd(
         x, weight, bias, seq_idx, initial_states, bool(return_final_states), silu
     )
@@ -159,8 +158,7 @@ def causal_conv1d_update(
         s.require(s["S"] >= s["b"], "conv_state", f"expected at least batch = {s['b']} rows, got {s['S']}")
     else:
         conv_state_indices = conv_state_indices.to(torch.int32).contiguous()
-    if not torch.compiler.is_compiling():  # the registry lookup is not traceable; dispatch checks anyway
-        _registry.require_kernel(op, x.device)
+    _registry.require_kernel(op, x.device)
     return torch.ops.h1r.causal_conv1d_update(x, conv_state, weight, bias, silu, conv_state_indices)
 
 
