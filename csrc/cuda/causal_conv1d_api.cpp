@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd(const at::Tensor& x, const 
   return {out, final_states};
 }
 
-at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
+at::Tensor causal_conv1d_update(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, bool silu,
                                 const std::optional<at::Tensor>& conv_state_indices) {
   TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, "argument 'x': expected shape (b, d) or (b, d, l), got ",

@@ -10,8 +10,8 @@
 
 namespace h1r::cuda {
 
-void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
-                       const at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping) {
   check_shape(key_cache, "key_cache", {-1, -1, -1, -1});
   const int64_t nb = key_cache.size(0), bs = key_cache.size(1), hk = key_cache.size(2), hd = key_cache.size(3);
   check_shape(value_cache, "value_cache", {nb, bs, hk, hd});
