@@ -35,7 +35,7 @@ at::Tensor selective_state_update(at::Tensor& state, const at::Tensor& x, const 
                       state.size(0));
   }
   check_contiguous(state, "state");
-  for (auto [t, name] : {std::pair{&state, "state"}, {&x, "x"}, {&dt, "dt"}, {&A, "A"}, {&B, "B"}, {&C, "C"}})
+  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&state, "state"}, {&x, "x"}, {&dt, "dt"}, {&A, "A"}, {&B, "B"}, {&C, "C"}})
     check_device(*t, name);
   for (auto [t, name] : {std::pair{&D, "D"}, {&z, "z"}, {&dt_bias, "dt_bias"}, {&state_batch_indices, "state_batch_indices"}})
     if (*t) check_device(**t, name);
