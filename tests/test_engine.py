@@ -1,0 +1,163 @@
+"""The paged continuous-batching engine vs the model's own contiguous-cache decoding."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _engine_helpers import tiny_model  # noqa: E402
+
+from h1r_ops.infer import Engine, SamplingParams  # noqa: E402
+from h1r_ops.infer.block_manager import BlockAllocator, BlockTable, OutOfBlocks  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def _prompts(n, seed=0, lo=1, hi=40):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(3, 97, (L,), generator=g).tolist() for L in lens]
+
+
+def _no_leak(eng):
+    a = eng.allocator
+    assert a.num_free == a.num_blocks and a.num_allocated == a.num_freed
+    assert eng.states.num_free == eng.states.num_slots and eng.states.num_allocated == eng.states.num_freed
+    assert not eng.has_unfinished()
+
+
+# -- block manager ----------------------------------------------------------------------------------------
+def test_allocator_free_list_and_refcounts():
+    a = BlockAllocator(4, 2)
+    t = BlockTable(a)
+    copies = []
+    assert t.append_slots(3, lambda s, d: copies.append((s, d))) == [0, 1, 2]  # blocks 0, 1
+    f = t.fork()
+    assert a.refcount(0) == 2 and a.refcount(1) == 2
+    # the fork writes into the shared partial page: copy-on-write into a fresh page
+    s = f.append_slots(1, lambda src, dst: copies.append((src, dst)))
+    assert copies == [(1, 2)] and s == [2 * 2 + 1] and f.blocks == [0, 2]
+    assert a.refcount(1) == 1
+    t.append_slots(1, lambda *x: copies.append(x))   # t now owns block 1 alone: no copy
+    assert len(copies) == 1
+    t.release(), f.release()
+    assert a.num_free == 4 and a.num_allocated == a.num_freed
+    with pytest.raises(RuntimeError, match="double free"):
+        a.free(0)
+    for _ in range(4):
+        a.allocate()
+    with pytest.raises(OutOfBlocks):
+        a.allocate()
+
+
+# -- greedy equals the model's own decoding ---------------------------------------------------------------
+def test_greedy_matches_model_many_sequences(model):
+    prompts = _prompts(12, seed=1)
+    new = [5, 17, 30, 9, 1, 23, 12, 28, 3, 19, 31, 7]
+    eng = Engine(model, max_num_seqs=5, block_size=4, max_model_len=80)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in new]
+    outs = eng.generate(prompts, params)
+    for p, n, o in zip(prompts, new, outs):
+        ref = model.generate_greedy(torch.tensor([p]), n)[0, len(p):].tolist()
+        assert o[0].token_ids == ref and o[0].finish_reason == "length"
+    _no_leak(eng)
+
+
+def test_eos_and_stop_token_ids_end_traces(model):
+    prompts = _prompts(6, seed=2)
+    ref = [model.generate_greedy(torch.tensor([p]), 20)[0, len(p):].tolist() for p in prompts]
+    stop_tok = ref[0][4]
+    eng = Engine(model, max_num_seqs=3, block_size=8, max_model_len=80)
+    outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_tok]))
+    for r, o in zip(ref, outs):
+        o = o[0]
+        cut = [i for i, t in enumerate(r) if t in (stop_tok, 2)]
+        if cut:
+            assert o.token_ids == r[: cut[0] + 1] and o.finish_reason == "stop" and o.stop_reason == r[cut[0]]
+        else:
+            assert o.token_ids == r and o.finish_reason == "length"
+    _no_leak(eng)
+
+
+def test_shared_prefix_equals_separate_prefills(model):
+    # n greedy traces of one prompt (one prefill, shared pages, copy-on-write of the partial page) give
+    # the separate prefill's result; prompt length 10 with block 4 leaves a partial last page.
+    p = _prompts(1, seed=3, lo=10, hi=11)[0]
+    eng = Engine(model, max_num_seqs=8, block_size=4, max_model_len=64)
+    shared = eng.generate([p], SamplingParams(n=6, temperature=0, max_tokens=15, ignore_eos=True))[0]
+    assert eng.stats["prefill_tokens"] == len(p)
+    sep = eng.generate([p] * 6, SamplingParams(temperature=0, max_tokens=15, ignore_eos=True))
+    for a, b in zip(shared, sep):
+        assert a.token_ids == b[0].token_ids
+    # sampled traces too: same seeds, same tokens, whether the prompt is shared or not
+    sp = SamplingParams(n=4, temperature=1.0, top_k=20, max_tokens=12, seed=7, ignore_eos=True)
+    shared = eng.generate([p], sp)[0]
+    alone = [eng.generate([p], SamplingParams(temperature=1.0, top_k=20, max_tokens=12, seed=7 + i, ignore_eos=True))[0][0]
+             for i in range(4)]
+    assert [o.token_ids for o in shared] == [o.token_ids for o in alone]
+    _no_leak(eng)
+
+
+def test_more_traces_than_seats_and_preemption(model):
+    # few pages: traces must wait for seats and get preempted / recomputed; results stay greedy-exact
+    p = _prompts(1, seed=4, lo=6, hi=7)[0]
+    ref = model.generate_greedy(torch.tensor([p]), 30)[0, len(p):].tolist()
+    eng = Engine(model, max_num_seqs=4, block_size=4, num_blocks=20, max_model_len=40)
+    outs = eng.generate([p], SamplingParams(n=9, temperature=0, max_tokens=30, ignore_eos=True))[0]
+    assert all(o.token_ids == ref for o in outs)
+    assert eng.stats["preemptions"] > 0
+    _no_leak(eng)
+
+
+# -- sampling -----------------------------------------------------------------------------------------------
+def test_seeded_sampling_reproducible_and_batch_independent(model):
+    prompts = _prompts(5, seed=5)
+    sp = SamplingParams(n=3, temperature=0.8, top_p=0.9, top_k=30, min_p=0.02, max_tokens=16, seed=123)
+    a = Engine(model, max_num_seqs=16, block_size=4, max_model_len=64).generate(prompts, sp)
+    b = Engine(model, max_num_seqs=2, block_size=8, max_model_len=64).generate(prompts[::-1], sp)[::-1]
+    c = [Engine(model, max_num_seqs=1, block_size=16, max_model_len=64).generate([q], sp)[0] for q in prompts[:2]]
+    for x, y in zip(a, b):
+        assert [o.token_ids for o in x] == [o.token_ids for o in y]
+        assert [o.seed for o in x] == [123, 124, 125]
+    for x, y in zip(a, c):
+        assert [o.token_ids for o in x] == [o.token_ids for o in y]
+    assert len({tuple(o.token_ids) for o in a[0]}) > 1   # different seeds, different traces
+
+
+def test_sampling_filters():
+    from h1r_ops.infer.sampling import filter_logits
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]]))
+    one = torch.ones(2)
+    x = filter_logits(logits, one, torch.tensor([2, 0]), one, torch.zeros(2))
+    assert torch.isinf(x[0, 2:]).all() and torch.isfinite(x[0, :2]).all() and torch.isfinite(x[1]).all()
+    x = filter_logits(logits, one, torch.tensor([0, 0]), torch.tensor([0.7, 1.0]), torch.zeros(2))
+    assert torch.isfinite(x[0, :2]).all() and torch.isinf(x[0, 2:]).all()   # 0.5 + 0.3 reaches 0.7
+    x = filter_logits(logits, one, torch.tensor([0, 0]), one, torch.tensor([0.2, 0.0]))
+    assert torch.isfinite(x[0, :3]).all() and torch.isinf(x[0, 3])          # 0.05 < 0.2 * 0.5
+
+
+def test_confidences_recorded(model):
+    eng = Engine(model, max_num_seqs=4, block_size=4, max_model_len=64)
+    o = eng.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=5, logprobs=5, keep_logprobs=True,
+                                                   ignore_eos=True))[0][0]
+    ids = torch.tensor([[5, 6, 7] + o.token_ids[:-1]])
+    lp = torch.log_softmax(model(ids, return_logits=True)["logits"][0, 2:].float(), -1)
+    want = -lp.topk(5, -1).values.mean(-1)
+    torch.testing.assert_close(torch.tensor(o.token_confidences), want, atol=1e-4, rtol=1e-4)
+    assert len(o.top_logprobs) == 5 and o.top_logprobs[0][0][0] == o.token_ids[0]
+
+
+def test_bad_arguments(model):
+    eng = Engine(model, max_num_seqs=2, block_size=4, max_model_len=16)
+    with pytest.raises(ValueError, match="max_model_len"):
+        eng.add_request(list(range(3, 15)), SamplingParams(max_tokens=8))
+    with pytest.raises(ValueError, match="tokenizer"):
+        eng.add_request("hello", SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
