@@ -32,3 +32,12 @@ def tiny_model(seed: int = 0, **over) -> FalconH1ForCausalLM:
                 # sharper than test_model's init so that greedy argmax is well separated
                 p.copy_(torch.randn(p.shape, generator=g) * (1.5 / math.sqrt(p.shape[-1])))
     return m
+
+
+def one_thread():
+    """Generator for a module-scoped fixture: the tiny model's ops run single-threaded (they are far too
+    small to gain from threads, and on a loaded machine OpenMP barriers dominate)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

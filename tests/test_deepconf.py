@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _engine_helpers import one_thread  # noqa: E402
 
 from h1r_ops.infer.answers import AnswerGroups, answers_equal, extract_answer, normalize_answer  # noqa: E402
 from h1r_ops.infer.confidence import (WindowStop, bottom_percent_confidence, group_confidences,  # noqa: E402
@@ -15,6 +16,9 @@ from h1r_ops.infer.confidence import (WindowStop, bottom_percent_confidence, gro
 from h1r_ops.infer.deepconf import compute_all_voting_results, deepconf, top_confidence_mask, weighted_vote  # noqa: E402
 from h1r_ops.infer.engine import TraceOutput  # noqa: E402
 from h1r_ops.infer.sampling import SamplingParams  # noqa: E402
+
+
+_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 # -- confidences ---------------------------------------------------------------------------------------------

@@ -7,10 +7,13 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _engine_helpers import tiny_model  # noqa: E402
+from _engine_helpers import one_thread, tiny_model  # noqa: E402
 
 from h1r_ops.infer import Engine, SamplingParams  # noqa: E402
 from h1r_ops.infer.block_manager import BlockAllocator, BlockTable, OutOfBlocks  # noqa: E402
+
+
+_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")
