@@ -164,3 +164,42 @@ def test_bad_arguments(model):
         eng.add_request("hello", SamplingParams())
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+# -- text, stop strings and the CLI ----------------------------------------------------------------------------
+def _char_tokenizer():
+    tokenizers = pytest.importorskip("tokenizers")
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789{}\\ .,=+-()"
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    vocab.update({f"<x{i}>": i for i in range(len(vocab), 97)})
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split("", "isolated")
+    tok.decoder = tokenizers.decoders.Fuse()
+    return tok
+
+
+def test_text_prompts_and_stop_strings(model):
+    tok = _char_tokenizer()
+    eng = Engine(model, tok, max_num_seqs=4, block_size=4, max_model_len=64)
+    full = eng.generate("abc", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0][0]
+    assert full.text == tok.decode(full.token_ids)
+    stop = tok.decode(full.token_ids[6:8])
+    assert stop in full.text
+    o = eng.generate("abc", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]))[0][0]
+    assert o.finish_reason == "stop" and o.stop_reason == stop and o.text == full.text[: full.text.index(stop)]
+    _no_leak(eng)
+
+
+def test_cli_generate_and_deepconf(model, tmp_path, capsys):
+    from h1r_ops.cli import main
+
+    model.save_pretrained(tmp_path)
+    _char_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    assert main(["generate", str(tmp_path), "--prompt", "ab", "-n", "3", "--max-tokens", "6", "--dtype", "fp32",
+                 "--json"]) == 0
+    out = capsys.readouterr()
+    assert out.out.count('"finish_reason"') == 3 and "tokens/s" in out.err
+    assert main(["deepconf", str(tmp_path), "--prompt-ids", "5,6,7", "--budget", "6", "--warmup", "3", "--window", "4",
+                 "--max-tokens", "8", "--dtype", "fp32", "--eta", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "answer:" in out and "without pruning" in out and "threshold s" in out
