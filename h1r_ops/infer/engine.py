@@ -330,34 +330,44 @@ class Engine:
             self.running.append(s)
         if self.preempted:
             return
+        new, rows = [], []
         while self._room():
             if not self.prefixed:
                 if not self.waiting or self.states.num_free == 0:
-                    return
+                    break
                 need = -(-len(self.waiting[0].prompt_ids) // self.block_size)
                 if self.allocator.num_free < need + len(self.running) + 1:
-                    return
+                    break
                 r = self.waiting.popleft()
                 r.prefix, r.prefix_slot = BlockTable(self.allocator), self.states.allocate()
                 r.prefix_logits = self._prefill(r.prompt_ids, r.prefix, r.prefix_slot)
                 self.prefixed.append(r)
             r = self.prefixed[0]
             if self.states.num_free == 0:
-                return
+                break
             p = r.params
             seed = None if p.seed is None else p.seed + r.next_trace
             s = _Seq(r, r.next_trace, make_generator(seed, self.device), seed)
             r.next_trace += 1
             s.table, s.slot = r.prefix.fork(), self.states.allocate()
             self.states.copy(r.prefix_slot, s.slot)
-            self._accept([s], r.prefix_logits[None])
+            new.append(s)
+            rows.append(r.prefix_logits)
+            self.running.append(s)
             if r.next_trace == p.n:
                 self._release_prefix(r)
                 self.prefixed.popleft()
+        self._first_tokens(new, rows, finished)
+
+    def _first_tokens(self, new: list[_Seq], rows: list[torch.Tensor], finished: list[TraceOutput]) -> None:
+        """Sample the first token of the traces just started (from their prompts' last logits), together."""
+        if not new:
+            return
+        self._accept(new, torch.stack(rows))
+        for s in new:
             if s.finish is not None:
                 finished.append(self._retire(s))
-            else:
-                self.running.append(s)
+        self.running = [s for s in self.running if s.finish is None]
 
     def _preempt_for(self, need: int) -> None:
         while self.allocator.num_free < sum(s.table.blocks_needed(1) for s in self.running):

@@ -68,35 +68,45 @@ def make_generator(seed: int | None, device) -> torch.Generator:
     return g
 
 
+def _filtered_probs(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor):
+    """Row-wise top-k, top-p (nucleus) and min-p on temperature-scaled fp32 logits x (b, V).
+
+    Returns (probs (b, V), order (b, V) or None): the renormalization-free filtered probabilities, in the
+    sorted (descending) order given by ``order`` when top-k or top-p needed a sort, else in vocab order.
+    Filtered entries are 0. Every row depends only on itself (no batch-dependent result)."""
+    V = x.shape[-1]
+    order = None
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        x, order = x.sort(dim=-1, descending=True)
+        k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
+        x = x.masked_fill(torch.arange(V, device=x.device)[None, :] >= k[:, None], float("-inf"))
+        p = x.softmax(-1)
+        # nucleus: the smallest prefix whose mass reaches top_p (the token crossing it included)
+        drop = (p.cumsum(-1) - p) >= top_p[:, None]
+        drop[:, 0] = False
+        p = p.masked_fill(drop, 0.0)
+    else:
+        p = x.softmax(-1)
+    if bool((min_p > 0).any()):
+        p = p.masked_fill(p < min_p[:, None] * p.max(-1, keepdim=True).values, 0.0)
+    return p, order
+
+
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   min_p: torch.Tensor) -> torch.Tensor:
-    """Row-wise temperature, top-k, top-p (nucleus) and min-p on fp32 logits (b, V); filtered entries
-    become -inf. Each row depends only on itself, so results do not depend on the batch composition.
+    """Temperature + top-k + top-p + min-p on fp32 logits (b, V): filtered entries become -inf.
     temperature (b,) > 0; top_k (b,) int (<= 0: off); top_p (b,); min_p (b,)."""
     x = logits / temperature[:, None]
-    V = x.shape[-1]
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-        xs, idx = x.sort(dim=-1, descending=True)
-        k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
-        drop = torch.arange(V, device=x.device)[None, :] >= k[:, None]
-        xs = xs.masked_fill(drop, float("-inf"))
-        p = xs.softmax(-1)
-        # nucleus: keep the smallest prefix whose mass reaches top_p (the token crossing it included)
-        before = p.cumsum(-1) - p
-        drop = drop | (before >= top_p[:, None])
-        drop[:, 0] = False
-        xs = xs.masked_fill(drop, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(-1, idx, xs)
-    if bool((min_p > 0).any()):
-        p = x.softmax(-1)
-        x = x.masked_fill(p < min_p[:, None] * p.max(-1, keepdim=True).values, float("-inf"))
-    return x
+    p, order = _filtered_probs(x, top_k, top_p, min_p)
+    if order is not None:
+        p = torch.zeros_like(p).scatter(-1, order, p)
+    return x.masked_fill(p == 0, float("-inf"))
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
     """One token per row of fp32 logits (b, V): argmax for temperature 0, else a draw from the filtered
-    distribution with the row's own generator (exponential race: argmax p / E, E ~ Exp(1), which is a
-    categorical draw consuming exactly V exponentials of that generator)."""
+    distribution by inverse CDF with one uniform from the row's own generator (so a trace's draws do not
+    depend on which other traces share the batch)."""
     b, V = logits.shape
     dev = logits.device
     greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
@@ -107,15 +117,13 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
     top_k = torch.tensor([p.top_k for p in params], device=dev)
     top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
     min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=torch.float32)
-    x = filter_logits(logits, temp, top_k, top_p, min_p)
-    probs = x.softmax(-1)
-    E = torch.empty_like(probs)
-    for i, g in enumerate(generators):
-        if not params[i].temperature == 0:
-            E[i].exponential_(generator=g)
-        else:
-            E[i].fill_(1.0)
-    drawn = (probs / E).argmax(-1)
+    probs, order = _filtered_probs(logits / temp[:, None], top_k, top_p, min_p)
+    cdf = probs.cumsum(-1)
+    # u in (0, 1]: the first index with cdf >= u * total has a nonzero probability
+    u = torch.stack([1.0 - torch.rand((), generator=g, device=dev) if p.temperature > 0 else torch.ones((), device=dev)
+                     for p, g in zip(params, generators)])
+    j = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=V - 1)
+    drawn = j if order is None else order.gather(-1, j[:, None])[:, 0]
     return torch.where(greedy, out, drawn)
 
 
