@@ -6,7 +6,7 @@ tokens per trace (EOS ignored). Printed: end-to-end tokens/s of each (prompt pre
 prefills the prompt once, transformers once per returned sequence), the engine's decode-only tokens/s,
 the speed-up, and the engine's memory per trace (KV pages at the final length + the Mamba state slot).
 
-    python benchmarks/bench_engine.py [--quick] [--traces 1,16,64,256] [--dtype fp32|bf16]
+    python benchmarks/bench_engine.py [--quick] [--traces 1,16,64,256] [--dtype fp32|bf16] [--threads N]
 """
 
 from __future__ import annotations
@@ -34,8 +34,12 @@ def main(argv=None):
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for both (1 is the least noisy on a loaded, shared machine)")
     ap.add_argument("--skip-hf-above", type=int, default=10**9, help="skip transformers above this many traces")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     traces = [int(t) for t in (args.traces or ("1,16,64" if args.quick else "1,16,64,256")).split(",")]
     new = args.new_tokens or (8 if args.quick else 32)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]

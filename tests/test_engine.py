@@ -145,6 +145,41 @@ def test_sampling_filters():
     assert torch.isfinite(x[0, :3]).all() and torch.isinf(x[0, 3])          # 0.05 < 0.2 * 0.5
 
 
+def _reference_filter(x, k, top_p, min_p):
+    """One row, by the definitions: full sort, top-k, nucleus on the renormalized top-k, min-p."""
+    xs, idx = x.sort(descending=True)
+    if k > 0:
+        xs = xs[:k]
+    p = xs.softmax(-1)
+    keep = (p.cumsum(-1) - p) < top_p
+    keep[0] = True
+    p = p * keep
+    keep = keep & (p >= min_p * p.max())
+    out = torch.full_like(x, float("-inf"))
+    out[idx[: len(keep)][keep]] = x[idx[: len(keep)][keep]]
+    return out
+
+
+def test_sampling_filters_fast_and_full_paths():
+    from h1r_ops.infer.sampling import filter_logits
+
+    g = torch.Generator().manual_seed(0)
+    V = 3000
+    scale = torch.tensor([8.0, 8.0, 0.5, 8.0, 0.5, 3.0, 1.0])[:, None]   # peaked rows: nucleus in the candidates
+    logits = torch.randn(7, V, generator=g) * scale
+    top_k = torch.tensor([0, 50, 0, 0, 1500, 0, 0])
+    top_p = torch.tensor([1.0, 0.9, 0.95, 0.95, 0.8, 1.0, 0.5])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.01, 0.0, 0.05, 0.0])
+    temp = torch.tensor([1.0, 0.7, 1.0, 0.6, 1.3, 1.0, 1.0])
+    got = filter_logits(logits, temp, top_k, top_p, min_p)
+    for i in range(7):
+        want = _reference_filter(logits[i] / temp[i], int(top_k[i]), float(top_p[i]), float(min_p[i]))
+        assert torch.equal(torch.isfinite(got[i]), torch.isfinite(want)), i
+        # each row alone gives the same (no batch dependence)
+        one = filter_logits(logits[i : i + 1], temp[i : i + 1], top_k[i : i + 1], top_p[i : i + 1], min_p[i : i + 1])
+        assert torch.equal(torch.isfinite(one[0]), torch.isfinite(got[i]))
+
+
 def test_confidences_recorded(model):
     eng = Engine(model, max_num_seqs=4, block_size=4, max_model_len=64)
     o = eng.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=5, logprobs=5, keep_logprobs=True,

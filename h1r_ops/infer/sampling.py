@@ -68,28 +68,48 @@ def make_generator(seed: int | None, device) -> torch.Generator:
     return g
 
 
-def _filtered_probs(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor):
-    """Row-wise top-k, top-p (nucleus) and min-p on temperature-scaled fp32 logits x (b, V).
+NUCLEUS_CANDIDATES = 1024
 
-    Returns (probs (b, V), order (b, V) or None): the renormalization-free filtered probabilities, in the
-    sorted (descending) order given by ``order`` when top-k or top-p needed a sort, else in vocab order.
-    Filtered entries are 0. Every row depends only on itself (no batch-dependent result)."""
-    V = x.shape[-1]
-    order = None
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-        x, order = x.sort(dim=-1, descending=True)
-        k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
-        x = x.masked_fill(torch.arange(V, device=x.device)[None, :] >= k[:, None], float("-inf"))
+
+def _nucleus(p: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero what lies past the nucleus of descending probabilities p (b, K): the smallest prefix whose mass
+    reaches top_p (the token crossing it included)."""
+    drop = (p.cumsum(-1) - p) >= top_p[:, None]
+    drop[:, 0] = False
+    return p.masked_fill(drop, 0.0)
+
+
+def _filtered_probs(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Row-wise top-k, top-p (nucleus) and min-p on temperature-scaled fp32 logits x (b, V) -> unnormalized
+    filtered probabilities (b, V), 0 where filtered.
+
+    No full sort where it can be avoided: the candidates are the top max(top_k, 1024) logits; a row with
+    top-k needs nothing else, a row with only top-p uses them when their mass (under the full softmax)
+    reaches top_p, which puts its whole nucleus among them. Other rows are sorted in full. The path of a
+    row depends only on that row, so results do not depend on the batch composition."""
+    b, V = x.shape
+    has_k = top_k > 0
+    plain = ~has_k & (top_p >= 1)
+    if bool(plain.all()):
         p = x.softmax(-1)
-        # nucleus: the smallest prefix whose mass reaches top_p (the token crossing it included)
-        drop = (p.cumsum(-1) - p) >= top_p[:, None]
-        drop[:, 0] = False
-        p = p.masked_fill(drop, 0.0)
     else:
-        p = x.softmax(-1)
+        p = torch.zeros_like(x)
+        K = min(V, max(NUCLEUS_CANDIDATES, int(top_k.max())))
+        vals, order = x.topk(K, dim=-1)
+        kk = torch.where(has_k, top_k.clamp(max=K), torch.full_like(top_k, K))
+        vals = vals.masked_fill(torch.arange(K, device=x.device)[None, :] >= kk[:, None], float("-inf"))
+        pc = torch.where(has_k[:, None], vals.softmax(-1), (vals - torch.logsumexp(x, -1, keepdim=True)).exp())
+        fast = has_k | (~plain & (pc.sum(-1) >= top_p))
+        p.scatter_(-1, order, _nucleus(pc, top_p).masked_fill(~fast[:, None], 0.0))
+        if bool(plain.any()):
+            p[plain] = x[plain].softmax(-1)
+        slow = ~fast & ~plain
+        if bool(slow.any()):
+            xs, idx = x[slow].sort(dim=-1, descending=True)
+            p[slow] = torch.zeros_like(xs).scatter(-1, idx, _nucleus(xs.softmax(-1), top_p[slow]))
     if bool((min_p > 0).any()):
         p = p.masked_fill(p < min_p[:, None] * p.max(-1, keepdim=True).values, 0.0)
-    return p, order
+    return p
 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -97,10 +117,7 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     """Temperature + top-k + top-p + min-p on fp32 logits (b, V): filtered entries become -inf.
     temperature (b,) > 0; top_k (b,) int (<= 0: off); top_p (b,); min_p (b,)."""
     x = logits / temperature[:, None]
-    p, order = _filtered_probs(x, top_k, top_p, min_p)
-    if order is not None:
-        p = torch.zeros_like(p).scatter(-1, order, p)
-    return x.masked_fill(p == 0, float("-inf"))
+    return x.masked_fill(_filtered_probs(x, top_k, top_p, min_p) == 0, float("-inf"))
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
@@ -117,14 +134,12 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
     top_k = torch.tensor([p.top_k for p in params], device=dev)
     top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
     min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=torch.float32)
-    probs, order = _filtered_probs(logits / temp[:, None], top_k, top_p, min_p)
-    cdf = probs.cumsum(-1)
+    cdf = _filtered_probs(logits / temp[:, None], top_k, top_p, min_p).cumsum(-1)
     # u in (0, 1]: the first index with cdf >= u * total has a nonzero probability
     u = torch.stack([1.0 - torch.rand((), generator=g, device=dev) if p.temperature > 0 else torch.ones((), device=dev)
                      for p, g in zip(params, generators)])
     j = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=V - 1)
-    drawn = j if order is None else order.gather(-1, j[:, None])[:, 0]
-    return torch.where(greedy, out, drawn)
+    return torch.where(greedy, out, j)
 
 
 def topk_logprobs(logits: torch.Tensor, k: int):
