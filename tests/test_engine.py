@@ -188,6 +188,8 @@ def test_confidences_recorded(model):
     lp = torch.log_softmax(model(ids, return_logits=True)["logits"][0, 2:].float(), -1)
     want = -lp.topk(5, -1).values.mean(-1)
     torch.testing.assert_close(torch.tensor(o.token_confidences), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(o.token_logprobs), lp.gather(-1, torch.tensor(o.token_ids)[:, None])[:, 0],
+                               atol=1e-4, rtol=1e-4)
     assert len(o.top_logprobs) == 5 and o.top_logprobs[0][0][0] == o.token_ids[0]
 
 

@@ -34,7 +34,9 @@ from .state_pool import StatePool
 @dataclass
 class TraceOutput:
     """One finished trace. finish_reason: "stop" (EOS, stop token or string), "length" (max_tokens),
-    "pruned" (DeepConf early stop), "aborted". token_confidences: DeepConf's C_i per generated token."""
+    "pruned" (DeepConf early stop), "aborted". token_confidences: DeepConf's C_i per generated token;
+    token_logprobs: log-prob of each generated token under the model's raw distribution (log_softmax of
+    the logits, temperature 1: what a trainer recomputes for importance-sampling corrections)."""
 
     request_id: int
     index: int
@@ -46,6 +48,7 @@ class TraceOutput:
     stop_reason: int | str | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     seed: int | None = None
+    token_logprobs: list[float] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -72,6 +75,7 @@ class _Seq:
     slot: int | None = None
     tokens: list[int] = field(default_factory=list)   # generated; the last one is not yet in the cache
     confs: list[float] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
     stopper: WindowStop | None = None
     top: list | None = None
     finish: str | None = None
@@ -260,14 +264,16 @@ class Engine:
         params = [s.req.params for s in seqs]
         toks = sample_rows(logits, params, [s.generator for s in seqs])
         k = max(p.logprobs for p in params)
-        top_v, top_i, _ = topk_logprobs(logits, k)
+        top_v, top_i, lp = topk_logprobs(logits, k)
         confs = token_confidence(top_v).tolist() if all(p.logprobs == k for p in params) else None
+        chosen = lp.gather(-1, toks[:, None])[:, 0].tolist()
         toks_l = toks.tolist()
         for j, s in enumerate(seqs):
             p = s.req.params
             c = confs[j] if confs is not None else float(token_confidence(top_v[j : j + 1, : p.logprobs])[0])
             s.tokens.append(toks_l[j])
             s.confs.append(c)
+            s.logprobs.append(chosen[j])
             if p.keep_logprobs:
                 s.top = s.top or []
                 s.top.append(list(zip(top_i[j, : p.logprobs].tolist(), top_v[j, : p.logprobs].tolist())))
@@ -305,7 +311,7 @@ class Engine:
             if isinstance(s.stop_reason, str) and s.stop_reason in text:
                 text = text[: text.index(s.stop_reason)]
         return TraceOutput(s.req.id, s.index, s.req.prompt_ids, s.tokens, s.finish, s.confs, text, s.stop_reason,
-                           s.top, s.seed)
+                           s.top, s.seed, s.logprobs)
 
     def _release_prefix(self, r: _Request) -> None:
         if r.prefix is not None:
