@@ -138,6 +138,7 @@ class Engine:
         self.prefixed: deque[_Request] = deque()   # prompt prefilled, traces left to start
         self.preempted: deque[_Seq] = deque()
         self.running: list[_Seq] = []
+        self.orphans: list[TraceOutput] = []   # finished traces of requests added outside generate()
         self.stats = dict(prefill_tokens=0, decode_tokens=0, decode_steps=0, decode_time=0.0, prefill_time=0.0,
                           preemptions=0)
 
@@ -420,6 +421,9 @@ class Engine:
             bar = tqdm(total=sum(sp.n for sp in plist), desc="traces", unit="trace")
         while self.has_unfinished():
             for o in self.step():
+                if o.request_id not in results:   # a request queued earlier through add_request
+                    self.orphans.append(o)
+                    continue
                 results[o.request_id].append(o)
                 if bar is not None:
                     bar.update(1)
