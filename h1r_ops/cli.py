@@ -1,4 +1,4 @@
-"""The ``h1r`` command line: ``h1r info``, ``h1r demo`` (more subcommands join as the engine and trainer land)."""
+"""The ``h1r`` command line: ``h1r info``, ``h1r demo``, ``h1r generate``, ``h1r deepconf``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,24 @@ def _demo(argv) -> int:
     return demo.main(argv)
 
 
-COMMANDS = {"info": (_info, "backends and kernels of this build"), "demo": (_demo, "every op vs its reference, timed")}
+def _generate(argv) -> int:
+    from h1r_ops.infer.cli import generate_main
+
+    return generate_main(argv)
+
+
+def _deepconf(argv) -> int:
+    from h1r_ops.infer.cli import deepconf_main
+
+    return deepconf_main(argv)
+
+
+COMMANDS = {
+    "info": (_info, "backends and kernels of this build"),
+    "demo": (_demo, "every op vs its reference, timed"),
+    "generate": (_generate, "sample traces with the paged engine"),
+    "deepconf": (_deepconf, "DeepConf voting (online / offline) over parallel traces"),
+}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,432 @@
+"""The batched decoder: paged KV cache + Mamba state slots + continuous batching over the native model.
+
+Every live trace owns a block table (its KV pages) and a state slot (its conv and SSM states). One
+``step()``:
+  1. starts traces of requests whose prompt is already prefilled (the trace forks the prompt's pages,
+     copies the prompt's Mamba state into its own slot and samples its first token from the prompt's
+     last logits with its own generator), then prefills the next waiting prompt if there is room;
+  2. runs one decode step of every live trace together through the batched ops (paged attention,
+     causal_conv1d_update / selective_state_update over the slot pool);
+  3. samples, records confidences, and retires the traces that hit EOS, a stop token or string,
+     max_tokens, or DeepConf's confidence threshold; their pages and slot are freed at once.
+When the pages run out, the most recently started trace is preempted (its pages and slot freed) and
+later recomputed by one prefill of its prompt and tokens so far; its generator continues unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+import h1r_ops
+from h1r_ops.model.falcon_h1 import LayerCache
+
+from .block_manager import BlockAllocator, BlockTable
+from .confidence import WindowStop
+from .sampling import SamplingParams, make_generator, sample_rows, token_confidence, topk_logprobs
+from .state_pool import StatePool
+
+
+@dataclass
+class TraceOutput:
+    """One finished trace. finish_reason: "stop" (EOS, stop token or string), "length" (max_tokens),
+    "pruned" (DeepConf early stop), "aborted". token_confidences: DeepConf's C_i per generated token;
+    token_logprobs: log-prob of each generated token under the model's raw distribution (log_softmax of
+    the logits, temperature 1: what a trainer recomputes for importance-sampling corrections)."""
+
+    request_id: int
+    index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str
+    token_confidences: list[float]
+    text: str | None = None
+    stop_reason: int | str | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    seed: int | None = None
+    token_logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class _Request:
+    def __init__(self, rid, prompt_ids, params):
+        self.id, self.prompt_ids, self.params = rid, prompt_ids, params
+        self.next_trace = 0          # traces started so far
+        self.prefix: BlockTable | None = None
+        self.prefix_slot: int | None = None
+        self.prefix_logits: torch.Tensor | None = None
+        self.aborted = False
+
+
+@dataclass
+class _Seq:
+    req: _Request
+    index: int
+    generator: torch.Generator
+    seed: int | None
+    table: BlockTable | None = None
+    slot: int | None = None
+    tokens: list[int] = field(default_factory=list)   # generated; the last one is not yet in the cache
+    confs: list[float] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    stopper: WindowStop | None = None
+    top: list | None = None
+    finish: str | None = None
+    stop_reason: int | str | None = None
+    text: str | None = None
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    e = getattr(model.config, "eos_token_id", None)
+    ids = set(e if isinstance(e, (list, tuple)) else [] if e is None else [e])
+    t = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(t, int):
+        ids.add(t)
+    return ids
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    r = tokenizer.encode(text)
+    return list(r.ids if hasattr(r, "ids") else r)
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids)
+
+
+class Engine:
+    """Continuous-batching decoder over a paged KV cache for a native ``FalconH1ForCausalLM``.
+
+    Args:
+        model: the model (its device and dtype are the engine's).
+        tokenizer: optional (``tokenizers.Tokenizer`` or a transformers tokenizer): enables text prompts,
+            text outputs and stop strings.
+        max_num_seqs: traces decoded together at most.
+        block_size: tokens per KV page.
+        num_blocks: KV pages in the pool (default: room for ``max_num_seqs`` traces of ``max_model_len``).
+        max_model_len: prompt + generated tokens per trace, at most.
+    """
+
+    def __init__(self, model, tokenizer=None, max_num_seqs: int = 64, block_size: int = 16,
+                 num_blocks: int | None = None, max_model_len: int = 2048):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        cfg = model.config
+        self.cfg = cfg
+        p = model.model.embed_tokens.weight
+        self.device, self.dtype = p.device, p.dtype
+        self.max_num_seqs, self.block_size, self.max_model_len = max_num_seqs, block_size, max_model_len
+        if num_blocks is None:
+            num_blocks = max_num_seqs * -(-max_model_len // block_size) + 1
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        L, kv, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        # kv[layer, 0] = key cache, kv[layer, 1] = value cache: (num_blocks, block_size, kv_heads, head_dim)
+        self.kv = torch.zeros(L, 2, num_blocks, block_size, kv, hd, dtype=self.dtype, device=self.device)
+        # one slot per live trace, plus one per prompt held for traces not yet started
+        self.states = StatePool(cfg, max_num_seqs + 2, self.dtype, self.device)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._ids = itertools.count()
+        self.waiting: deque[_Request] = deque()
+        self.prefixed: deque[_Request] = deque()   # prompt prefilled, traces left to start
+        self.preempted: deque[_Seq] = deque()
+        self.running: list[_Seq] = []
+        self.orphans: list[TraceOutput] = []   # finished traces of requests added outside generate()
+        self.stats = dict(prefill_tokens=0, decode_tokens=0, decode_steps=0, decode_time=0.0, prefill_time=0.0,
+                          preemptions=0)
+
+    # -- memory ---------------------------------------------------------------------------------------
+    def kv_bytes_per_token(self) -> int:
+        c = self.cfg
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.kv.element_size()
+
+    def _copy_block(self, src: int, dst: int) -> None:
+        self.kv[:, :, dst].copy_(self.kv[:, :, src])
+
+    # -- requests -------------------------------------------------------------------------------------
+    def add_request(self, prompt, params: SamplingParams) -> int:
+        """Queue a prompt (text, needs a tokenizer, or token ids) for ``params.n`` traces; returns its id."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("Engine.add_request: argument 'prompt': a text prompt needs a tokenizer")
+            ids = encode(self.tokenizer, prompt)
+        else:
+            ids = [int(t) for t in (prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt)]
+        if not ids:
+            raise ValueError("Engine.add_request: argument 'prompt': empty prompt")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"Engine.add_request: argument 'prompt': {len(ids)} prompt + {params.max_tokens} new tokens "
+                             f"exceed max_model_len {self.max_model_len}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("Engine.add_request: argument 'params': stop strings need a tokenizer")
+        r = _Request(next(self._ids), ids, params)
+        self.waiting.append(r)
+        return r.id
+
+    def abort(self, request_id: int) -> list[TraceOutput]:
+        """Stop every trace of a request now (finish reason "aborted"); returns the traces it ended."""
+        out = []
+        for r in list(self.waiting) + list(self.prefixed):
+            if r.id == request_id:
+                r.aborted = True
+        self.waiting = deque(r for r in self.waiting if r.id != request_id)
+        for r in [r for r in self.prefixed if r.id == request_id]:
+            self._release_prefix(r)
+        self.prefixed = deque(r for r in self.prefixed if r.id != request_id)
+        for s in [s for s in self.running if s.req.id == request_id] + [s for s in self.preempted if s.req.id == request_id]:
+            s.finish = "aborted"
+            out.append(self._retire(s))
+        self.running = [s for s in self.running if s.finish is None]
+        self.preempted = deque(s for s in self.preempted if s.finish is None)
+        return out
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.prefixed or self.preempted or self.running)
+
+    # -- the forward passes -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _prefill(self, ids: list[int], table: BlockTable, slot: int) -> torch.Tensor:
+        """Run ``ids`` from position 0 into a fresh table and slot; returns the last logits (vocab,)."""
+        t0 = time.perf_counter()
+        m, l = self.model, len(ids)
+        slots = torch.tensor(table.append_slots(l, self._copy_block), dtype=torch.int64, device=self.device)
+        bt = torch.tensor([table.blocks], dtype=torch.int32, device=self.device)
+        seq_lens = torch.tensor([l], dtype=torch.int32, device=self.device)
+        cu = torch.tensor([0, l], dtype=torch.int32, device=self.device)
+        input_ids = torch.tensor([ids], device=self.device)
+        x = m._embed(input_ids)
+        cos, sin = m.rotary_cos_sin(torch.arange(l, device=self.device)[None], x.dtype)
+        for i, layer in enumerate(m.model.layers):
+            h = layer.input_layernorm(x)
+            st = LayerCache(None, None, self.states.conv[i, slot : slot + 1], self.states.ssm[i, slot : slot + 1])
+            mx = layer.mamba(h, cache=st)
+            attn = layer.self_attn
+            q, k, v = attn._qkv(h * self.cfg.attention_in_multiplier, cos, sin)   # (1, heads, l, d)
+            kc, vc = self.kv[i, 0], self.kv[i, 1]
+            h1r_ops.reshape_and_cache(k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous(), kc, vc, slots)
+            o = h1r_ops.paged_attention_prefill(q[0].transpose(0, 1).contiguous(), kc, vc, bt, seq_lens, cu, scale=attn.scale)
+            a = attn.o_proj(o.reshape(1, l, -1))
+            x = layer._mix(x, mx, a)
+        self.stats["prefill_tokens"] += l
+        self.stats["prefill_time"] += time.perf_counter() - t0
+        return m.logits(m.model.final_layernorm(x[:, -1]))[0].float()
+
+    @torch.no_grad()
+    def _decode(self, seqs: list[_Seq]) -> torch.Tensor:
+        """One token for each sequence (its last sampled token, at position table.num_tokens); (b, vocab)."""
+        m, b, dev = self.model, len(seqs), self.device
+        pos = [s.table.num_tokens for s in seqs]
+        slot_mapping = [s.table.append_slots(1, self._copy_block)[0] for s in seqs]
+        width = max(len(s.table.blocks) for s in seqs)
+        bt = torch.zeros(b, width, dtype=torch.int32)
+        for j, s in enumerate(seqs):
+            bt[j, : len(s.table.blocks)] = torch.tensor(s.table.blocks, dtype=torch.int32)
+        bt = bt.to(dev)
+        seq_lens = torch.tensor([p + 1 for p in pos], dtype=torch.int32, device=dev)
+        slot_mapping = torch.tensor(slot_mapping, dtype=torch.int64, device=dev)
+        state_idx = torch.tensor([s.slot for s in seqs], dtype=torch.int32, device=dev)
+        x = m._embed(torch.tensor([s.tokens[-1] for s in seqs], device=dev))
+        cos, sin = m.rotary_cos_sin(torch.tensor(pos, device=dev)[:, None], x.dtype)
+        for i, layer in enumerate(m.model.layers):
+            h = layer.input_layernorm(x)
+            mx = self._mixer_step(layer.mamba, h, i, state_idx)
+            attn = layer.self_attn
+            q, k, v = attn._qkv(h[:, None] * self.cfg.attention_in_multiplier, cos, sin)   # (b, heads, 1, d)
+            kc, vc = self.kv[i, 0], self.kv[i, 1]
+            h1r_ops.reshape_and_cache(k[:, :, 0].contiguous(), v[:, :, 0].contiguous(), kc, vc, slot_mapping)
+            o = h1r_ops.paged_attention_decode(q[:, :, 0].contiguous(), kc, vc, bt, seq_lens, scale=attn.scale)
+            x = layer._mix(x, mx, attn.o_proj(o.reshape(b, -1)))
+        return m.logits(m.model.final_layernorm(x)).float()
+
+    def _mixer_step(self, mix, h, layer: int, idx: torch.Tensor) -> torch.Tensor:
+        """The Mamba2 mixer's decode step over the slot pool (rows ``idx``)."""
+        b = h.shape[0]
+        z, xBC, dt = mix._project(h)
+        xBC = h1r_ops.causal_conv1d_update(xBC, self.states.conv[layer], mix.conv1d.weight.squeeze(1), mix.conv1d.bias,
+                                           activation="silu", conv_state_indices=idx)
+        x, B, C = xBC.split([mix.d_ssm, mix.G * mix.N, mix.G * mix.N], dim=-1)
+        y = h1r_ops.selective_state_update(
+            self.states.ssm[layer], x.reshape(b, mix.H, mix.P), dt, -torch.exp(mix.A_log.float()),
+            B.reshape(b, mix.G, mix.N), C.reshape(b, mix.G, mix.N), D=mix.D,
+            z=None if mix.norm is not None else z.reshape(b, mix.H, mix.P), dt_bias=mix.dt_bias, dt_softplus=True,
+            state_batch_indices=idx)
+        return mix._gate_out(y.reshape(b, mix.d_ssm), z)
+
+    # -- sampling and retiring ----------------------------------------------------------------------------
+    def _accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Sample the next token of each sequence from its logits (b, vocab) and check its stop rules."""
+        params = [s.req.params for s in seqs]
+        toks = sample_rows(logits, params, [s.generator for s in seqs])
+        k = max(p.logprobs for p in params)
+        top_v, top_i, lp = topk_logprobs(logits, k)
+        confs = token_confidence(top_v).tolist() if all(p.logprobs == k for p in params) else None
+        chosen = lp.gather(-1, toks[:, None])[:, 0].tolist()
+        toks_l = toks.tolist()
+        for j, s in enumerate(seqs):
+            p = s.req.params
+            c = confs[j] if confs is not None else float(token_confidence(top_v[j : j + 1, : p.logprobs])[0])
+            s.tokens.append(toks_l[j])
+            s.confs.append(c)
+            s.logprobs.append(chosen[j])
+            if p.keep_logprobs:
+                s.top = s.top or []
+                s.top.append(list(zip(top_i[j, : p.logprobs].tolist(), top_v[j, : p.logprobs].tolist())))
+            self._check_stop(s, toks_l[j])
+
+    def _check_stop(self, s: _Seq, tok: int) -> None:
+        p = s.req.params
+        if p.conf_threshold is not None:
+            if s.stopper is None:
+                s.stopper = WindowStop(p.conf_threshold, p.conf_window)
+            if s.stopper.push(s.confs[-1]):
+                s.finish = "pruned"
+                return
+        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            s.finish, s.stop_reason = "stop", tok
+            return
+        if p.stop:
+            tail = decode(self.tokenizer, s.tokens[-(8 + max(len(x) for x in p.stop)):])
+            for x in p.stop:
+                if x in tail:
+                    s.finish, s.stop_reason = "stop", x
+                    return
+        if len(s.tokens) >= p.max_tokens:
+            s.finish = "length"
+
+    def _retire(self, s: _Seq) -> TraceOutput:
+        if s.table is not None:
+            s.table.release()
+        if s.slot is not None:
+            self.states.free(s.slot)
+        s.table = s.slot = None
+        text = None
+        if self.tokenizer is not None:
+            text = decode(self.tokenizer, s.tokens)
+            if isinstance(s.stop_reason, str) and s.stop_reason in text:
+                text = text[: text.index(s.stop_reason)]
+        return TraceOutput(s.req.id, s.index, s.req.prompt_ids, s.tokens, s.finish, s.confs, text, s.stop_reason,
+                           s.top, s.seed, s.logprobs)
+
+    def _release_prefix(self, r: _Request) -> None:
+        if r.prefix is not None:
+            r.prefix.release()
+            self.states.free(r.prefix_slot)
+        r.prefix = r.prefix_slot = r.prefix_logits = None
+
+    # -- scheduling ------------------------------------------------------------------------------------
+    def _room(self) -> bool:
+        """A new trace may start: a free seat, and a free page per live trace for the next step."""
+        return len(self.running) < self.max_num_seqs and self.allocator.num_free > len(self.running) + 1
+
+    def _start_traces(self, finished: list[TraceOutput]) -> None:
+        while self.preempted and self._room() and self.states.num_free > 0:
+            s = self.preempted[0]   # recompute: prompt + tokens fed so far, then continue
+            need = -(-(len(s.req.prompt_ids) + len(s.tokens) - 1) // self.block_size)
+            if self.allocator.num_free < need + len(self.running) + 1:
+                break
+            self.preempted.popleft()
+            s.table, s.slot = BlockTable(self.allocator), self.states.allocate()
+            self._prefill(s.req.prompt_ids + s.tokens[:-1], s.table, s.slot)
+            self.running.append(s)
+        if self.preempted:
+            return
+        new, rows = [], []
+        while self._room():
+            if not self.prefixed:
+                if not self.waiting or self.states.num_free == 0:
+                    break
+                need = -(-len(self.waiting[0].prompt_ids) // self.block_size)
+                if self.allocator.num_free < need + len(self.running) + 1:
+                    break
+                r = self.waiting.popleft()
+                r.prefix, r.prefix_slot = BlockTable(self.allocator), self.states.allocate()
+                r.prefix_logits = self._prefill(r.prompt_ids, r.prefix, r.prefix_slot)
+                self.prefixed.append(r)
+            r = self.prefixed[0]
+            if self.states.num_free == 0:
+                break
+            p = r.params
+            seed = None if p.seed is None else p.seed + r.next_trace
+            s = _Seq(r, r.next_trace, make_generator(seed, self.device), seed)
+            r.next_trace += 1
+            s.table, s.slot = r.prefix.fork(), self.states.allocate()
+            self.states.copy(r.prefix_slot, s.slot)
+            new.append(s)
+            rows.append(r.prefix_logits)
+            self.running.append(s)
+            if r.next_trace == p.n:
+                self._release_prefix(r)
+                self.prefixed.popleft()
+        self._first_tokens(new, rows, finished)
+
+    def _first_tokens(self, new: list[_Seq], rows: list[torch.Tensor], finished: list[TraceOutput]) -> None:
+        """Sample the first token of the traces just started (from their prompts' last logits), together."""
+        if not new:
+            return
+        self._accept(new, torch.stack(rows))
+        for s in new:
+            if s.finish is not None:
+                finished.append(self._retire(s))
+        self.running = [s for s in self.running if s.finish is None]
+
+    def _preempt_for(self, need: int) -> None:
+        while self.allocator.num_free < sum(s.table.blocks_needed(1) for s in self.running):
+            if len(self.running) <= 1:
+                raise RuntimeError(f"out of KV pages with one trace live: raise num_blocks ({self.allocator.num_blocks})")
+            s = self.running.pop()
+            s.table.release()
+            self.states.free(s.slot)
+            s.table = s.slot = None
+            self.preempted.appendleft(s)
+            self.stats["preemptions"] += 1
+
+    def step(self) -> list[TraceOutput]:
+        """Start what fits, decode one token for every live trace, retire the finished; returns them."""
+        finished: list[TraceOutput] = []
+        self._start_traces(finished)
+        if self.running:
+            self._preempt_for(1)
+            t0 = time.perf_counter()
+            logits = self._decode(self.running)
+            self._accept(self.running, logits)
+            self.stats["decode_time"] += time.perf_counter() - t0
+            self.stats["decode_steps"] += 1
+            self.stats["decode_tokens"] += len(self.running)
+            done = [s for s in self.running if s.finish is not None]
+            self.running = [s for s in self.running if s.finish is None]
+            finished.extend(self._retire(s) for s in done)
+        return finished
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[list[TraceOutput]]:
+        """Generate ``params.n`` traces for each prompt (text or token ids); returns, per prompt, its traces
+        in index order."""
+        if isinstance(prompts, (str, torch.Tensor)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        results: dict[int, list[TraceOutput]] = {i: [] for i in ids}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(sp.n for sp in plist), desc="traces", unit="trace")
+        while self.has_unfinished():
+            for o in self.step():
+                if o.request_id not in results:   # a request queued earlier through add_request
+                    self.orphans.append(o)
+                    continue
+                results[o.request_id].append(o)
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [sorted(results[i], key=lambda o: o.index) for i in ids]
