@@ -87,11 +87,10 @@ def main(argv=None):
                          f"{eng.kv_bytes_per_token() * 1000 / 2**20:.1f}", f"{eng.states.bytes_per_slot() / 2**20:.2f}"))
             print(rows[-1], flush=True)
             del eng
-    print_table(
-        f"Parallel traces, Falcon-H1 {cfg['num_hidden_layers']}-layer bench config, {args.dtype}, prompt {args.prompt}, "
-        f"CPU {torch.get_num_threads()} threads",
-        ("traces", "new tok", "transformers tok/s", "h1r engine tok/s", "engine decode tok/s", "speed-up",
-         "MiB/trace", "KV MiB/1k tok", "state MiB"), rows)
+    print_table(rows, ("traces", "new tok", "transformers tok/s", "h1r engine tok/s", "engine decode tok/s", "speed-up",
+                       "MiB/trace", "KV MiB/1k tok", "state MiB"),
+                title=f"Parallel traces, Falcon-H1 {cfg['num_hidden_layers']}-layer bench config, {args.dtype}, "
+                      f"prompt {args.prompt}, CPU {torch.get_num_threads()} threads")
 
 
 if __name__ == "__main__":
