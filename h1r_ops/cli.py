@@ -1,4 +1,4 @@
-"""The ``h1r`` command line: ``h1r info``, ``h1r demo`` (more subcommands join as the engine and trainer land)."""
+"""The ``h1r`` command line: ``h1r info``, ``h1r demo``, ``h1r train sft|grpo`` (more subcommands join as the engine and trainer land)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,14 @@ def _demo(argv) -> int:
     return demo.main(argv)
 
 
-COMMANDS = {"info": (_info, "backends and kernels of this build"), "demo": (_demo, "every op vs its reference, timed")}
+def _train(argv) -> int:
+    from h1r_ops.train import cli
+
+    return cli.main(argv)
+
+
+COMMANDS = {"info": (_info, "backends and kernels of this build"), "demo": (_demo, "every op vs its reference, timed"),
+            "train": (_train, "SFT / GRPO of a tiny Falcon-H1 on the demo math task (h1r train sft|grpo)")}
 
 
 def main(argv=None) -> int:
