@@ -215,7 +215,7 @@ def test_sft_resume_is_bit_identical(tmp_path):
         model = model or small_model(4)
         tr = SFTTrainer(model, cfg)
         stream = ProblemStream(9)
-        b = PackedBatcher(TOK, stream, 192, 2)
+        b = PackedBatcher(TOK, stream, 128, 1)
         if ckpt_in:
             stream.pos = tr.load(ckpt_in)["pos"]
         losses = []
@@ -406,3 +406,24 @@ def test_two_ranks_equal_one_rank_on_concatenated_batch(tmp_path):
             torch.testing.assert_close(two[part][k], one[part][k], atol=2e-6, rtol=2e-5, msg=lambda m: f"{part} {k}: {m}")
             changed |= not torch.equal(one[part][k], small_model(10 if part == "sft" else 11).state_dict()[k])
         assert changed
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI smoke
+# ----------------------------------------------------------------------------------------------------
+def test_cli_sft_then_grpo(tmp_path, capsys):
+    import json
+
+    from h1r_ops.cli import main
+
+    sft = tmp_path / "sft"
+    assert main(["train", "sft", "--out", str(sft), "--steps", "2", "--rows", "1", "--row-len", "128",
+                 "--eval-n", "1", "--warmup", "1"]) == 0
+    recs = [json.loads(line) for line in open(sft / "metrics.jsonl")]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2] and "eval_accuracy" in recs[-1]
+    assert (sft / "model" / "config.json").exists() and (sft / "ckpt" / "trainer.pt").exists()
+    grpo = tmp_path / "grpo"
+    assert main(["train", "grpo", "--out", str(grpo), "--init", str(sft / "model"), "--steps", "1", "--prompts", "1",
+                 "--group-size", "2", "--max-new-tokens", "4", "--eval-n", "0"]) == 0
+    recs = [json.loads(line) for line in open(grpo / "metrics.jsonl")]
+    assert {"reward", "response_len", "tokens_per_s", "loss"} <= set(recs[0])

@@ -109,7 +109,7 @@ def _common(ap):
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--eval-n", type=int, default=200, help="held-out problems per evaluation")
+    ap.add_argument("--eval-n", type=int, default=200, help="held-out problems per evaluation (0: none)")
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
@@ -119,7 +119,7 @@ def _common(ap):
 def _evaluate(model, tok, n, logger, step, pbar=None):
     from .sft import evaluate_greedy
 
-    if dist.rank() != 0:
+    if dist.rank() != 0 or n <= 0:
         return
     r = evaluate_greedy(model, tok, heldout_problems(n), max_new_tokens=64)
     logger.log({"step": step, "eval_accuracy": r["accuracy"], "eval_response_len": r["response_len"]})
@@ -173,6 +173,7 @@ def run_sft(argv) -> int:
     if dist.rank() == 0:
         model.save_pretrained(os.path.join(args.out, "model"))
     logger.plot(["loss", "eval_accuracy", "tokens_per_s", "eval_response_len"])
+    dist.shutdown()
     return 0
 
 
@@ -245,6 +246,7 @@ def run_grpo(argv) -> int:
     if dist.rank() == 0:
         model.save_pretrained(os.path.join(args.out, "model"))
     logger.plot(["reward", "eval_accuracy", "response_len", "loss", "entropy"])
+    dist.shutdown()
     return 0
 
 

@@ -40,6 +40,13 @@ def init_from_env(backend: str | None = None) -> bool:
     return True
 
 
+def shutdown() -> None:
+    """Wait for every rank (e.g. rank 0's evaluation) and tear the process group down."""
+    if is_dist():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over ranks (in place and returned); a no-op on one process."""
     if is_dist():
