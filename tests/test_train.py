@@ -161,6 +161,16 @@ def test_token_normalization_weighs_every_token_equally():
         torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_bf16_autocast_step_close_to_fp32():
+    batch = _batch(13, rows=1, row_len=128)
+    out = []
+    for bf16 in (False, True):
+        tr = SFTTrainer(small_model(2), OptimConfig(bf16=bf16))
+        out.append(tr.train_step([batch]))
+    assert out[1]["loss"] == pytest.approx(out[0]["loss"], rel=2e-2)
+    assert out[1]["grad_norm"] == pytest.approx(out[0]["grad_norm"], rel=5e-2)
+
+
 def test_warmup_cosine_values():
     assert warmup_cosine(0, 4, 14, 0.1) == pytest.approx(0.25)
     assert warmup_cosine(3, 4, 14, 0.1) == pytest.approx(1.0)
