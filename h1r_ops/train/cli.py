@@ -192,7 +192,7 @@ def run_grpo(argv) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--eps-low", type=float, default=0.2)
-    ap.add_argument("--eps-high", type=float, default=0.28)
+    ap.add_argument("--eps-high", type=float, default=0.2, help="upper clip (DAPO clip-higher: 0.28)")
     ap.add_argument("--tis-cap", type=float, default=2.0, help="truncated-IS cap C (<= 0 disables)")
     ap.add_argument("--no-std", action="store_true", help="advantages r - mean (no division by the std)")
     ap.add_argument("--kl-coef", type=float, default=0.0)
