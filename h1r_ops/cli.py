@@ -1,4 +1,4 @@
-"""The ``h1r`` command line: ``h1r info``, ``h1r demo``, ``h1r generate``, ``h1r deepconf``."""
+"""The ``h1r`` command line: ``h1r info``, ``h1r demo``, ``h1r generate``, ``h1r deepconf``, ``h1r train sft|grpo``."""
 
 from __future__ import annotations
 
@@ -32,11 +32,18 @@ def _deepconf(argv) -> int:
     return deepconf_main(argv)
 
 
+def _train(argv) -> int:
+    from h1r_ops.train import cli
+
+    return cli.main(argv)
+
+
 COMMANDS = {
     "info": (_info, "backends and kernels of this build"),
     "demo": (_demo, "every op vs its reference, timed"),
     "generate": (_generate, "sample traces with the paged engine"),
     "deepconf": (_deepconf, "DeepConf voting (online / offline) over parallel traces"),
+    "train": (_train, "SFT / GRPO of a tiny Falcon-H1 on the demo math task (h1r train sft|grpo)"),
 }
 
 
