@@ -18,6 +18,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root (h1r_ops)
 from common import memcpy_bandwidth, print_table, timeit  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
