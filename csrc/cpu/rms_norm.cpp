@@ -6,6 +6,7 @@
 
 #include "checks.h"
 #include "cpu/isa.h"
+#include "cpu/glue.h"
 #include "cpu/rms_norm.h"
 
 H1R_DECLARE_CPU_KERNEL(void, rms_norm_fwd_kernel, const h1r::cpu::RmsNormFwdParams&);
@@ -18,14 +19,7 @@ namespace {
 
 using at::Tensor;
 using cpu::FloatType;
-
-FloatType float_type(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kBFloat16: return FloatType::bf16;
-    case at::kHalf: return FloatType::f16;
-    default: return FloatType::f32;
-  }
-}
+using cpu::float_type;
 
 const void* ptr_or_null(const std::optional<Tensor>& t) { return t ? t->data_ptr() : nullptr; }
 

@@ -5,6 +5,7 @@
 
 #include "checks.h"
 #include "cpu/isa.h"
+#include "cpu/glue.h"
 #include "cpu/rotary.h"
 
 H1R_DECLARE_CPU_KERNEL(void, rotary_kernel, const h1r::cpu::RotaryParams&);
@@ -14,14 +15,7 @@ namespace {
 
 using at::Tensor;
 using cpu::FloatType;
-
-FloatType float_type(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kBFloat16: return FloatType::bf16;
-    case at::kHalf: return FloatType::f16;
-    default: return FloatType::f32;
-  }
-}
+using cpu::float_type;
 
 // q or k: (b, heads, s, hd) floating with a unit last stride, matching q in b, s, hd and dtype.
 void check_head_tensor(const Tensor& t, const char* name, const Tensor& q) {
