@@ -116,6 +116,28 @@ def _common(ap):
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 
 
+def _after_step(args, tr, model, tok, stream, ckpt, logger, pbar, rec, **postfix):
+    """Per-step bookkeeping shared by SFT and GRPO: log, progress bar, checkpoint, held-out eval."""
+    logger.log(rec)
+    if pbar is not None:
+        pbar.update(1)
+        pbar.set_postfix(**postfix)
+    if tr.step % args.save_every == 0 or tr.step == args.steps:
+        tr.save(ckpt, {"pos": stream.pos})
+    if tr.step % args.eval_every == 0 or tr.step == args.steps:
+        _evaluate(model, tok, args.eval_n, logger, tr.step, pbar)
+
+
+def _finish(args, model, logger, pbar, curves):
+    """End of a run: close the bar, save the HF-format model (rank 0), plot the curves, leave the group."""
+    if pbar is not None:
+        pbar.close()
+    if dist.rank() == 0:
+        model.save_pretrained(os.path.join(args.out, "model"))
+    logger.plot(curves)
+    dist.shutdown()
+
+
 def _evaluate(model, tok, n, logger, step, pbar=None):
     from .sft import evaluate_greedy
 
@@ -160,20 +182,9 @@ def run_sft(argv) -> int:
         dt = time.perf_counter() - t0
         rec = {"step": tr.step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
                "tokens": m["tokens"], "tokens_per_s": m["tokens"] / dt}
-        logger.log(rec)
-        if pbar is not None:
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if tr.step % args.save_every == 0 or tr.step == args.steps:
-            tr.save(ckpt, {"pos": stream.pos})
-        if tr.step % args.eval_every == 0 or tr.step == args.steps:
-            _evaluate(model, tok, args.eval_n, logger, tr.step, pbar)
-    if pbar is not None:
-        pbar.close()
-    if dist.rank() == 0:
-        model.save_pretrained(os.path.join(args.out, "model"))
-    logger.plot(["loss", "eval_accuracy", "tokens_per_s", "eval_response_len"])
-    dist.shutdown()
+        _after_step(args, tr, model, tok, stream, ckpt, logger, pbar, rec,
+                    loss=f"{m['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+    _finish(args, model, logger, pbar, ["loss", "eval_accuracy", "tokens_per_s", "eval_response_len"])
     return 0
 
 
@@ -233,20 +244,9 @@ def run_grpo(argv) -> int:
         rec = {"step": tr.step, **{k: m[k] for k in ("loss", "reward", "accuracy", "response_len", "clip_frac",
                                                        "tis_weight", "entropy", "grad_norm", "gen_tokens_per_s")},
                "tokens_per_s": m["tokens"] / m["step_s"]}
-        logger.log(rec)
-        if pbar is not None:
-            pbar.update(1)
-            pbar.set_postfix(reward=f"{m['reward']:.3f}", len=f"{m['response_len']:.0f}")
-        if tr.step % args.save_every == 0 or tr.step == args.steps:
-            tr.save(ckpt, {"pos": stream.pos})
-        if tr.step % args.eval_every == 0 or tr.step == args.steps:
-            _evaluate(model, tok, args.eval_n, logger, tr.step, pbar)
-    if pbar is not None:
-        pbar.close()
-    if dist.rank() == 0:
-        model.save_pretrained(os.path.join(args.out, "model"))
-    logger.plot(["reward", "eval_accuracy", "response_len", "loss", "entropy"])
-    dist.shutdown()
+        _after_step(args, tr, model, tok, stream, ckpt, logger, pbar, rec,
+                    reward=f"{m['reward']:.3f}", len=f"{m['response_len']:.0f}")
+    _finish(args, model, logger, pbar, ["reward", "eval_accuracy", "response_len", "loss", "entropy"])
     return 0
 
 
