@@ -88,8 +88,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace h1r::cuda;
   h1r::emu_selftest::bind(m);
   m.def("selective_scan_fwd", &selective_scan_fwd);
+  m.def("selective_scan_bwd", &selective_scan_bwd);
   m.def("selective_state_update", &selective_state_update);
   m.def("causal_conv1d_fwd", &causal_conv1d_fwd);
+  m.def("causal_conv1d_bwd", &causal_conv1d_bwd);
   m.def("causal_conv1d_update", &causal_conv1d_update);
   m.def("reshape_and_cache", &reshape_and_cache);
   m.def("paged_attention_decode", &paged_attention_decode);

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from cuda_emu import load
 
+from h1r_ops import reference
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
 
@@ -202,6 +204,87 @@ def test_selective_scan_fwd_orders(emu, order):
     torch.testing.assert_close(fin, want_fin, rtol=1e-4, atol=1e-4)
 
 
+def scan_ref_grads(args, seq, softplus, limit, dout, dfinal, chunk=16):
+    """Gradients of h1r_ops.reference.selective_scan_ref by torch.autograd, in fp32 on the kernel's
+    (rounded) inputs. args = (x, dt, A, B, C, D, z, dt_bias, init); returns their gradients (None if absent)."""
+    leaves = [None if t is None else t.detach().float().requires_grad_() for t in args]
+    x, dt, A, B, C, D, z, dt_bias, init = leaves
+    out, fin = reference.selective_scan_ref(x, dt, A, B, C, chunk, D=D, z=z, dt_bias=dt_bias, initial_states=init,
+                                            seq_idx=seq, dt_softplus=softplus, dt_limit=limit,
+                                            return_final_states=True)
+    outs, grads = [out], [dout.float()]
+    if dfinal is not None:
+        outs.append(fin)
+        grads.append(dfinal.float())
+    torch.autograd.backward(outs, grads)
+    return [None if t is None else t.grad for t in leaves]
+
+
+def scan_inputs(b, l, h, g, p, n, opts, dtype, gen):
+    x = torch.randn(b, l, h, p, generator=gen).to(dtype)
+    dt = (torch.randn(b, l, h, generator=gen) * 0.5).to(dtype)
+    if "softplus" not in opts:
+        dt = dt.abs()
+    A = -torch.rand(h, generator=gen) * 2 - 0.1
+    B = torch.randn(b, l, g, n, generator=gen).to(dtype)
+    C = torch.randn(b, l, g, n, generator=gen).to(dtype)
+    D = None
+    if "Dh" in opts:
+        D = torch.randn(h, generator=gen)
+    elif "D" in opts:
+        D = torch.randn(h, p, generator=gen)
+    z = torch.randn(b, l, h, p, generator=gen).to(dtype) if "z" in opts else None
+    dt_bias = torch.randn(h, generator=gen) * 0.3 if "bias" in opts else None
+    init = torch.randn(b, h, p, n, generator=gen) if "init" in opts else None
+    seq = _docs(b, l, gen) if "seq" in opts else None
+    limit = (0.05, 0.4) if "clamp" in opts else (0.0, float("inf"))
+    return (x, dt, A, B, C, D, z, dt_bias, init), seq, limit
+
+
+def check_scan_grads(got, want, args, dtype):
+    """Each gradient in its input's dtype; elementwise rtol of the dtype, atol relative to the largest entry
+    (dt, A, B, C, D, dt_bias gradients are sums over tokens / channels, accumulated in fp32)."""
+    names = ("dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias", "dinitial_states")
+    for name, g, w, t in zip(names, got, want, args):
+        if t is None:
+            assert g.numel() == 0, name
+            continue
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        rtol, atol = TOL[t.dtype if t.dtype != torch.float32 else torch.float32]
+        scale = max(float(w.abs().max()), 1.0)
+        torch.testing.assert_close(g.float(), w, rtol=max(rtol, 1e-4), atol=max(atol, 1e-4) * 4 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "b,l,h,g,p,n,opts",
+    [
+        (2, 37, 4, 2, 16, 32, "D,z,bias,softplus,dfinal"),
+        (1, 50, 2, 1, 20, 64, "D,init,seq,softplus,dfinal"),  # partial row tile, documents, initial state
+        (1, 21, 2, 1, 40, 16, "Dh,z,seq,init"),               # three row tiles, D per head
+        (2, 16, 3, 3, 8, 200, "bias,clamp,dfinal"),           # n not a multiple of 16, dt limits
+        (1, 1, 2, 1, 4, 16, "init,z,dfinal"),                 # length 1
+    ],
+)
+def test_selective_scan_bwd(emu, dtype, b, l, h, g, p, n, opts):
+    gen = torch.Generator().manual_seed(0)
+    args, seq, limit = scan_inputs(b, l, h, g, p, n, opts, dtype, gen)
+    dout = torch.randn(b, l, h, p, generator=gen).to(dtype)
+    dfinal = torch.randn(b, h, p, n, generator=gen) if "dfinal" in opts else None
+    got = emu.selective_scan_bwd(dout, dfinal, *args[:5], 64, *args[5:], seq, "softplus" in opts, *limit)
+    want = scan_ref_grads(args, seq, "softplus" in opts, limit, dout, dfinal)
+    check_scan_grads(got, want, args, dtype)
+
+
+def test_selective_scan_bwd_orders(emu, order):
+    gen = torch.Generator().manual_seed(5)
+    args, seq, limit = scan_inputs(1, 35, 2, 1, 24, 32, "D,z,bias,softplus,seq,init", torch.float32, gen)
+    dout, dfinal = torch.randn(1, 35, 2, 24, generator=gen), torch.randn(1, 2, 24, 32, generator=gen)
+    got = emu.selective_scan_bwd(dout, dfinal, *args[:5], 64, *args[5:], seq, True, *limit)
+    check_scan_grads(got, scan_ref_grads(args, seq, True, limit, dout, dfinal), args, torch.float32)
+
+
 # ---- causal_conv1d ---------------------------------------------------------------------------------
 
 def conv_math(x, weight, bias, seq_idx, init, silu):
@@ -305,6 +388,62 @@ def test_causal_conv1d_update(emu, dtype, b, d, l, w, state_len, opts):
         torch.testing.assert_close(got_state, want_state, rtol=0, atol=0)
 
 
+def conv_ref_grads(x, weight, bias, seq, init, silu, dout, dfinal):
+    """Gradients of h1r_ops.reference.causal_conv1d_ref by torch.autograd, in fp32 on the kernel's (rounded)
+    inputs: (dx, dweight, dbias, dinitial_states), None where the input is absent."""
+    leaves = [None if t is None else t.detach().float().requires_grad_() for t in (x, weight, bias, init)]
+    xr, wr, br, ir = leaves
+    out, fin = reference.causal_conv1d_ref(xr, wr, br, seq, ir, return_final_states=True,
+                                           activation="silu" if silu else None)
+    outs, grads = [out], [dout.float()]
+    if dfinal is not None:
+        outs.append(fin)
+        grads.append(dfinal.float())
+    torch.autograd.backward(outs, grads)
+    return [None if t is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["first", "last"])
+@pytest.mark.parametrize(
+    "b,d,l,w,opts",
+    [
+        (2, 5, 37, 4, "bias,silu"),
+        (1, 3, 600, 3, "bias,init,dfinal"),        # two tiles of the channel-first kernel
+        (2, 130, 70, 2, "silu,seq,dfinal"),        # two channel blocks / time chunks of the channel-last kernel
+        (2, 3, 1030, 4, "init,seq,silu,dfinal"),   # three tiles, documents across tile edges
+        (3, 4, 2, 4, "init,seq,dfinal,silu"),      # l < w - 1: the final state reaches into the history
+        (1, 6, 1, 3, "bias,init"),                 # length 1
+    ],
+)
+def test_causal_conv1d_bwd(emu, dtype, layout, b, d, l, w, opts):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, d, l, generator=gen).to(dtype)
+    dout = torch.randn(b, d, l, generator=gen).to(dtype)
+    if layout == "last":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    weight = torch.randn(d, w, generator=gen)
+    bias = torch.randn(d, generator=gen) if "bias" in opts else None
+    init = torch.randn(b, d, w - 1, generator=gen).to(dtype) if "init" in opts else None
+    seq = _docs(b, l, gen) if "seq" in opts else None
+    dfinal = torch.randn(b, d, w - 1, generator=gen).to(dtype) if "dfinal" in opts else None
+    dx, dweight, dbias, dinit = emu.causal_conv1d_bwd(dout, dfinal, x, weight, bias, seq, init, "silu" in opts)
+    want = conv_ref_grads(x, weight, bias, seq, init, "silu" in opts, dout, dfinal)
+    assert dx.dtype == dtype and dx.stride() == x.stride()
+    close(dx, want[0], dtype, scale=4)
+    # dweight / dbias sum b * l products in fp32 (on the same rounded inputs): fp32-level agreement.
+    close(dweight, want[1], torch.float32, scale=l)
+    if bias is not None:
+        close(dbias, want[2], torch.float32, scale=l)
+    else:
+        assert dbias.numel() == 0
+    if init is not None:
+        assert dinit.dtype == dtype
+        close(dinit, want[3], dtype, scale=4)
+    else:
+        assert dinit.numel() == 0
+
+
 def test_causal_conv1d_orders(emu, order):
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 700, generator=gen)
@@ -313,6 +452,11 @@ def test_causal_conv1d_orders(emu, order):
     want, want_fin = conv_math(x, weight, None, seq, None, True)
     close(out, want, torch.float32)
     close(fin, want_fin, torch.float32)
+    dout, dfinal = torch.randn(2, 3, 700, generator=gen), torch.randn(2, 3, 3, generator=gen)
+    got = emu.causal_conv1d_bwd(dout, dfinal, x, weight, None, seq, None, True)
+    want = conv_ref_grads(x, weight, None, seq, None, True, dout, dfinal)
+    close(got[0], want[0], torch.float32)
+    close(got[1], want[1], torch.float32, scale=700)
 
 
 def test_causal_conv1d_bad_input(emu):

@@ -16,6 +16,13 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
     const std::optional<at::Tensor>& dt_bias, const std::optional<at::Tensor>& initial_states,
     const std::optional<at::Tensor>& seq_idx, bool dt_softplus, double dt_min, double dt_max);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+selective_scan_bwd(const at::Tensor& dout, const std::optional<at::Tensor>& dfinal_states, const at::Tensor& x,
+                   const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                   int64_t chunk_size, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                   const std::optional<at::Tensor>& dt_bias, const std::optional<at::Tensor>& initial_states,
+                   const std::optional<at::Tensor>& seq_idx, bool dt_softplus, double dt_min, double dt_max);
+
 at::Tensor selective_state_update(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
                                   const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                   const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
@@ -27,6 +34,11 @@ std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd(const at::Tensor& x, const 
                                                      const std::optional<at::Tensor>& seq_idx,
                                                      const std::optional<at::Tensor>& initial_states,
                                                      bool return_final_states, bool silu);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dfinal_states, const at::Tensor& x,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& seq_idx,
+    const std::optional<at::Tensor>& initial_states, bool silu);
 
 at::Tensor causal_conv1d_update(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, bool silu,

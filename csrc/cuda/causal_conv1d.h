@@ -33,7 +33,34 @@ struct CausalConv1dUpdateParams {
   bool silu;
 };
 
+// Backward of the forward above. dout and dx share x's layout (strides given); dweight / dbias are
+// reduced without atomics: every block writes its sums to its own slot of `partials`
+// (causal_conv1d_bwd_partials(p) slots of (w + 1) x d floats: taps, then bias), and a second kernel
+// adds the slots in a fixed order (deterministic).
+struct CausalConv1dBwdParams {
+  const void* x;     // (b, d, l)
+  const void* dout;  // (b, d, l)
+  void* dx;          // (b, d, l)
+  DType dtype;       // of x, dout and dx
+  int64_t batch, dim, seqlen, width;  // 2 <= width <= 4
+  int64_t x_stride_b, x_stride_d, x_stride_l, dout_stride_b, dout_stride_d, dout_stride_l, dx_stride_b,
+      dx_stride_d, dx_stride_l;
+  const float* weight;          // (d, w)
+  const float* bias;            // (d,) or null
+  const int32_t* seq_idx;       // (b, l) or null
+  const float* initial_states;  // (b, d, w-1) or null
+  const float* dfinal_states;   // (b, d, w-1) or null
+  float* dinitial_states;       // (b, d, w-1) or null
+  float* partials;              // (causal_conv1d_bwd_partials(p), w + 1, d) scratch
+  float* dweight;               // (d, w)
+  float* dbias;                 // (d,) or null
+  bool silu;
+  bool channel_last;  // x_stride_d == 1
+};
+
 const char* launch_causal_conv1d_fwd(const CausalConv1dFwdParams& p, void* stream);
 const char* launch_causal_conv1d_update(const CausalConv1dUpdateParams& p, void* stream);
+int64_t causal_conv1d_bwd_partials(const CausalConv1dBwdParams& p);
+const char* launch_causal_conv1d_bwd(const CausalConv1dBwdParams& p, void* stream);
 
 }  // namespace h1r::cuda

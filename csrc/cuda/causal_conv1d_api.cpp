@@ -1,5 +1,5 @@
 // Torch-facing glue of the causal conv1d kernels (causal_conv1d.cu): checks, allocation, stream, and the
-// CUDA registration of h1r::causal_conv1d_fwd and h1r::causal_conv1d_update.
+// CUDA registration of h1r::causal_conv1d_fwd, h1r::causal_conv1d_bwd and h1r::causal_conv1d_update.
 #include "causal_conv1d.h"
 
 #include <torch/library.h>
@@ -70,6 +70,92 @@ std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd(const at::Tensor& x, const 
   return {out, final_states};
 }
 
+// Gradients of causal_conv1d_fwd: dx in x's layout and dtype, dweight / dbias / dinitial_states in the
+// dtypes of weight / bias / initial_states (empty where those were absent).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dfinal_states, const at::Tensor& x,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& seq_idx,
+    const std::optional<at::Tensor>& initial_states, bool silu) {
+  check_shape(x, "x", {-1, -1, -1});
+  const int64_t b = x.size(0), d = x.size(1), l = x.size(2);
+  check_shape(dout, "dout", {b, d, l});
+  check_shape(weight, "weight", {d, -1});
+  const int64_t w = weight.size(1);
+  TORCH_CHECK_VALUE(w >= 2 && w <= 4, "argument 'weight': expected width 2, 3 or 4, got ", w);
+  if (bias) check_shape(*bias, "bias", {d});
+  if (seq_idx) {
+    check_shape(*seq_idx, "seq_idx", {b, l});
+    check_dtype(*seq_idx, "seq_idx", at::kInt);
+  }
+  if (initial_states) check_shape(*initial_states, "initial_states", {b, d, w - 1});
+  const bool has_dfinal = dfinal_states && dfinal_states->numel() > 0;
+  if (has_dfinal) check_shape(*dfinal_states, "dfinal_states", {b, d, w - 1});
+  for (auto [t, name] : {std::pair{&x, "x"}, {&dout, "dout"}, {&weight, "weight"}}) check_device(*t, name);
+  for (auto [t, name] : {std::pair{&bias, "bias"}, {&seq_idx, "seq_idx"}, {&initial_states, "initial_states"},
+                         {&dfinal_states, "dfinal_states"}})
+    if (*t) check_device(**t, name);
+  check_float(dout, "dout");
+  if (has_dfinal) check_float(*dfinal_states, "dfinal_states");
+  const DType dtype = dtype_of(x, "x");
+
+  KernelContext ctx(x);
+  // The layouts of the forward: channel-last (b, l, d) memory kept, anything else made channel-first;
+  // dout is brought to x's layout and dtype (dx is written in it).
+  const bool channel_last = x.stride(1) == 1 && x.stride(2) != 1 && x.stride(2) == d && x.stride(0) == l * d;
+  const at::Tensor xc = channel_last ? x : x.contiguous();
+  TORCH_CHECK_VALUE(channel_last || d <= 65535, "argument 'x': at most 65535 channels in the channel-first layout");
+  const at::Tensor dout_t = dout.to(x.scalar_type());
+  const at::Tensor doutc = channel_last ? dout_t.transpose(1, 2).contiguous().transpose(1, 2) : dout_t.contiguous();
+  const at::Tensor dx = at::empty_like(xc);
+  const at::Tensor wf = as_f32(weight);
+  const auto bf = as_f32(bias), initf = as_f32(initial_states);
+  const auto seq = contiguous(seq_idx);
+  std::optional<at::Tensor> dfinf;
+  if (has_dfinal) dfinf = as_f32(*dfinal_states);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor dweight = at::zeros({d, w}, f32);
+  at::Tensor dbias = bias ? at::zeros({d}, f32) : at::Tensor();
+  at::Tensor dinit = initial_states ? at::zeros({b, d, w - 1}, f32) : at::Tensor();
+
+  CausalConv1dBwdParams prm{};
+  prm.x = xc.data_ptr();
+  prm.dout = doutc.data_ptr();
+  prm.dx = dx.data_ptr();
+  prm.dtype = dtype;
+  prm.batch = b;
+  prm.dim = d;
+  prm.seqlen = l;
+  prm.width = w;
+  prm.x_stride_b = xc.stride(0);
+  prm.x_stride_d = xc.stride(1);
+  prm.x_stride_l = xc.stride(2);
+  prm.dout_stride_b = doutc.stride(0);
+  prm.dout_stride_d = doutc.stride(1);
+  prm.dout_stride_l = doutc.stride(2);
+  prm.dx_stride_b = dx.stride(0);
+  prm.dx_stride_d = dx.stride(1);
+  prm.dx_stride_l = dx.stride(2);
+  prm.weight = wf.data_ptr<float>();
+  prm.bias = ptr_or_null<float>(bf);
+  prm.seq_idx = ptr_or_null<int32_t>(seq);
+  prm.initial_states = ptr_or_null<float>(initf);
+  prm.dfinal_states = ptr_or_null<float>(dfinf);
+  prm.dinitial_states = dinit.defined() ? dinit.data_ptr<float>() : nullptr;
+  prm.dweight = dweight.data_ptr<float>();
+  prm.dbias = dbias.defined() ? dbias.data_ptr<float>() : nullptr;
+  prm.silu = silu;
+  prm.channel_last = channel_last;
+  if (b > 0 && d > 0 && l > 0) {
+    const at::Tensor partials = at::empty({causal_conv1d_bwd_partials(prm), w + 1, d}, f32);
+    prm.partials = partials.data_ptr<float>();
+    check_launch(launch_causal_conv1d_bwd(prm, ctx.stream()), "causal_conv1d_bwd");
+  } else if (dinit.defined() && dfinf) {  // l == 0: the final state is the initial one
+    dinit.copy_(*dfinf);
+  }
+  return {dx, dweight.to(weight.scalar_type()), bias ? dbias.to(bias->scalar_type()) : empty_like_none(x),
+          initial_states ? dinit.to(initial_states->scalar_type()) : empty_like_none(x)};
+}
+
 at::Tensor causal_conv1d_update(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, bool silu,
                                 const std::optional<at::Tensor>& conv_state_indices) {
@@ -127,6 +213,7 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, at::Tensor& conv_state, con
 #if !defined(H1R_CUDA_EMULATOR)
 TORCH_LIBRARY_IMPL(h1r, CUDA, m) {
   m.impl("causal_conv1d_fwd", &h1r::cuda::causal_conv1d_fwd);
+  m.impl("causal_conv1d_bwd", &h1r::cuda::causal_conv1d_bwd);
   m.impl("causal_conv1d_update", &h1r::cuda::causal_conv1d_update);
 }
 #endif

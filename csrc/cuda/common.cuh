@@ -37,6 +37,11 @@ __device__ __forceinline__ float block_reduce(float v, float* scratch) {
 }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+// d silu(x) / dx = sigmoid(x) (1 + x (1 - sigmoid(x))).
+__device__ __forceinline__ float silu_grad(float x) {
+  const float s = 1.0f / (1.0f + __expf(-x));
+  return s * (1.0f + x * (1.0f - s));
+}
 // torch.nn.functional.softplus (beta 1, threshold 20).
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(__expf(x)); }
 

@@ -1,4 +1,5 @@
-// Launcher of the Mamba2 chunked scan forward (csrc/cuda/selective_scan.cu); plain C++ for the glue.
+// Launchers of the Mamba2 chunked scan forward (csrc/cuda/selective_scan.cu) and backward
+// (csrc/cuda/selective_scan_bwd.cu); plain C++ for the glue.
 #pragma once
 
 #include "launch.h"
@@ -28,5 +29,46 @@ struct SelectiveScanFwdParams {
 };
 
 const char* launch_selective_scan_fwd(const SelectiveScanFwdParams& p, void* stream);
+
+// The backward (csrc/cuda/selective_scan_bwd.cu). The kernels are parallel over (batch, head, tile of
+// kRows channels); what sums over the channels of a head (dB, dC, ddt, dA) is written per tile and
+// reduced afterwards. Scratch sizes: ntiles = selective_scan_bwd_row_tiles(p), nchunks =
+// selective_scan_bwd_chunks(p).
+struct SelectiveScanBwdParams {
+  const void* x;     // (b, l, h, p) contiguous
+  const void* B;     // (b, l, g, n)
+  const void* C;     // (b, l, g, n)
+  const void* z;     // (b, l, h, p) or null
+  const void* dout;  // (b, l, h, p)
+  DType dtype;       // of x, B, C, z, dout, dx, dz
+  const float* dt;              // (b, l, h)
+  const float* A;               // (h,)
+  const float* D;               // (h, p) or null
+  const float* dt_bias;         // (h,) or null
+  const float* initial_states;  // (b, h, p, n) or null
+  const float* dfinal_states;   // (b, h, p, n) or null
+  const int32_t* seq_idx;       // (b, l) or null
+  int64_t batch, seqlen, nheads, dim, ngroups, dstate;
+  bool dt_softplus, dt_clamp;
+  float dt_min, dt_max;
+  // outputs
+  void* dx;                // (b, l, h, p)
+  void* dz;                // (b, l, h, p) when z is given
+  float* ddt;              // (b, l, h): gradient of the raw dt
+  float* dB;               // (b, l, g, n)
+  float* dC;               // (b, l, g, n)
+  float* dA_partial;       // (b, h, ntiles)
+  float* dD_partial;       // (b, h, p) or null
+  float* dinitial_states;  // (b, h, p, n) or null
+  // scratch
+  float* chunk_states;  // (b, h, nchunks, p, n): the state entering each chunk
+  float* dB_partial;    // (ntiles, b, l, h, n)
+  float* dC_partial;    // (ntiles, b, l, h, n)
+  float* ddt_partial;   // (ntiles, b, l, h): gradient of dt' (after softplus / clamp)
+};
+
+int64_t selective_scan_bwd_row_tiles(const SelectiveScanBwdParams& p);
+int64_t selective_scan_bwd_chunks(const SelectiveScanBwdParams& p);
+const char* launch_selective_scan_bwd(const SelectiveScanBwdParams& p, void* stream);
 
 }  // namespace h1r::cuda

@@ -1,5 +1,5 @@
-// Torch-facing glue of the Mamba2 chunked scan forward kernel (selective_scan.cu): checks, allocation,
-// stream, and the CUDA registration of h1r::selective_scan_fwd.
+// Torch-facing glue of the Mamba2 chunked scan kernels (selective_scan.cu, selective_scan_bwd.cu): checks,
+// allocation, stream, and the CUDA registration of h1r::selective_scan_fwd and h1r::selective_scan_bwd.
 #include "selective_scan.h"
 
 #include <torch/library.h>
@@ -11,11 +11,13 @@
 
 namespace h1r::cuda {
 
-std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
-    const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
-    int64_t chunk_size, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-    const std::optional<at::Tensor>& dt_bias, const std::optional<at::Tensor>& initial_states,
-    const std::optional<at::Tensor>& seq_idx, bool dt_softplus, double dt_min, double dt_max) {
+namespace {
+
+// The argument checks shared by the forward and the backward (shapes, devices, dtypes).
+void check_scan_args(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                     const at::Tensor& C, int64_t chunk_size, const std::optional<at::Tensor>& D,
+                     const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& dt_bias,
+                     const std::optional<at::Tensor>& initial_states, const std::optional<at::Tensor>& seq_idx) {
   check_shape(x, "x", {-1, -1, -1, -1});
   const int64_t b = x.size(0), l = x.size(1), h = x.size(2), p = x.size(3);
   check_shape(B, "B", {b, l, -1, -1});
@@ -39,9 +41,21 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
   for (auto [t, name] : {std::pair{&D, "D"}, {&z, "z"}, {&dt_bias, "dt_bias"}, {&initial_states, "initial_states"},
                          {&seq_idx, "seq_idx"}})
     if (*t) check_device(**t, name);
-  const DType dtype = dtype_of(x, "x");
+  check_float(x, "x");
   for (auto [t, name] : {std::pair{&B, "B"}, {&C, "C"}}) check_dtype(*t, name, x.scalar_type());
   if (z) check_dtype(*z, "z", x.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
+    const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    int64_t chunk_size, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& dt_bias, const std::optional<at::Tensor>& initial_states,
+    const std::optional<at::Tensor>& seq_idx, bool dt_softplus, double dt_min, double dt_max) {
+  check_scan_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx);
+  const int64_t b = x.size(0), l = x.size(1), h = x.size(2), p = x.size(3), g = B.size(2), n = B.size(3);
+  const DType dtype = dtype_of(x, "x");
 
   KernelContext ctx(x);
   const at::Tensor xc = x.contiguous(), Bc = B.contiguous(), Cc = C.contiguous();
@@ -84,8 +98,115 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
   return {out, final_states};
 }
 
+// Gradients of selective_scan_fwd for every input, in each input's dtype (empty where it was absent).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+selective_scan_bwd(const at::Tensor& dout, const std::optional<at::Tensor>& dfinal_states, const at::Tensor& x,
+                   const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                   int64_t chunk_size, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                   const std::optional<at::Tensor>& dt_bias, const std::optional<at::Tensor>& initial_states,
+                   const std::optional<at::Tensor>& seq_idx, bool dt_softplus, double dt_min, double dt_max) {
+  check_scan_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx);
+  const int64_t b = x.size(0), l = x.size(1), h = x.size(2), p = x.size(3), g = B.size(2), n = B.size(3);
+  check_shape(dout, "dout", {b, l, h, p});
+  check_device(dout, "dout");
+  check_float(dout, "dout");
+  const bool has_dfinal = dfinal_states && dfinal_states->numel() > 0;
+  if (has_dfinal) {
+    check_shape(*dfinal_states, "dfinal_states", {b, h, p, n});
+    check_device(*dfinal_states, "dfinal_states");
+    check_float(*dfinal_states, "dfinal_states");
+  }
+  const DType dtype = dtype_of(x, "x");
+
+  KernelContext ctx(x);
+  const at::Tensor xc = x.contiguous(), Bc = B.contiguous(), Cc = C.contiguous();
+  const at::Tensor doutc = dout.to(x.scalar_type()).contiguous();
+  const auto zc = contiguous(z);
+  const at::Tensor dtf = as_f32(dt), Af = as_f32(A);
+  const auto Df = per_channel_D(D, h, p);
+  const auto dt_biasf = as_f32(dt_bias), initf = as_f32(initial_states);
+  std::optional<at::Tensor> dfinf;
+  if (has_dfinal) dfinf = as_f32(*dfinal_states);
+  const auto seq = contiguous(seq_idx);
+  const auto f32 = x.options().dtype(at::kFloat);
+
+  SelectiveScanBwdParams prm{};
+  prm.batch = b;
+  prm.seqlen = l;
+  prm.nheads = h;
+  prm.dim = p;
+  prm.ngroups = g;
+  prm.dstate = n;
+  const int64_t ntiles = selective_scan_bwd_row_tiles(prm), nchunks = selective_scan_bwd_chunks(prm);
+  at::Tensor dx = at::empty_like(xc), ddt = at::empty({b, l, h}, f32);
+  at::Tensor dB = at::empty({b, l, g, n}, f32), dC = at::empty({b, l, g, n}, f32);
+  at::Tensor dA_partial = at::zeros({b, h, ntiles}, f32);
+  at::Tensor dD_partial = D ? at::zeros({b, h, p}, f32) : at::Tensor();
+  at::Tensor dz = z ? at::empty_like(*zc) : at::Tensor();
+  at::Tensor dinit = initial_states ? at::empty({b, h, p, n}, f32) : at::Tensor();
+
+  prm.x = xc.data_ptr();
+  prm.B = Bc.data_ptr();
+  prm.C = Cc.data_ptr();
+  prm.z = zc ? zc->data_ptr() : nullptr;
+  prm.dout = doutc.data_ptr();
+  prm.dtype = dtype;
+  prm.dt = dtf.data_ptr<float>();
+  prm.A = Af.data_ptr<float>();
+  prm.D = ptr_or_null<float>(Df);
+  prm.dt_bias = ptr_or_null<float>(dt_biasf);
+  prm.initial_states = ptr_or_null<float>(initf);
+  prm.dfinal_states = ptr_or_null<float>(dfinf);
+  prm.seq_idx = ptr_or_null<int32_t>(seq);
+  prm.dt_softplus = dt_softplus;
+  prm.dt_clamp = dt_min > 0.0 || !std::isinf(dt_max);  // as the forward
+  prm.dt_min = static_cast<float>(dt_min);
+  prm.dt_max = static_cast<float>(dt_max);
+  prm.dx = dx.data_ptr();
+  prm.dz = dz.defined() ? dz.data_ptr() : nullptr;
+  prm.ddt = ddt.data_ptr<float>();
+  prm.dB = dB.data_ptr<float>();
+  prm.dC = dC.data_ptr<float>();
+  prm.dA_partial = dA_partial.data_ptr<float>();
+  prm.dD_partial = dD_partial.defined() ? dD_partial.data_ptr<float>() : nullptr;
+  prm.dinitial_states = dinit.defined() ? dinit.data_ptr<float>() : nullptr;
+  if (b > 0 && h > 0 && p > 0 && l > 0) {
+    const at::Tensor states = at::empty({b, h, nchunks, p, n}, f32);
+    const at::Tensor dBC_partial = at::empty({2, ntiles, b, l, h, n}, f32);
+    const at::Tensor ddt_partial = at::empty({ntiles, b, l, h}, f32);
+    prm.chunk_states = states.data_ptr<float>();
+    prm.dB_partial = dBC_partial[0].data_ptr<float>();
+    prm.dC_partial = dBC_partial[1].data_ptr<float>();
+    prm.ddt_partial = ddt_partial.data_ptr<float>();
+    check_launch(launch_selective_scan_bwd(prm, ctx.stream()), "selective_scan_bwd");
+  } else {  // nothing flows through the scan: the state gradient passes to the initial state
+    ddt.zero_();
+    dB.zero_();
+    dC.zero_();
+    if (dinit.defined()) {
+      if (dfinf && l == 0) dinit.copy_(*dfinf);
+      else dinit.zero_();
+    }
+  }
+  const auto empty = [&] { return at::empty({0}, f32); };
+  at::Tensor dD = D ? dD_partial.sum(0) : empty();
+  if (D && D->dim() == 1) dD = dD.sum(1);
+  return {dx,
+          ddt.to(dt.scalar_type()),
+          dA_partial.sum({0, 2}).to(A.scalar_type()),
+          dB.to(B.scalar_type()),
+          dC.to(C.scalar_type()),
+          D ? dD.to(D->scalar_type()) : empty(),
+          z ? dz : empty(),
+          dt_bias ? ddt.sum({0, 1}).to(dt_bias->scalar_type()) : empty(),
+          initial_states ? dinit.to(initial_states->scalar_type()) : empty()};
+}
+
 }  // namespace h1r::cuda
 
 #if !defined(H1R_CUDA_EMULATOR)
-TORCH_LIBRARY_IMPL(h1r, CUDA, m) { m.impl("selective_scan_fwd", &h1r::cuda::selective_scan_fwd); }
+TORCH_LIBRARY_IMPL(h1r, CUDA, m) {
+  m.impl("selective_scan_fwd", &h1r::cuda::selective_scan_fwd);
+  m.impl("selective_scan_bwd", &h1r::cuda::selective_scan_bwd);
+}
 #endif
