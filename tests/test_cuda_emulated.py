@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cuda_emu import load
 
@@ -327,8 +326,8 @@ def test_causal_conv1d_update(emu, dtype, b, d, l, w, state_len, opts):
             idx = torch.randperm(S, generator=gen)[:b].int()
             idx[0] = -1
         want_state = state.to(torch.float32, copy=True)
-        want = reference.causal_conv1d_update_ref(x.float(), want_state, weight, bias, "silu" if "silu" in opts else None,
-                                                  idx)
+        act = "silu" if "silu" in opts else None
+        want = reference.causal_conv1d_update_ref(x.float(), want_state, weight, bias, act, idx)
         want_state = want_state.to(state_dtype)
         got_state = state.clone()
         xin = x[:, :, 0] if "2d" in opts else x

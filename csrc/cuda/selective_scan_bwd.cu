@@ -30,7 +30,7 @@
 //    over row tiles) through the clamp and the softplus.
 // Layout of the chunk kernel: 256 threads = kChunk x kRows; a thread takes one (token, channel) or one
 // (token, token) pair of the chunk, and loops over d_state for the (token, state) and (channel, state)
-// products. B, C of the chunk, S_prev and dS live in (dynamic) shared memory, 4 x 16 x n floats.
+// products. B, C of the chunk, S_prev and dS live in (dynamic) shared memory, 4 x 16 x (n + 1) floats.
 #include "common.cuh"
 #include "selective_scan.h"
 
@@ -92,10 +92,14 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(SelectiveScanBwdParams p) {
   const int64_t n = p.dstate;
   H1R_DYNAMIC_SHARED(float, smem);
-  float* Bs = smem;                  // [kChunk][n]
-  float* Cs = Bs + kChunk * n;       // [kChunk][n]
-  float* Sp = Cs + kChunk * n;       // [kRows][n]: the state entering the chunk (pass 1: the running state)
-  float* dS = Sp + kRows * n;        // [kRows][n]: gradient of the state leaving the chunk
+  // Rows of n floats, ld = n + 1 apart: the (row, row) products read one column of 16 rows per warp,
+  // conflict-free with an odd row stride. sm(i): the place of entry i of a dense [rows][n] array.
+  const int64_t ld = n + 1;
+  auto sm = [&](int64_t i) { return (i / n) * ld + i % n; };
+  float* Bs = smem;              // [kChunk][ld]
+  float* Cs = Bs + kChunk * ld;  // [kChunk][ld]
+  float* Sp = Cs + kChunk * ld;  // [kRows][ld]: the state entering the chunk (pass 1: the running state)
+  float* dS = Sp + kRows * ld;   // [kRows][ld]: gradient of the state leaving the chunk
   __shared__ ChunkDecay dc;
   __shared__ float X[kChunk][kRows], Xs[kChunk][kRows], dY[kChunk][kRows], CS[kChunk][kRows];
   __shared__ float BdS[kChunk][kRows], dXs[kChunk][kRows];
@@ -125,8 +129,8 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
   auto stage_bc = [&](int64_t t0, bool with_c) {
     for (int64_t i = tid; i < kChunk * n; i += kThreads) {
       const int64_t s = i / n, k = i % n, t = t0 + s;
-      Bs[i] = t < l ? to_float(Bg[t * bstride_t + k]) : 0.0f;
-      if (with_c) Cs[i] = t < l ? to_float(Cg[t * bstride_t + k]) : 0.0f;
+      Bs[s * ld + k] = t < l ? to_float(Bg[t * bstride_t + k]) : 0.0f;
+      if (with_c) Cs[s * ld + k] = t < l ? to_float(Cg[t * bstride_t + k]) : 0.0f;
     }
   };
   // X[t][r] = x (zero past the end or past the last channel).
@@ -138,11 +142,11 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
 
   // ---- pass 1: the state entering each chunk ----
   for (int64_t i = tid; i < rows_n; i += kThreads)
-    Sp[i] = (p.initial_states && row_ok(i)) ? p.initial_states[(bh * P + p0) * n + i] : 0.0f;
+    Sp[sm(i)] = (p.initial_states && row_ok(i)) ? p.initial_states[(bh * P + p0) * n + i] : 0.0f;
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t t0 = c * kChunk;
     for (int64_t i = tid; i < rows_n; i += kThreads)
-      if (row_ok(i)) states[c * P * n + i] = Sp[i];
+      if (row_ok(i)) states[c * P * n + i] = Sp[sm(i)];
     chunk_decay(p, b, h, t0, entering_doc(p, b, t0), dc);
     stage_bc(t0, false);
     stage_x(t0);
@@ -152,21 +156,21 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
     const float e_last = dc.e[kChunk - 1];
     for (int64_t i = tid; i < rows_n; i += kThreads) {
       const int64_t r = i / n, k = i % n;
-      float v = e_last * Sp[i];
-      for (int s = 0; s < kChunk; ++s) v += Xs[s][r] * Bs[s * n + k];
-      Sp[i] = v;
+      float v = e_last * Sp[r * ld + k];
+      for (int s = 0; s < kChunk; ++s) v += Xs[s][r] * Bs[s * ld + k];
+      Sp[r * ld + k] = v;
     }
     __syncthreads();
   }
 
   // ---- pass 2: backwards over the chunks ----
   for (int64_t i = tid; i < rows_n; i += kThreads)
-    dS[i] = (p.dfinal_states && row_ok(i)) ? p.dfinal_states[(bh * P + p0) * n + i] : 0.0f;
+    dS[sm(i)] = (p.dfinal_states && row_ok(i)) ? p.dfinal_states[(bh * P + p0) * n + i] : 0.0f;
   float dD_acc = 0.0f, dA_acc = 0.0f;  // (token ti, channel tj) share of dD; lane share of dA (warp 0)
   for (int64_t c = nchunks - 1; c >= 0; --c) {
     const int64_t t0 = c * kChunk;
     // 1. Stage the chunk: S_prev, B, C, x, the decays.
-    for (int64_t i = tid; i < rows_n; i += kThreads) Sp[i] = row_ok(i) ? states[c * P * n + i] : 0.0f;
+    for (int64_t i = tid; i < rows_n; i += kThreads) Sp[sm(i)] = row_ok(i) ? states[c * P * n + i] : 0.0f;
     chunk_decay(p, b, h, t0, entering_doc(p, b, t0), dc);
     stage_bc(t0, true);
     stage_x(t0);
@@ -178,12 +182,12 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
       float cb = 0.0f, dm = 0.0f;
       if (s <= t && dc.doc[s] == dc.doc[t]) {
         dm = __expf(dc.cs[t] - dc.cs[s]);
-        for (int64_t k = 0; k < n; ++k) cb += Cs[t * n + k] * Bs[s * n + k];
+        for (int64_t k = 0; k < n; ++k) cb += Cs[t * ld + k] * Bs[s * ld + k];
       }
       Dm[t][s] = dm;
       Lm[t][s] = cb * dm;
       float v = 0.0f;
-      for (int64_t k = 0; k < n; ++k) v += Cs[ti * n + k] * Sp[tj * n + k];
+      for (int64_t k = 0; k < n; ++k) v += Cs[ti * ld + k] * Sp[tj * ld + k];
       CS[ti][tj] = v;
       Xs[ti][tj] = dc.dt[ti] * X[ti][tj];
     }
@@ -212,7 +216,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
     // 4. (s, r): BdS = B_s . dS[r];  (t, s): dG = (dY Xs^T) o Dm and TL = (dY Xs^T) o Lm.
     {
       float v = 0.0f;
-      for (int64_t k = 0; k < n; ++k) v += Bs[ti * n + k] * dS[tj * n + k];
+      for (int64_t k = 0; k < n; ++k) v += Bs[ti * ld + k] * dS[tj * ld + k];
       BdS[ti][tj] = v;
       float gl = 0.0f;
       for (int r = 0; r < kRows; ++r) gl += dY[ti][r] * Xs[tj][r];
@@ -230,12 +234,12 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
         if (t >= l) continue;
         float dc_v = 0.0f, dsp = 0.0f, db_v = 0.0f, dsn = 0.0f;
         for (int r = 0; r < kRows; ++r) {
-          dsp += dY[s][r] * Sp[r * n + k];
-          dsn += Xs[s][r] * dS[r * n + k];
+          dsp += dY[s][r] * Sp[r * ld + k];
+          dsn += Xs[s][r] * dS[r * ld + k];
         }
         for (int u = 0; u < kChunk; ++u) {
-          dc_v += dG[s][u] * Bs[u * n + k];
-          db_v += dG[u][s] * Cs[u * n + k];
+          dc_v += dG[s][u] * Bs[u * ld + k];
+          db_v += dG[u][s] * Cs[u * ld + k];
         }
         const int64_t o = (slot + t * p.nheads + h) * n + k;
         p.dC_partial[o] = dc.e[s] * dsp + dc_v;
@@ -249,7 +253,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
         dx[(t0 + s) * xstride_t + r] = from_float<T>(dc.dt[s] * v + (p.D ? p.D[h * P + p0 + r] * dY[s][r] : 0.0f));
     }
     float de_last = 0.0f;
-    for (int64_t i = tid; i < rows_n; i += kThreads) de_last += dS[i] * Sp[i];
+    for (int64_t i = tid; i < rows_n; i += kThreads) de_last += dS[sm(i)] * Sp[sm(i)];
     de_last = block_reduce<false>(de_last, scratch);  // (its barriers also publish dXs)
 
     // 6. Warp 0, lane t: dcs, da (reverse cumsum), ddt' and dA shares. Everyone: dS <- dS_prev.
@@ -283,9 +287,9 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
     const float e_last = dc.e[kChunk - 1];
     for (int64_t i = tid; i < rows_n; i += kThreads) {
       const int64_t r = i / n, k = i % n;
-      float v = e_last * dS[i];
-      for (int t = 0; t < kChunk; ++t) v += dc.e[t] * dY[t][r] * Cs[t * n + k];
-      dS[i] = v;
+      float v = e_last * dS[r * ld + k];
+      for (int t = 0; t < kChunk; ++t) v += dc.e[t] * dY[t][r] * Cs[t * ld + k];
+      dS[r * ld + k] = v;
     }
     __syncthreads();  // the next chunk overwrites the staged tiles
   }
@@ -293,7 +297,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
   // dinitial_states = dS entering chunk 0; dD and dA partial sums.
   if (p.dinitial_states)
     for (int64_t i = tid; i < rows_n; i += kThreads)
-      if (row_ok(i)) p.dinitial_states[(bh * P + p0) * n + i] = dS[i];
+      if (row_ok(i)) p.dinitial_states[(bh * P + p0) * n + i] = dS[sm(i)];
   dY[ti][tj] = dD_acc;
   if (tid < 32) {
     dA_acc = warp_sum(dA_acc);
@@ -351,7 +355,7 @@ const char* launch_selective_scan_bwd(const SelectiveScanBwdParams& p, void* str
   auto s = static_cast<cudaStream_t>(stream);
   const int64_t ntiles = selective_scan_bwd_row_tiles(p);
   const dim3 grid(unsigned(ntiles), unsigned(p.nheads), unsigned(p.batch));
-  const size_t smem = sizeof(float) * size_t(2 * kChunk + 2 * kRows) * size_t(p.dstate);
+  const size_t smem = sizeof(float) * size_t(2 * kChunk + 2 * kRows) * size_t(p.dstate + 1);
   const char* err = dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     return launch(selective_scan_bwd_chunk_kernel<T>, grid, dim3(kThreads), smem, s, p);
