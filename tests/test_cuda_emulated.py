@@ -237,7 +237,7 @@ def check_scan_grads(got, want, args, dtype):
         (1, 21, 2, 1, 40, 16, "Dh,z,seq,init"),               # three row tiles, D per head
         (2, 16, 3, 3, 8, 200, "bias,clamp,dfinal"),           # n not a multiple of 16, dt limits
         (1, 1, 2, 1, 4, 16, "init,z,dfinal"),                 # length 1
-        (1, 19, 1, 1, 4, 256, "init,seq,softplus,dfinal"),    # the largest d_state
+        (1, 150, 1, 1, 4, 256, "init,seq,softplus,dfinal"),   # the largest d_state; 10 chunks: 3 segments
     ],
 )
 def test_selective_scan_bwd(emu, dtype, b, l, h, g, p, n, opts):

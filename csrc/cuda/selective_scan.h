@@ -32,8 +32,8 @@ const char* launch_selective_scan_fwd(const SelectiveScanFwdParams& p, void* str
 
 // The backward (csrc/cuda/selective_scan_bwd.cu). The kernels are parallel over (batch, head, tile of
 // kRows channels); what sums over the channels of a head (dB, dC, ddt, dA) is written per tile and
-// reduced afterwards. Scratch sizes: ntiles = selective_scan_bwd_row_tiles(p), nchunks =
-// selective_scan_bwd_chunks(p).
+// reduced afterwards. Scratch sizes: ntiles = selective_scan_bwd_row_tiles(p), slots =
+// selective_scan_bwd_state_slots(p) (checkpointed states, about 2 sqrt(l / 16)); both need only the sizes.
 struct SelectiveScanBwdParams {
   const void* x;     // (b, l, h, p) contiguous
   const void* B;     // (b, l, g, n)
@@ -61,14 +61,14 @@ struct SelectiveScanBwdParams {
   float* dD_partial;       // (b, h, p) or null
   float* dinitial_states;  // (b, h, p, n) or null
   // scratch
-  float* chunk_states;  // (b, h, nchunks, p, n): the state entering each chunk
+  float* chunk_states;  // (b, h, slots, p, n): checkpointed states
   float* dB_partial;    // (ntiles, b, l, h, n)
   float* dC_partial;    // (ntiles, b, l, h, n)
   float* ddt_partial;   // (ntiles, b, l, h): gradient of dt' (after softplus / clamp)
 };
 
 int64_t selective_scan_bwd_row_tiles(const SelectiveScanBwdParams& p);
-int64_t selective_scan_bwd_chunks(const SelectiveScanBwdParams& p);
+int64_t selective_scan_bwd_state_slots(const SelectiveScanBwdParams& p);
 const char* launch_selective_scan_bwd(const SelectiveScanBwdParams& p, void* stream);
 
 }  // namespace h1r::cuda

@@ -137,7 +137,7 @@ selective_scan_bwd(const at::Tensor& dout, const std::optional<at::Tensor>& dfin
   prm.dim = p;
   prm.ngroups = g;
   prm.dstate = n;
-  const int64_t ntiles = selective_scan_bwd_row_tiles(prm), nchunks = selective_scan_bwd_chunks(prm);
+  const int64_t ntiles = selective_scan_bwd_row_tiles(prm), slots = selective_scan_bwd_state_slots(prm);
   at::Tensor dx = at::empty_like(xc), ddt = at::empty({b, l, h}, f32);
   at::Tensor dB = at::empty({b, l, g, n}, f32), dC = at::empty({b, l, g, n}, f32);
   at::Tensor dA_partial = at::zeros({b, h, ntiles}, f32);
@@ -171,7 +171,7 @@ selective_scan_bwd(const at::Tensor& dout, const std::optional<at::Tensor>& dfin
   prm.dD_partial = dD_partial.defined() ? dD_partial.data_ptr<float>() : nullptr;
   prm.dinitial_states = dinit.defined() ? dinit.data_ptr<float>() : nullptr;
   if (b > 0 && h > 0 && p > 0 && l > 0) {
-    const at::Tensor states = at::empty({b, h, nchunks, p, n}, f32);
+    const at::Tensor states = at::empty({b, h, slots, p, n}, f32);
     const at::Tensor dBC_partial = at::empty({2, ntiles, b, l, h, n}, f32);
     const at::Tensor ddt_partial = at::empty({ntiles, b, l, h}, f32);
     prm.chunk_states = states.data_ptr<float>();

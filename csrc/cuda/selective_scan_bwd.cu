@@ -11,8 +11,10 @@
 //
 // Two kernels:
 //  * chunk kernel, grid (ceil(p / kRows), h, b): pass 1 re-runs the state recurrence forwards and stores
-//    the state entering every chunk (scratch chunk_states); pass 2 walks the chunks backwards carrying dS,
-//    the gradient of the state leaving the chunk (dfinal_states at first), and differentiates the chunk:
+//    the state entering every K-th chunk (checkpoints, K ~ sqrt(nchunks), scratch chunk_states); pass 2
+//    walks the segments of K chunks backwards: it recomputes the states entering the segment's chunks
+//    from its checkpoint, then walks those chunks backwards carrying dS, the gradient of the state
+//    leaving the chunk (dfinal_states at first), and differentiates the chunk:
 //      dY        = dout silu(z);   dz = dout y silu'(z);   dD[r] += sum_t x_t[r] dY_t[r]
 //      dS_prev   = e_last dS + sum_t e_t dY_t C_t^T
 //      dC_t      = e_t sum_r dY_t[r] S_prev[r] + sum_s dG[t][s] B_s          dG = (dY Xs^T) o Dm
@@ -83,6 +85,14 @@ __device__ void chunk_decay(const SelectiveScanBwdParams& p, int64_t b, int64_t 
   }
 }
 
+// Chunks per checkpoint segment: about sqrt(nchunks), so that the scratch holds ~2 sqrt(nchunks) states
+// per (batch, head) instead of one per chunk, for one extra run of the state recurrence.
+__host__ __device__ __forceinline__ int64_t segment_chunks(int64_t nchunks) {
+  int64_t k = 1;
+  while (k * k < nchunks) ++k;
+  return k;
+}
+
 // Document of the state entering chunk c: that of the last token before it (the first document for c = 0).
 __device__ __forceinline__ int entering_doc(const SelectiveScanBwdParams& p, int64_t b, int64_t t0) {
   return p.seq_idx ? p.seq_idx[b * p.seqlen + (t0 > 0 ? t0 - 1 : 0)] : 0;
@@ -122,8 +132,12 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
   const T* Bg = static_cast<const T*>(p.B) + b * l * bstride_t + g * n;
   const T* Cg = static_cast<const T*>(p.C) + b * l * bstride_t + g * n;
   const int64_t bh = b * p.nheads + h;
-  float* states = p.chunk_states + (bh * nchunks * P + p0) * n;  // chunk c, row r: states[(c P + r) n + k]
   const int64_t rows_n = kRows * n;
+  // Scratch slots of P x n floats (this block: rows p0 ..): [0, ncheck) checkpoints, the states entering
+  // chunks 0, K, 2K, ...; [ncheck, ncheck + K) the states entering the chunks of the segment being
+  // differentiated, recomputed from its checkpoint.
+  const int64_t K = segment_chunks(nchunks), ncheck = ceil_div(nchunks, K);
+  float* states = p.chunk_states + (bh * (ncheck + K) * P + p0) * n;  // slot j, row r: states[(j P + r) n + k]
 
   // Stages token rows [t0, t0 + kChunk) of B (and C) in fp32, zero past the end.
   auto stage_bc = [&](int64_t t0, bool with_c) {
@@ -139,14 +153,17 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
     X[ti][tj] = (t < l && tj_ok) ? to_float(x[t * xstride_t + tj]) : 0.0f;
   };
   auto row_ok = [&](int64_t i) { return p0 + i / n < P; };
-
-  // ---- pass 1: the state entering each chunk ----
-  for (int64_t i = tid; i < rows_n; i += kThreads)
-    Sp[sm(i)] = (p.initial_states && row_ok(i)) ? p.initial_states[(bh * P + p0) * n + i] : 0.0f;
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t t0 = c * kChunk;
+  // Sp <-> scratch slot j (thread i always handles entry i: no barrier needed between the two).
+  auto save_state = [&](int64_t j) {
     for (int64_t i = tid; i < rows_n; i += kThreads)
-      if (row_ok(i)) states[c * P * n + i] = Sp[sm(i)];
+      if (row_ok(i)) states[j * P * n + i] = Sp[sm(i)];
+  };
+  auto load_state = [&](int64_t j) {
+    for (int64_t i = tid; i < rows_n; i += kThreads) Sp[sm(i)] = row_ok(i) ? states[j * P * n + i] : 0.0f;
+  };
+  // Sp: the state entering chunk c -> the state leaving it (the forward's chunk state update).
+  auto advance_state = [&](int64_t c) {
+    const int64_t t0 = c * kChunk;
     chunk_decay(p, b, h, t0, entering_doc(p, b, t0), dc);
     stage_bc(t0, false);
     stage_x(t0);
@@ -161,137 +178,153 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
       Sp[r * ld + k] = v;
     }
     __syncthreads();
+  };
+
+  // ---- pass 1: the checkpoints ----
+  for (int64_t i = tid; i < rows_n; i += kThreads)
+    Sp[sm(i)] = (p.initial_states && row_ok(i)) ? p.initial_states[(bh * P + p0) * n + i] : 0.0f;
+  for (int64_t c = 0; c <= (ncheck - 1) * K; ++c) {
+    if (c % K == 0) save_state(c / K);
+    if (c < (ncheck - 1) * K) advance_state(c);
   }
 
-  // ---- pass 2: backwards over the chunks ----
+  // ---- pass 2: backwards over the segments, and over the chunks of each ----
   for (int64_t i = tid; i < rows_n; i += kThreads)
     dS[sm(i)] = (p.dfinal_states && row_ok(i)) ? p.dfinal_states[(bh * P + p0) * n + i] : 0.0f;
   float dD_acc = 0.0f, dA_acc = 0.0f;  // (token ti, channel tj) share of dD; lane share of dA (warp 0)
-  for (int64_t c = nchunks - 1; c >= 0; --c) {
-    const int64_t t0 = c * kChunk;
-    // 1. Stage the chunk: S_prev, B, C, x, the decays.
-    for (int64_t i = tid; i < rows_n; i += kThreads) Sp[sm(i)] = row_ok(i) ? states[c * P * n + i] : 0.0f;
-    chunk_decay(p, b, h, t0, entering_doc(p, b, t0), dc);
-    stage_bc(t0, true);
-    stage_x(t0);
-    __syncthreads();
-
-    // 2. (t, s): the decay matrix and Lm = (C_t . B_s) Dm; (t, r): Xs, CS = C_t . S_prev[r].
-    {
-      const int t = ti, s = tj;
-      float cb = 0.0f, dm = 0.0f;
-      if (s <= t && dc.doc[s] == dc.doc[t]) {
-        dm = __expf(dc.cs[t] - dc.cs[s]);
-        for (int64_t k = 0; k < n; ++k) cb += Cs[t * ld + k] * Bs[s * ld + k];
-      }
-      Dm[t][s] = dm;
-      Lm[t][s] = cb * dm;
-      float v = 0.0f;
-      for (int64_t k = 0; k < n; ++k) v += Cs[ti * ld + k] * Sp[tj * ld + k];
-      CS[ti][tj] = v;
-      Xs[ti][tj] = dc.dt[ti] * X[ti][tj];
+  for (int64_t seg = ncheck - 1; seg >= 0; --seg) {
+    const int64_t c0 = seg * K, c1 = c0 + K < nchunks ? c0 + K : nchunks;
+    load_state(seg);
+    for (int64_t c = c0; c < c1; ++c) {
+      save_state(ncheck + c - c0);
+      if (c + 1 < c1) advance_state(c);
     }
-    __syncthreads();
+    for (int64_t c = c1 - 1; c >= c0; --c) {
+      const int64_t t0 = c * kChunk;
+      // 1. Stage the chunk: S_prev, B, C, x, the decays.
+      load_state(ncheck + c - c0);
+      chunk_decay(p, b, h, t0, entering_doc(p, b, t0), dc);
+      stage_bc(t0, true);
+      stage_x(t0);
+      __syncthreads();
 
-    // 3. (t, r): y (for the gate), dz, dY, dD.
-    {
-      const int64_t t = t0 + ti;
-      float go = 0.0f;
-      if (t < l && tj_ok) {
-        go = to_float(dout[t * xstride_t + tj]);
-        if (z) {
-          float y = dc.e[ti] * CS[ti][tj];
-          for (int s = 0; s <= ti; ++s) y += Lm[ti][s] * Xs[s][tj];
-          if (p.D) y += p.D[h * P + p0 + tj] * X[ti][tj];
-          const float zv = to_float(z[t * xstride_t + tj]);
-          dz[t * xstride_t + tj] = from_float<T>(go * y * silu_grad(zv));
-          go *= silu(zv);
+      // 2. (t, s): the decay matrix and Lm = (C_t . B_s) Dm; (t, r): Xs, CS = C_t . S_prev[r].
+      {
+        const int t = ti, s = tj;
+        float cb = 0.0f, dm = 0.0f;
+        if (s <= t && dc.doc[s] == dc.doc[t]) {
+          dm = __expf(dc.cs[t] - dc.cs[s]);
+          for (int64_t k = 0; k < n; ++k) cb += Cs[t * ld + k] * Bs[s * ld + k];
+        }
+        Dm[t][s] = dm;
+        Lm[t][s] = cb * dm;
+        float v = 0.0f;
+        for (int64_t k = 0; k < n; ++k) v += Cs[ti * ld + k] * Sp[tj * ld + k];
+        CS[ti][tj] = v;
+        Xs[ti][tj] = dc.dt[ti] * X[ti][tj];
+      }
+      __syncthreads();
+
+      // 3. (t, r): y (for the gate), dz, dY, dD.
+      {
+        const int64_t t = t0 + ti;
+        float go = 0.0f;
+        if (t < l && tj_ok) {
+          go = to_float(dout[t * xstride_t + tj]);
+          if (z) {
+            float y = dc.e[ti] * CS[ti][tj];
+            for (int s = 0; s <= ti; ++s) y += Lm[ti][s] * Xs[s][tj];
+            if (p.D) y += p.D[h * P + p0 + tj] * X[ti][tj];
+            const float zv = to_float(z[t * xstride_t + tj]);
+            dz[t * xstride_t + tj] = from_float<T>(go * y * silu_grad(zv));
+            go *= silu(zv);
+          }
+        }
+        dY[ti][tj] = go;
+        dD_acc += X[ti][tj] * go;
+      }
+      __syncthreads();
+
+      // 4. (s, r): BdS = B_s . dS[r];  (t, s): dG = (dY Xs^T) o Dm and TL = (dY Xs^T) o Lm.
+      {
+        float v = 0.0f;
+        for (int64_t k = 0; k < n; ++k) v += Bs[ti * ld + k] * dS[tj * ld + k];
+        BdS[ti][tj] = v;
+        float gl = 0.0f;
+        for (int r = 0; r < kRows; ++r) gl += dY[ti][r] * Xs[tj][r];
+        dG[ti][tj] = gl * Dm[ti][tj];
+        TL[ti][tj] = gl * Lm[ti][tj];
+      }
+      __syncthreads();
+
+      // 5. dC, dB (token, state) partial sums over this block's channels; dXs and dx; <dS, S_prev>.
+      {
+        const int64_t slot = ((tile * p.batch + b) * l) * p.nheads;  // + (t * nheads + h) * n + k
+        for (int64_t i = tid; i < kChunk * n; i += kThreads) {
+          const int s = int(i / n);
+          const int64_t k = i % n, t = t0 + s;
+          if (t >= l) continue;
+          float dc_v = 0.0f, dsp = 0.0f, db_v = 0.0f, dsn = 0.0f;
+          for (int r = 0; r < kRows; ++r) {
+            dsp += dY[s][r] * Sp[r * ld + k];
+            dsn += Xs[s][r] * dS[r * ld + k];
+          }
+          for (int u = 0; u < kChunk; ++u) {
+            dc_v += dG[s][u] * Bs[u * ld + k];
+            db_v += dG[u][s] * Cs[u * ld + k];
+          }
+          const int64_t o = (slot + t * p.nheads + h) * n + k;
+          p.dC_partial[o] = dc.e[s] * dsp + dc_v;
+          p.dB_partial[o] = dc.w[s] * dsn + db_v;
+        }
+        const int s = ti, r = tj;
+        float v = dc.w[s] * BdS[s][r];
+        for (int t = s; t < kChunk; ++t) v += Lm[t][s] * dY[t][r];
+        dXs[s][r] = v;
+        if (t0 + s < l && tj_ok)
+          dx[(t0 + s) * xstride_t + r] = from_float<T>(dc.dt[s] * v + (p.D ? p.D[h * P + p0 + r] * dY[s][r] : 0.0f));
+      }
+      float de_last = 0.0f;
+      for (int64_t i = tid; i < rows_n; i += kThreads) de_last += dS[sm(i)] * Sp[sm(i)];
+      de_last = block_reduce<false>(de_last, scratch);  // (its barriers also publish dXs)
+
+      // 6. Warp 0, lane t: dcs, da (reverse cumsum), ddt' and dA shares. Everyone: dS <- dS_prev.
+      if (tid < 32) {
+        const int t = tid;
+        float dcs = 0.0f, wdw = 0.0f;
+        if (t < kChunk) {
+          float de = 0.0f, dw = 0.0f;
+          for (int r = 0; r < kRows; ++r) {
+            de += dY[t][r] * CS[t][r];
+            dw += Xs[t][r] * BdS[t][r];
+          }
+          for (int u = 0; u < kChunk; ++u) dcs += TL[t][u] - TL[u][t];
+          wdw = dc.w[t] * dw;
+          dcs += dc.e[t] * de - wdw;
+        }
+        wdw = warp_sum(wdw);
+        if (t == kChunk - 1) dcs += wdw + dc.e[kChunk - 1] * de_last;
+        float da = dcs;  // da_t = sum_{u >= t} dcs_u
+        for (int o = 1; o < kChunk; o <<= 1) {
+          const float v = __shfl_down_sync(kFullMask, da, o, kChunk);
+          if ((t % kChunk) + o < kChunk) da += v;
+        }
+        if (t < kChunk && t0 + t < l) {
+          float ddtp = A * da;
+          for (int r = 0; r < kRows; ++r) ddtp += X[t][r] * dXs[t][r];
+          p.ddt_partial[((tile * p.batch + b) * l + t0 + t) * p.nheads + h] = ddtp;
+          dA_acc += dc.dt[t] * da;
         }
       }
-      dY[ti][tj] = go;
-      dD_acc += X[ti][tj] * go;
-    }
-    __syncthreads();
-
-    // 4. (s, r): BdS = B_s . dS[r];  (t, s): dG = (dY Xs^T) o Dm and TL = (dY Xs^T) o Lm.
-    {
-      float v = 0.0f;
-      for (int64_t k = 0; k < n; ++k) v += Bs[ti * ld + k] * dS[tj * ld + k];
-      BdS[ti][tj] = v;
-      float gl = 0.0f;
-      for (int r = 0; r < kRows; ++r) gl += dY[ti][r] * Xs[tj][r];
-      dG[ti][tj] = gl * Dm[ti][tj];
-      TL[ti][tj] = gl * Lm[ti][tj];
-    }
-    __syncthreads();
-
-    // 5. dC, dB (token, state) partial sums over this block's channels; dXs and dx; <dS, S_prev>.
-    {
-      const int64_t slot = ((tile * p.batch + b) * l) * p.nheads;  // + (t * nheads + h) * n + k
-      for (int64_t i = tid; i < kChunk * n; i += kThreads) {
-        const int s = int(i / n);
-        const int64_t k = i % n, t = t0 + s;
-        if (t >= l) continue;
-        float dc_v = 0.0f, dsp = 0.0f, db_v = 0.0f, dsn = 0.0f;
-        for (int r = 0; r < kRows; ++r) {
-          dsp += dY[s][r] * Sp[r * ld + k];
-          dsn += Xs[s][r] * dS[r * ld + k];
-        }
-        for (int u = 0; u < kChunk; ++u) {
-          dc_v += dG[s][u] * Bs[u * ld + k];
-          db_v += dG[u][s] * Cs[u * ld + k];
-        }
-        const int64_t o = (slot + t * p.nheads + h) * n + k;
-        p.dC_partial[o] = dc.e[s] * dsp + dc_v;
-        p.dB_partial[o] = dc.w[s] * dsn + db_v;
+      const float e_last = dc.e[kChunk - 1];
+      for (int64_t i = tid; i < rows_n; i += kThreads) {
+        const int64_t r = i / n, k = i % n;
+        float v = e_last * dS[r * ld + k];
+        for (int t = 0; t < kChunk; ++t) v += dc.e[t] * dY[t][r] * Cs[t * ld + k];
+        dS[r * ld + k] = v;
       }
-      const int s = ti, r = tj;
-      float v = dc.w[s] * BdS[s][r];
-      for (int t = s; t < kChunk; ++t) v += Lm[t][s] * dY[t][r];
-      dXs[s][r] = v;
-      if (t0 + s < l && tj_ok)
-        dx[(t0 + s) * xstride_t + r] = from_float<T>(dc.dt[s] * v + (p.D ? p.D[h * P + p0 + r] * dY[s][r] : 0.0f));
+      __syncthreads();  // the next chunk overwrites the staged tiles
     }
-    float de_last = 0.0f;
-    for (int64_t i = tid; i < rows_n; i += kThreads) de_last += dS[sm(i)] * Sp[sm(i)];
-    de_last = block_reduce<false>(de_last, scratch);  // (its barriers also publish dXs)
-
-    // 6. Warp 0, lane t: dcs, da (reverse cumsum), ddt' and dA shares. Everyone: dS <- dS_prev.
-    if (tid < 32) {
-      const int t = tid;
-      float dcs = 0.0f, wdw = 0.0f;
-      if (t < kChunk) {
-        float de = 0.0f, dw = 0.0f;
-        for (int r = 0; r < kRows; ++r) {
-          de += dY[t][r] * CS[t][r];
-          dw += Xs[t][r] * BdS[t][r];
-        }
-        for (int u = 0; u < kChunk; ++u) dcs += TL[t][u] - TL[u][t];
-        wdw = dc.w[t] * dw;
-        dcs += dc.e[t] * de - wdw;
-      }
-      wdw = warp_sum(wdw);
-      if (t == kChunk - 1) dcs += wdw + dc.e[kChunk - 1] * de_last;
-      float da = dcs;  // da_t = sum_{u >= t} dcs_u
-      for (int o = 1; o < kChunk; o <<= 1) {
-        const float v = __shfl_down_sync(kFullMask, da, o, kChunk);
-        if ((t % kChunk) + o < kChunk) da += v;
-      }
-      if (t < kChunk && t0 + t < l) {
-        float ddtp = A * da;
-        for (int r = 0; r < kRows; ++r) ddtp += X[t][r] * dXs[t][r];
-        p.ddt_partial[((tile * p.batch + b) * l + t0 + t) * p.nheads + h] = ddtp;
-        dA_acc += dc.dt[t] * da;
-      }
-    }
-    const float e_last = dc.e[kChunk - 1];
-    for (int64_t i = tid; i < rows_n; i += kThreads) {
-      const int64_t r = i / n, k = i % n;
-      float v = e_last * dS[r * ld + k];
-      for (int t = 0; t < kChunk; ++t) v += dc.e[t] * dY[t][r] * Cs[t * ld + k];
-      dS[r * ld + k] = v;
-    }
-    __syncthreads();  // the next chunk overwrites the staged tiles
   }
 
   // dinitial_states = dS entering chunk 0; dD and dA partial sums.
@@ -348,7 +381,10 @@ __global__ void __launch_bounds__(256) selective_scan_bwd_reduce_dt_kernel(Selec
 }  // namespace
 
 int64_t selective_scan_bwd_row_tiles(const SelectiveScanBwdParams& p) { return ceil_div(p.dim, kRows); }
-int64_t selective_scan_bwd_chunks(const SelectiveScanBwdParams& p) { return ceil_div(p.seqlen, kChunk); }
+int64_t selective_scan_bwd_state_slots(const SelectiveScanBwdParams& p) {
+  const int64_t nchunks = ceil_div(p.seqlen, kChunk), k = segment_chunks(nchunks);
+  return ceil_div(nchunks, k) + k;
+}
 
 const char* launch_selective_scan_bwd(const SelectiveScanBwdParams& p, void* stream) {
   if (p.dstate > kScanMaxDState) return "selective_scan_bwd: d_state above 256";
@@ -361,7 +397,10 @@ const char* launch_selective_scan_bwd(const SelectiveScanBwdParams& p, void* str
     return launch(selective_scan_bwd_chunk_kernel<T>, grid, dim3(kThreads), smem, s, p);
   });
   if (err) return err;
-  auto blocks = [](int64_t total) { return dim3(unsigned(ceil_div(total, 256) < 65535 ? ceil_div(total, 256) : 65535)); };
+  auto blocks = [](int64_t total) {  // grid-stride loops over total elements
+    const int64_t n = ceil_div(total, 256);
+    return dim3(unsigned(n < 65535 ? n : 65535));
+  };
   err = launch(selective_scan_bwd_reduce_bc_kernel, blocks(p.batch * p.seqlen * p.ngroups * p.dstate), dim3(256), 0,
                s, p, ntiles);
   if (err) return err;
