@@ -9,7 +9,7 @@
 //   y_t[r]   = e_t C_t . S_prev[r] + sum_s Lm[t][s] Xs[s][r] + D[r] x_t[r];   out = y silu(z)
 //   S[r]     = e_last S_prev[r] + sum_s w_s Xs[s][r] B_s
 //
-// Two kernels:
+// Three kernels:
 //  * chunk kernel, grid (ceil(p / kRows), h, b): pass 1 re-runs the state recurrence forwards and stores
 //    the state entering every K-th chunk (checkpoints, K ~ sqrt(nchunks), scratch chunk_states); pass 2
 //    walks the segments of K chunks backwards: it recomputes the states entering the segment's chunks
@@ -28,8 +28,8 @@
 //    The block owns kRows channels r of one head, so dx, dz, dD, dinitial_states are its own; dB, dC,
 //    ddt' and dA sum over all channels of the head (and dB, dC over the heads of a group): the block writes
 //    its partial sums to its own slots (no atomics).
-//  * reduce kernel: dB, dC = sum of the slots over row tiles and the heads of a group; ddt = ddt' (summed
-//    over row tiles) through the clamp and the softplus.
+//  * two reduce kernels: dB, dC = the slots summed over row tiles and the heads of a group (in a fixed
+//    order: deterministic); ddt = ddt' (summed over row tiles) through the clamp and the softplus.
 // Layout of the chunk kernel: 256 threads = kChunk x kRows; a thread takes one (token, channel) or one
 // (token, token) pair of the chunk, and loops over d_state for the (token, state) and (channel, state)
 // products. B, C of the chunk, S_prev and dS live in (dynamic) shared memory, 4 x 16 x (n + 1) floats.
