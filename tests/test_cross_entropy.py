@@ -221,9 +221,19 @@ def test_side_outputs_and_second_backward():
     hh = _leaf(h)
     loss, zl = h1r_ops.fused_linear_cross_entropy(hh, W, y, z_loss=1e-2, return_z_loss=True)
     assert not zl.requires_grad and zl.item() > 0
-    loss.backward(retain_graph=True)
+    loss.backward(torch.tensor(2.0), retain_graph=True)
     with pytest.raises(RuntimeError):  # the precomputed gradients were scaled in place
         loss.backward()
+    # an upstream gradient of exactly 1 leaves them untouched: a second backward is then right
+    hh = _leaf(h)
+    loss = h1r_ops.fused_linear_cross_entropy(hh, W, y)
+    loss.backward(retain_graph=True)
+    once = hh.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(hh.grad, 2 * once)
+    hr = _leaf(h)
+    ref.fused_linear_cross_entropy(hr, W, y).backward()
+    _close_rel(once, hr.grad, 1e-4)
 
 
 def test_chunking_does_not_change_the_result(monkeypatch):
