@@ -1,12 +1,16 @@
-"""RMSNorm fwd / fwd+bwd on CPU: h1r kernels vs eager torch (transformers' FalconH1RMSNorm math, the reference)
-and torch.compile of it, plus GB/s against the memory-copy bandwidth measured in the same run.
+"""RMSNorm and gated RMSNorm fwd / fwd+bwd on CPU: h1r kernels vs eager torch (the reference: transformers'
+FalconH1RMSNorm / FalconH1RMSNormGated math) and torch.compile of it, plus GB/s against the memory-copy
+bandwidth measured in the same run.
 
-    python benchmarks/bench_rms_norm.py                 # Falcon-H1-7B: 8192 x 3072, fp32 and bf16
-    python benchmarks/bench_rms_norm.py --quick         # smaller shape, fewer iterations
-    python benchmarks/bench_rms_norm.py --rows 4096 --hidden 4096 --dtypes bf16 --residual
+    python benchmarks/bench_rms_norm.py                 # 2048 x 3072 and the anchor 8192 x 3072 (Falcon-H1-7B),
+                                                        # rms_norm and gated, fp32 and bf16
+    python benchmarks/bench_rms_norm.py --quick         # 2048 x 3072 only, fewer iterations
+    python benchmarks/bench_rms_norm.py --shapes 4096x4096 --dtypes bf16 --ops rms_norm --residual
 
-Bytes counted for our kernels (the minimum traffic): fwd reads x (and residual) and writes out (and the new
-residual); bwd reads dout (and dresidual), h and writes dh. Weight and rstd are negligible.
+Bytes counted for our kernels (the minimum traffic): rms_norm fwd reads x (and residual) and writes out (and the
+new residual); bwd reads dout (and dresidual), h and writes dh. Gated (with z, one group, Falcon-H1's
+norm_before_gate=False): fwd reads x, z, writes out; bwd reads dout, x, z and writes dx, dz. Weight and rstd are
+negligible.
 """
 
 from __future__ import annotations
@@ -44,54 +48,90 @@ def make_fns(impl, x, w, r, dout, eps=1e-5):
     return fwd, fwd_bwd
 
 
+def make_gated_fns(impl, x, z, w, dout, eps=1e-5):
+    """(fwd, fwd+bwd) closures for impl(x, z, w, eps, group_size=d, norm_before_gate=False)."""
+
+    def fwd():
+        with torch.no_grad():
+            return impl(x, z, w, eps, None, False)
+
+    def fwd_bwd():
+        return torch.autograd.grad(impl(x, z, w, eps, None, False), (x, z, w), dout)
+
+    return fwd, fwd_bwd
+
+
+def parse_shapes(text):
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",") if s]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=8192)
+    p.add_argument("--shapes", default="2048x3072,8192x3072", help="rows x hidden, comma separated")
+    p.add_argument("--rows", type=int, help="one shape: rows (with --hidden; overrides --shapes)")
     p.add_argument("--hidden", type=int, default=3072)
     p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--residual", action="store_true", help="fused residual add")
+    p.add_argument("--ops", default="rms_norm,gated", help="rms_norm, gated (Mamba2's gated norm, with z)")
+    p.add_argument("--residual", action="store_true", help="rms_norm with the fused residual add")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="2048 x 3072 only, 5 iterations")
     p.add_argument("--no-compile", action="store_true")
     a = p.parse_args()
+    shapes = [(a.rows, a.hidden)] if a.rows else parse_shapes(a.shapes)
     if a.quick:
-        a.rows, a.iters = min(a.rows, 2048), 5
+        shapes, a.iters = [(2048, a.hidden)], 5
     bw, bw_fresh = memcpy_bandwidth(), memcpy_bandwidth(fresh=True)
     print(f"threads {torch.get_num_threads()}, cpu isa {torch.ops.h1r.cpu_isa()}, THP_MEM_ALLOC_ENABLE="
           f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; memory copy {bw / 1e9:.1f} GB/s (read + write), "
           f"into a fresh tensor (clone) {bw_fresh / 1e9:.1f} GB/s")
-    compiled_ref = torch.compile(R.rms_norm)
+    compiled = {"rms_norm": torch.compile(R.rms_norm), "gated": torch.compile(R.gated_rms_norm)}
     rows = []
-    for name in a.dtypes.split(","):
-        dtype = DTYPES[name]
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(a.rows, a.hidden, generator=g).to(dtype).requires_grad_()
-        w = (1 + 0.1 * torch.randn(a.hidden, generator=g)).to(dtype).requires_grad_()
-        r = torch.randn(a.rows, a.hidden, generator=g).to(dtype).requires_grad_() if a.residual else None
-        dout = torch.randn(a.rows, a.hidden, generator=g).to(dtype)
-        n_bytes = x.numel() * x.element_size()
-        streams = {"fwd": 2 + 2 * a.residual, "fwd+bwd": 5 + 2 * a.residual}
-        impls = {"eager": R.rms_norm, "h1r": h1r_ops.rms_norm}
-        if not a.no_compile:
-            impls["compile"] = compiled_ref
-        times = {}
-        for impl_name, impl in impls.items():
-            fwd, fwd_bwd = make_fns(impl, x, w, r, dout)
-            times[impl_name] = {"fwd": timeit(fwd, 2, a.iters), "fwd+bwd": timeit(fwd_bwd, 2, a.iters)}
-        for mode in ("fwd", "fwd+bwd"):
-            t = times["h1r"][mode]
-            gbs = streams[mode] * n_bytes / t
-            row = {"case": f"{a.rows}x{a.hidden} {name}{' +res' if a.residual else ''} {mode}",
-                   "h1r ms": f"{t * 1e3:.1f}", "eager ms": f"{times['eager'][mode] * 1e3:.1f}",
-                   "vs eager": f"{times['eager'][mode] / t:.2f}x"}
-            if "compile" in times:
-                row["compile ms"] = f"{times['compile'][mode] * 1e3:.1f}"
-                row["vs compile"] = f"{times['compile'][mode] / t:.2f}x"
-            row["h1r GB/s"] = f"{gbs / 1e9:.1f}"
-            row["% memcpy"] = f"{100 * gbs / bw:.0f}%"
-            row["% clone"] = f"{100 * gbs / bw_fresh:.0f}%"
-            rows.append(row)
+    for op in a.ops.split(","):
+        for n_rows, hidden in shapes:
+            for name in a.dtypes.split(","):
+                rows += bench_case(op, n_rows, hidden, DTYPES[name], name, a, compiled[op], bw, bw_fresh)
     print_table(rows)
+
+
+def bench_case(op, n_rows, hidden, dtype, name, a, compiled_ref, bw, bw_fresh):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n_rows, hidden, generator=g).to(dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype).requires_grad_()
+    dout = torch.randn(n_rows, hidden, generator=g).to(dtype)
+    n_bytes = x.numel() * x.element_size()
+    if op == "gated":
+        z = torch.randn(n_rows, hidden, generator=g).to(dtype).requires_grad_()
+        impls = {"eager": R.gated_rms_norm, "h1r": h1r_ops.gated_rms_norm}
+        make = lambda impl: make_gated_fns(impl, x, z, w, dout)  # noqa: E731
+        streams = {"fwd": 3, "fwd+bwd": 3 + 5}
+        label = f"gated {n_rows}x{hidden} {name}"
+    else:
+        r = torch.randn(n_rows, hidden, generator=g).to(dtype).requires_grad_() if a.residual else None
+        impls = {"eager": R.rms_norm, "h1r": h1r_ops.rms_norm}
+        make = lambda impl: make_fns(impl, x, w, r, dout)  # noqa: E731
+        streams = {"fwd": 2 + 2 * a.residual, "fwd+bwd": 5 + 2 * a.residual}
+        label = f"rms_norm {n_rows}x{hidden} {name}{' +res' if a.residual else ''}"
+    if not a.no_compile:
+        impls["compile"] = compiled_ref
+    times = {}
+    for impl_name, impl in impls.items():
+        fwd, fwd_bwd = make(impl)
+        times[impl_name] = {"fwd": timeit(fwd, 2, a.iters), "fwd+bwd": timeit(fwd_bwd, 2, a.iters)}
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        t = times["h1r"][mode]
+        gbs = streams[mode] * n_bytes / t
+        row = {"case": f"{label} {mode}", "h1r ms": f"{t * 1e3:.2f}", "eager ms": f"{times['eager'][mode] * 1e3:.1f}",
+               "vs eager": f"{times['eager'][mode] / t:.2f}x"}
+        if "compile" in times:
+            row["compile ms"] = f"{times['compile'][mode] * 1e3:.2f}"
+            row["vs compile"] = f"{times['compile'][mode] / t:.2f}x"
+        row["h1r GB/s"] = f"{gbs / 1e9:.1f}"
+        row["% memcpy"] = f"{100 * gbs / bw:.0f}%"
+        row["% clone"] = f"{100 * gbs / bw_fresh:.0f}%"
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
 
 if __name__ == "__main__":

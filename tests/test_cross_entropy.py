@@ -221,9 +221,19 @@ def test_side_outputs_and_second_backward():
     hh = _leaf(h)
     loss, zl = h1r_ops.fused_linear_cross_entropy(hh, W, y, z_loss=1e-2, return_z_loss=True)
     assert not zl.requires_grad and zl.item() > 0
-    loss.backward(retain_graph=True)
+    loss.backward(torch.tensor(2.0), retain_graph=True)
     with pytest.raises(RuntimeError):  # the precomputed gradients were scaled in place
         loss.backward()
+    # an upstream gradient of exactly 1 leaves them untouched: a second backward is then right
+    hh = _leaf(h)
+    loss = h1r_ops.fused_linear_cross_entropy(hh, W, y)
+    loss.backward(retain_graph=True)
+    once = hh.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(hh.grad, 2 * once)
+    hr = _leaf(h)
+    ref.fused_linear_cross_entropy(hr, W, y).backward()
+    _close_rel(once, hr.grad, 1e-4)
 
 
 def test_chunking_does_not_change_the_result(monkeypatch):
@@ -238,6 +248,54 @@ def test_chunking_does_not_change_the_result(monkeypatch):
     for r in res[1:]:
         for a, b_ in zip(r, res[0]):
             torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_chunks_of_a_large_vocabulary(dtype, monkeypatch):
+    """The default chunk comes from a 128 MiB logits budget: at V 300000 that is 64 (fp32) / 128 (bf16) rows,
+    so 130 tokens run as several chunks with a short last one; the result must be that of one chunk."""
+    h, W, y, b = _inputs(130, 8, 300_000, dtype, bias=True, n_ignored=9, seed=3)
+    res = []
+    for chunk in (None, "130"):
+        if chunk:
+            monkeypatch.setenv("H1R_CE_CHUNK", chunk)
+        hh, WW, bb = _leaf(h), _leaf(W), _leaf(b)
+        loss = h1r_ops.fused_linear_cross_entropy(hh, WW, y, bb, z_loss=1e-3)
+        loss.backward()
+        res.append((loss.detach(), hh.grad, WW.grad, bb.grad))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-5)
+    for a, b_ in zip(res[1], res[0]):
+        torch.testing.assert_close(a, b_, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ignored_chunks_give_no_nan(dtype, reduction, monkeypatch):
+    """A chunk whose tokens are all ignored, and a batch with every token ignored: finite losses, zero
+    gradients for the ignored tokens, and (for the mixed batch) the reference's values."""
+    monkeypatch.setenv("H1R_CE_CHUNK", "4")
+    h, W, y, b = _inputs(10, 16, 301, dtype, bias=True, seed=5)
+    y[:4] = -100  # the whole first chunk
+    y[9] = -100  # and one token of the short last chunk
+    ours, refs = [_leaf(t) for t in (h, W, b)], [_leaf(t.float()) for t in (h, W, b)]
+    lo = h1r_ops.fused_linear_cross_entropy(ours[0], ours[1], y, ours[2], reduction=reduction, label_smoothing=0.1)
+    lr = ref.fused_linear_cross_entropy(refs[0], refs[1], y, refs[2], reduction=reduction, label_smoothing=0.1)
+    lo.sum().backward()
+    lr.sum().backward()
+    atol, rel = TOL[dtype]
+    torch.testing.assert_close(lo, lr.detach(), atol=atol * 10, rtol=1e-4)
+    assert torch.all(ours[0].grad[:4] == 0) and torch.all(ours[0].grad[9] == 0)
+    for name, o, r in zip(("hidden", "weight", "bias"), ours, refs):
+        assert not o.grad.isnan().any()
+        _close_rel(o.grad, r.grad, rel, name)
+    # every token ignored
+    y_all = torch.full_like(y, -100)
+    ours = [_leaf(t) for t in (h, W, b)]
+    loss = h1r_ops.fused_linear_cross_entropy(ours[0], ours[1], y_all, ours[2], reduction=reduction)
+    loss.sum().backward()
+    assert torch.all(loss == 0)
+    for o in ours:
+        assert torch.all(o.grad == 0)
 
 
 # ------------------------------------------------------------------------------ log-probs and entropy

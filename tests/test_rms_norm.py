@@ -208,6 +208,33 @@ def test_cpu_isa_variants(isa):
                          "(test_cpu_rms_norm or test_cpu_gated) and (f32 or bf16) and not 3072 and not 8191", isa)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS[1:])
+def test_cpu_forward_rounding_is_torch_rounding(dtype, fused):
+    """With the kernel's own rstd, out = T(w * T(h * rstd)) is a handful of IEEE operations, so the result must
+    match torch's (round to nearest even) bit for bit. 1M values hit ~16 exact ties of the bf16 rounding."""
+    x, w, g = _inputs(512, 2048, dtype)
+    r = torch.randn(512, 2048, generator=g).to(dtype) if fused else None
+    out, h, rstd = torch.ops.h1r.rms_norm_fwd(x, w, EPS, r)
+    if fused:
+        assert torch.equal(h, (x.float() + r.float()).to(dtype))
+    else:
+        h = x
+    want = (w.float() * (h.float() * rstd[:, None]).to(dtype).float()).to(dtype)
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cpu_nan_stays_in_its_row(dtype):
+    x, w, g = _inputs(4, 100, dtype)
+    x[1, 37] = float("nan")
+    x.requires_grad_()
+    out = h1r_ops.rms_norm(x, w)
+    assert out[1].isnan().all() and not out[[0, 2, 3]].isnan().any()
+    out.backward(torch.randn(4, 100, generator=g).to(dtype))
+    assert x.grad[1].isnan().all() and not x.grad[[0, 2, 3]].isnan().any()
+
+
 def test_dweight_deterministic_across_thread_counts():
     x, w, g = _inputs(301, 257, torch.float32)
     dout = torch.randn(301, 257, generator=g)

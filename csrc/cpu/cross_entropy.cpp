@@ -6,9 +6,8 @@
 //                                                     (oneDNN; AMX for bf16)
 //   rows   softmax statistics, losses, and dL/dx written over x in place   (cross_entropy_kernels.cpp)
 //   grads  grad_hidden[chunk] = dx @ weight;  grad_weight += dx^T @ hidden[chunk];  grad_bias += sum dx
-// The chunk size follows Liger, n = next_pow2(ceil(T / ceil(V / d))), so the live chunk of logits is
-// about the size of hidden itself, but with a floor of 512 rows (see chunk_rows) so that the matmuls
-// stay compute-bound on a CPU.
+// The chunk size comes from a memory budget (128 MiB of logits, see chunk_rows) rather than Liger's
+// "about the size of hidden", which on a CPU gives chunks too short for the matmuls to stay compute-bound.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -69,25 +68,32 @@ std::pair<int64_t, int64_t> check_lm_head(const Tensor& hidden, const Tensor& we
   return {T, V};
 }
 
-constexpr int64_t kMinChunkRows = 512;
+// The chunk's logits buffer (n x V, input dtype) is the only workspace beyond the returned gradients, so
+// n is chosen from a memory budget: the largest power of two with n * V * esize <= kChunkBytes, but at
+// least kMinChunkRows and at most T.
+//
+// Why not smaller: every chunk streams the whole weight through two matmuls (logits = h W^T and
+// dhidden = dx W) and reads and writes the whole weight gradient once (dW += dx^T h): 4 V d esize bytes
+// of traffic for 6 n V d flops, i.e. 1.5 n / esize flops per byte. This machine class does ~1.4 TFLOP/s
+// (bf16, AMX) or ~0.33 TFLOP/s (fp32) over ~25 GB/s, so that traffic costs ~15% of the chunk's time at
+// 512 rows (bf16) and ~14% at 256 rows (fp32) where it does not overlap the compute, doubling with each
+// halving of n. Measured at d 3072,
+// V 32768, T 1024 (bf16, fwd+bwd vs eager): 32 rows 3.3x eager's time, 128 rows 1.2x, 256 rows 0.93x,
+// 512 rows 0.83x; at V 130048, T 1024 (fp32, shared machine): 128 rows 1.22x the time of 512 rows.
+// The budget gives 256 fp32 / 512 bf16 rows at V 130048 (127 MiB): at 4096 tokens the eager path holds
+// three (T, V) fp32 tensors (6 GiB) at its peak, so the chunk is ~2% of that.
+constexpr int64_t kChunkBytes = int64_t{128} << 20;
+constexpr int64_t kMinChunkRows = 64;
 
-int64_t chunk_rows(int64_t T, int64_t V, int64_t d) {
+int64_t chunk_rows(int64_t T, int64_t V, int64_t esize) {
   if (const char* env = std::getenv("H1R_CE_CHUNK")) {  // for experiments and tests
     const int64_t n = std::atoll(env);
     if (n > 0) return std::min(n, std::max<int64_t>(T, 1));
   }
-  // Liger: the chunk's logits about the size of hidden.
-  const int64_t inc = (V + d - 1) / std::max<int64_t>(d, 1);
-  int64_t want = (T + inc - 1) / inc;
-  // CPU floor: every chunk streams the whole weight through three matmuls (and the weight gradient
-  // once more), so a chunk of n rows does about n flops per byte of a bf16 weight; this machine class
-  // needs ~60 (1.4 TFLOP/s AMX over ~25 GB/s) and oneDNN is efficient from a few hundred rows. Measured
-  // at d 3072, V 32768, T 1024 (bf16, fwd+bwd vs eager): 32 rows 3.3x eager's time, 128 rows 1.2x,
-  // 256 rows 0.93x, 512 rows 0.83x. 512 rows of a 130k vocabulary are 133 MB (bf16) / 266 MB (fp32),
-  // still far below the (T, V) logits.
-  want = std::max<int64_t>(want, kMinChunkRows);
+  const int64_t fit = kChunkBytes / std::max<int64_t>(V * esize, 1);
   int64_t n = 1;
-  while (n < want) n <<= 1;
+  while (2 * n <= fit) n <<= 1;
+  n = std::max(n, kMinChunkRows);
   return std::max<int64_t>(std::min(n, T), 1);
 }
 
@@ -102,7 +108,7 @@ void for_each_chunk(const Tensor& hidden, const Tensor& weight, const OptTensor&
                     CeRowsParams base, Grads* grads, RowsFn&& rows) {
   const int64_t T = hidden.size(0), d = hidden.size(1), V = weight.size(0);
   if (T == 0) return;
-  const int64_t n_max = chunk_rows(T, V, d);
+  const int64_t n_max = chunk_rows(T, V, hidden.element_size());
   Tensor buffer = at::empty({n_max, V}, hidden.options());
   const Tensor wt = weight.t();
   for (int64_t start = 0; start < T; start += n_max) {

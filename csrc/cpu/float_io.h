@@ -111,6 +111,29 @@ inline void store_f(T* p, const VF& v, int64_t n) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// v rounded to the nearest bf16 (ties to even) and kept in fp32 lanes: the bf16 value is the upper half
+// of the fp32 word, so the rounding is integer arithmetic on the word (add 0x7fff plus the lsb of the
+// upper half, clear the lower half) with no narrowing and widening. NaN lanes are passed through.
+inline VF round_bf16(const VF& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i b = _mm512_castps_si512(Native(v));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_and_si512(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))),
+                                     _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  const __mmask16 ordered = _mm512_cmp_ps_mask(Native(v), Native(v), _CMP_ORD_Q);
+  return VF(_mm512_mask_blend_ps(ordered, Native(v), _mm512_castsi512_ps(r)));
+#else
+  const __m256i b = _mm256_castps_si256(Native(v));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_and_si256(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))),
+                                     _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+  const __m256 ordered = _mm256_cmp_ps(Native(v), Native(v), _CMP_ORD_Q);
+  return VF(_mm256_blendv_ps(Native(v), _mm256_castsi256_ps(r), ordered));
+#endif
+}
+#endif
+
 // v rounded to T and widened back: what storing to T and reloading would give.
 template <typename T>
 inline VF round_to(const VF& v) {
@@ -118,7 +141,8 @@ inline VF round_to(const VF& v) {
     return v;
   } else {
 #ifdef H1R_NARROW_ONE
-    return widen<T>(narrow<T>(v));
+    if constexpr (std::is_same_v<T, c10::BFloat16>) return round_bf16(v);
+    else return widen<T>(narrow<T>(v));
 #else
     return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
 #endif

@@ -37,6 +37,19 @@ inline std::pair<int64_t, int64_t> block_rows(int64_t blk, int64_t rows, int64_t
   return {std::min(rows, blk * per), std::min(rows, (blk + 1) * per)};
 }
 
+// The weight as fp32: w itself when it is fp32, else widened once into buf (per thread), so that the
+// row sweeps do not convert it again for every row.
+template <typename W>
+const float* weight_f32(const W* w, int64_t d, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<W, float>) {
+    return w;
+  } else {
+    buf.resize(d);
+    for_lanes(d, [&](int64_t i, int64_t n) { store_n(buf.data() + i, load_n(w + i, n), n); });
+    return buf.data();
+  }
+}
+
 // dweight[j] = sum over blocks (in order) of partial[blk, j].
 void reduce_dweight(const float* partial, float* dweight, int64_t nblocks, int64_t d) {
   constexpr int64_t kCols = 1024;
@@ -57,40 +70,44 @@ template <typename T, typename W>
 void rms_norm_fwd_impl(const RmsNormFwdParams& p) {
   const T* x = static_cast<const T*>(p.x);
   const T* residual = static_cast<const T*>(p.residual);
-  const W* w = static_cast<const W*>(p.weight);
   T* out = static_cast<T*>(p.out);
   T* residual_out = static_cast<T*>(p.residual_out);
   const int64_t d = p.d;
-#pragma omp parallel for schedule(dynamic, 16)
-  for (int64_t row = 0; row < p.rows; ++row) {
-    const T* xr = x + row * d;
-    T* outr = out + row * d;
-    // 1. h = x (+ residual, rounded to T: it is also the new residual), and sum(h^2) in fp32.
-    const T* h = xr;
-    VF sumsq(0.f);
-    if (residual) {
-      const T* rr = residual + row * d;
-      T* hr = residual_out + row * d;
+#pragma omp parallel
+  {
+    std::vector<float> wbuf;
+    const float* w = weight_f32(static_cast<const W*>(p.weight), d, wbuf);
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t row = 0; row < p.rows; ++row) {
+      const T* xr = x + row * d;
+      T* outr = out + row * d;
+      // 1. h = x (+ residual, rounded to T: it is also the new residual), and sum(h^2) in fp32.
+      const T* h = xr;
+      VF sumsq(0.f);
+      if (residual) {
+        const T* rr = residual + row * d;
+        T* hr = residual_out + row * d;
+        for_lanes(d, [&](int64_t i, int64_t n) {
+          const VF hv = round_to<T>(load_n(xr + i, n) + load_n(rr + i, n));
+          store_n(hr + i, hv, n);
+          sumsq = at::vec::fmadd(hv, hv, sumsq);
+        });
+        h = hr;
+      } else {
+        for_lanes(d, [&](int64_t i, int64_t n) {
+          const VF hv = load_n(xr + i, n);
+          sumsq = at::vec::fmadd(hv, hv, sumsq);
+        });
+      }
+      const float rstd = 1.f / std::sqrt(sum_lanes(sumsq) / static_cast<float>(d) + p.eps);
+      p.rstd[row] = rstd;
+      // 2. out = T(w * T(h * rstd)): normalized in fp32, cast to the input type, then scaled.
+      const VF vrstd(rstd);
       for_lanes(d, [&](int64_t i, int64_t n) {
-        const VF hv = round_to<T>(load_n(xr + i, n) + load_n(rr + i, n));
-        store_n(hr + i, hv, n);
-        sumsq = at::vec::fmadd(hv, hv, sumsq);
-      });
-      h = hr;
-    } else {
-      for_lanes(d, [&](int64_t i, int64_t n) {
-        const VF hv = load_n(xr + i, n);
-        sumsq = at::vec::fmadd(hv, hv, sumsq);
+        const VF xn = round_to<T>(load_n(h + i, n) * vrstd);
+        store_n(outr + i, load_n(w + i, n) * xn, n);
       });
     }
-    const float rstd = 1.f / std::sqrt(sum_lanes(sumsq) / static_cast<float>(d) + p.eps);
-    p.rstd[row] = rstd;
-    // 2. out = T(w * T(h * rstd)): normalized in fp32, cast to the input type, then scaled.
-    const VF vrstd(rstd);
-    for_lanes(d, [&](int64_t i, int64_t n) {
-      const VF xn = round_to<T>(load_n(h + i, n) * vrstd);
-      store_n(outr + i, load_n(w + i, n) * xn, n);
-    });
   }
 }
 
@@ -99,36 +116,43 @@ void rms_norm_bwd_impl(const RmsNormBwdParams& p) {
   const T* dout = static_cast<const T*>(p.dout);
   const T* dres = static_cast<const T*>(p.dresidual_out);
   const T* h = static_cast<const T*>(p.h);
-  const W* w = static_cast<const W*>(p.weight);
   T* dh = static_cast<T*>(p.dh);
   const int64_t d = p.d;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t blk = 0; blk < p.nblocks; ++blk) {
-    float* dw = p.dweight_partial + blk * d;
-    std::fill(dw, dw + d, 0.f);
-    const auto [begin, end] = block_rows(blk, p.rows, p.nblocks);
-    for (int64_t row = begin; row < end; ++row) {
-      const T* dyr = dout + row * d;
-      const T* hr = h + row * d;
-      const VF vrstd(p.rstd[row]);
-      // 1. c = mean(g * xn), g = dout * w the gradient w.r.t. the normalized row xn = h * rstd.
-      VF acc(0.f);
-      for_lanes(d, [&](int64_t i, int64_t n) {
-        const VF g = load_n(dyr + i, n) * load_n(w + i, n);
-        acc = at::vec::fmadd(g, load_n(hr + i, n) * vrstd, acc);
-      });
-      const VF c(sum_lanes(acc) / static_cast<float>(d));
-      // 2. dh = rstd * (g - xn * c) (+ dresidual_out); dweight += dout * T(xn).
-      T* dhr = dh + row * d;
-      const T* drr = dres ? dres + row * d : nullptr;
-      for_lanes(d, [&](int64_t i, int64_t n) {
-        const VF dy = load_n(dyr + i, n);
-        const VF xn = load_n(hr + i, n) * vrstd;
-        VF dhv = vrstd * (dy * load_n(w + i, n) - xn * c);
-        if (drr) dhv = dhv + load_n(drr + i, n);
-        store_n(dhr + i, dhv, n);
-        store_n(dw + i, at::vec::fmadd(dy, round_to<T>(xn), load_n(dw + i, n)), n);
-      });
+#pragma omp parallel
+  {
+    std::vector<float> wbuf, g(d), xn(d);  // g and xn of the current row, fp32, kept in L1 between the sweeps
+    const float* w = weight_f32(static_cast<const W*>(p.weight), d, wbuf);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < p.nblocks; ++blk) {
+      float* dw = p.dweight_partial + blk * d;
+      std::fill(dw, dw + d, 0.f);
+      const auto [begin, end] = block_rows(blk, p.rows, p.nblocks);
+      for (int64_t row = begin; row < end; ++row) {
+        const T* dyr = dout + row * d;
+        const T* hr = h + row * d;
+        const VF vrstd(p.rstd[row]);
+        // 1. One pass over the row's inputs: g = dout * w, the gradient w.r.t. the normalized row
+        //    xn = h * rstd; c = mean(g * xn); dweight += dout * T(xn). g and xn are kept for sweep 2.
+        VF acc(0.f);
+        for_lanes(d, [&](int64_t i, int64_t n) {
+          const VF dy = load_n(dyr + i, n);
+          const VF gv = dy * load_n(w + i, n);
+          const VF xv = load_n(hr + i, n) * vrstd;
+          acc = at::vec::fmadd(gv, xv, acc);
+          store_n(dw + i, at::vec::fmadd(dy, round_to<T>(xv), load_n(dw + i, n)), n);
+          store_n(g.data() + i, gv, n);
+          store_n(xn.data() + i, xv, n);
+        });
+        const VF c(sum_lanes(acc) / static_cast<float>(d));
+        // 2. dh = rstd * (g - xn * c) (+ dresidual_out).
+        T* dhr = dh + row * d;
+        const T* drr = dres ? dres + row * d : nullptr;
+        for_lanes(d, [&](int64_t i, int64_t n) {
+          VF dhv = vrstd * (load_n(g.data() + i, n) - load_n(xn.data() + i, n) * c);
+          if (drr) dhv = dhv + load_n(drr + i, n);
+          store_n(dhr + i, dhv, n);
+        });
+      }
     }
   }
   reduce_dweight(p.dweight_partial, p.dweight, p.nblocks, d);
@@ -140,14 +164,14 @@ template <typename T, typename W>
 void gated_rms_norm_fwd_impl(const GatedRmsNormFwdParams& p) {
   const T* x = static_cast<const T*>(p.x);
   const T* z = static_cast<const T*>(p.z);
-  const W* w = static_cast<const W*>(p.weight);
   T* out = static_cast<T*>(p.out);
   const int64_t d = p.d, gs = p.group_size, ngroups = d / gs;
   const bool gate_before = z && !p.norm_before_gate;  // normalize u = x * silu(z)
   const bool gate_after = z && p.norm_before_gate;    // out = norm(x) * w * silu(z)
 #pragma omp parallel
   {
-    std::vector<float> u(gs);  // the row's group being normalized, in fp32
+    std::vector<float> u(gs), wbuf;  // u: the row's group being normalized, in fp32
+    const float* w = weight_f32(static_cast<const W*>(p.weight), d, wbuf);
 #pragma omp for schedule(dynamic, 16)
     for (int64_t row = 0; row < p.rows; ++row) {
       for (int64_t grp = 0; grp < ngroups; ++grp) {
@@ -185,7 +209,6 @@ void gated_rms_norm_bwd_impl(const GatedRmsNormBwdParams& p) {
   const T* dout = static_cast<const T*>(p.dout);
   const T* x = static_cast<const T*>(p.x);
   const T* z = static_cast<const T*>(p.z);
-  const W* w = static_cast<const W*>(p.weight);
   T* dx = static_cast<T*>(p.dx);
   T* dz = static_cast<T*>(p.dz);
   const int64_t d = p.d, gs = p.group_size, ngroups = d / gs;
@@ -194,7 +217,8 @@ void gated_rms_norm_bwd_impl(const GatedRmsNormBwdParams& p) {
   {
     // Per group: xh the normalized input (xn = x * rstd, or un = x * silu(z) * rstd), g the gradient
     // w.r.t. xh, sig = sigmoid(z).
-    std::vector<float> xh(gs), g(gs), sig(gs);
+    std::vector<float> xh(gs), g(gs), sig(gs), wbuf;
+    const float* w = weight_f32(static_cast<const W*>(p.weight), d, wbuf);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < p.nblocks; ++blk) {
       float* dw = p.dweight_partial + blk * d;
@@ -203,7 +227,7 @@ void gated_rms_norm_bwd_impl(const GatedRmsNormBwdParams& p) {
       for (int64_t row = begin; row < end; ++row) {
         for (int64_t grp = 0; grp < ngroups; ++grp) {
           const int64_t off = row * d + grp * gs;
-          const W* wg = w + grp * gs;
+          const float* wg = w + grp * gs;
           float* dwg = dw + grp * gs;
           const VF vrstd(p.rstd[row * ngroups + grp]);
           // 1. xh, g and c = mean(g * xh); dz when the gate comes after the norm (it needs no c);

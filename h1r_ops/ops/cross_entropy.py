@@ -182,7 +182,11 @@ def _ce_backward(ctx, grad_loss, grad_z_loss, grad_lse, *unused):
         # wrong values). Traced (fake / functional tensors, torch.compile): out of place, as tracing
         # forbids mutating saved forward outputs; the compiler can reuse the buffer.
         eager = type(gw) is torch.Tensor
-        gh, gw, gb = (g.mul_(grad_loss.to(g.dtype)) if eager else g * grad_loss.to(g.dtype) for g in (gh, gw, gb))
+        if eager and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+            pass  # loss.backward(): nothing to scale (on CPU reading the scalar costs no device sync)
+        else:
+            gh, gw, gb = (g.mul_(grad_loss.to(g.dtype)) if eager else g * grad_loss.to(g.dtype)
+                          for g in (gh, gw, gb))
     else:
         hidden, weight, target, bias, lse = ctx.saved_tensors
         ignore_index = ctx.args[0]
