@@ -27,7 +27,7 @@ from h1r_ops.model.falcon_h1 import LayerCache
 
 from .block_manager import BlockAllocator, BlockTable
 from .confidence import WindowStop
-from .sampling import SamplingParams, make_generator, sample_rows, token_confidence, topk_logprobs
+from .sampling import BatchParams, SamplingParams, Workspace, make_generator, raw_logprobs, sample_rows, token_confidence
 from .state_pool import StatePool
 
 
@@ -81,6 +81,8 @@ class _Seq:
     finish: str | None = None
     stop_reason: int | str | None = None
     text: str | None = None
+    bt_cols: int = 0          # columns of its row of Engine.block_tables written so far
+    bt_last: int = -1         # the page written in the last of them
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -132,6 +134,12 @@ class Engine:
         self.kv = torch.zeros(L, 2, num_blocks, block_size, kv, hd, dtype=self.dtype, device=self.device)
         # one slot per live trace, plus one per prompt held for traces not yet started
         self.states = StatePool(cfg, max_num_seqs + 2, self.dtype, self.device)
+        # the block tables of the live traces, one row per state slot, kept on the device and updated in
+        # place when a trace gets a page (every block_size tokens) or copies a shared one, instead of being
+        # rebuilt from Python lists at every step
+        self.block_tables = torch.zeros(self.states.num_slots, self.max_blocks_per_seq, dtype=torch.int32,
+                                        device=self.device)
+        self.ws = Workspace()   # per-step scratch of the (traces, vocab) logits and sampling
         self.eos_ids = _eos_ids(model, tokenizer)
         self._ids = itertools.count()
         self.waiting: deque[_Request] = deque()
@@ -221,19 +229,28 @@ class Engine:
     @torch.no_grad()
     def _decode(self, seqs: list[_Seq]) -> torch.Tensor:
         """One token for each sequence (its last sampled token, at position table.num_tokens); (b, vocab)."""
-        m, b, dev = self.model, len(seqs), self.device
-        pos = [s.table.num_tokens for s in seqs]
-        slot_mapping = [s.table.append_slots(1, self._copy_block)[0] for s in seqs]
-        width = max(len(s.table.blocks) for s in seqs)
-        bt = torch.zeros(b, width, dtype=torch.int32)
-        for j, s in enumerate(seqs):
-            bt[j, : len(s.table.blocks)] = torch.tensor(s.table.blocks, dtype=torch.int32)
-        bt = bt.to(dev)
-        seq_lens = torch.tensor([p + 1 for p in pos], dtype=torch.int32, device=dev)
-        slot_mapping = torch.tensor(slot_mapping, dtype=torch.int64, device=dev)
-        state_idx = torch.tensor([s.slot for s in seqs], dtype=torch.int32, device=dev)
-        x = m._embed(torch.tensor([s.tokens[-1] for s in seqs], device=dev))
-        cos, sin = m.rotary_cos_sin(torch.tensor(pos, device=dev)[:, None], x.dtype)
+        m, b, dev, bs = self.model, len(seqs), self.device, self.block_size
+        pos, slot_mapping, dirty = [], [], []
+        for s in seqs:
+            p = s.table.num_tokens
+            slot = s.table.append_slots(1, self._copy_block)[0]
+            pos.append(p)
+            slot_mapping.append(slot)
+            if p // bs >= s.bt_cols or slot // bs != s.bt_last:   # a new page, or a copied shared one
+                dirty.append((s.slot, p // bs, slot // bs))
+                s.bt_cols, s.bt_last = p // bs + 1, slot // bs
+        # one host -> device transfer of this step's small per-trace inputs
+        ints = torch.tensor([pos, slot_mapping, [s.slot for s in seqs], [s.tokens[-1] for s in seqs]],
+                            dtype=torch.int64).to(dev)
+        if dirty:
+            d = torch.tensor(dirty, dtype=torch.int64).to(dev)
+            self.block_tables[d[:, 0], d[:, 1]] = d[:, 2].to(torch.int32)
+        state_idx = ints[2].to(torch.int32)
+        bt = self.block_tables[:, : max(pos) // bs + 1].index_select(0, ints[2])
+        seq_lens = (ints[0] + 1).to(torch.int32)
+        slot_mapping = ints[1]
+        x = m._embed(ints[3])
+        cos, sin = m.rotary_cos_sin(ints[0][:, None], x.dtype)
         for i, layer in enumerate(m.model.layers):
             h = layer.input_layernorm(x)
             mx = self._mixer_step(layer.mamba, h, i, state_idx)
@@ -243,7 +260,27 @@ class Engine:
             h1r_ops.reshape_and_cache(k[:, :, 0].contiguous(), v[:, :, 0].contiguous(), kc, vc, slot_mapping)
             o = h1r_ops.paged_attention_decode(q[:, :, 0].contiguous(), kc, vc, bt, seq_lens, scale=attn.scale)
             x = layer._mix(x, mx, attn.o_proj(o.reshape(b, -1)))
-        return m.logits(m.model.final_layernorm(x)).float()
+        return self._logits(m.model.final_layernorm(x))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (b, vocab) of final hidden states h (b, hidden), written into workspace memory: the
+        model's ``logits`` (``h @ lm_head.T * lm_head_multiplier`` in the model dtype), without a fresh
+        (b, vocab) tensor per step."""
+        m, (b, V) = self.model, (h.shape[0], self.cfg.vocab_size)
+        w = m.lm_head_weight
+        out = self.ws.get("logits32", (b, V), torch.float32, h.device)
+        raw = out if w.dtype == torch.float32 else self.ws.get("logits_raw", (b, V), w.dtype, h.device)
+        torch.mm(h.to(w.dtype), w.t(), out=raw).mul_(self.cfg.lm_head_multiplier)
+        if raw is not out:
+            out.copy_(raw)
+        return out
+
+    def _set_block_row(self, s: _Seq) -> None:
+        """Write a trace's whole block table into its row of ``block_tables`` (a fork or a fresh prefill)."""
+        n = len(s.table.blocks)
+        if n:
+            self.block_tables[s.slot, :n] = torch.tensor(s.table.blocks, dtype=torch.int32).to(self.device)
+        s.bt_cols, s.bt_last = n, (s.table.blocks[-1] if n else -1)
 
     def _mixer_step(self, mix, h, layer: int, idx: torch.Tensor) -> torch.Tensor:
         """The Mamba2 mixer's decode step over the slot pool (rows ``idx``)."""
@@ -263,12 +300,16 @@ class Engine:
     def _accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Sample the next token of each sequence from its logits (b, vocab) and check its stop rules."""
         params = [s.req.params for s in seqs]
-        toks = sample_rows(logits, params, [s.generator for s in seqs])
+        toks = sample_rows(logits, params, [s.generator for s in seqs], self.ws, BatchParams(params, logits.device))
         k = max(p.logprobs for p in params)
-        top_v, top_i, lp = topk_logprobs(logits, k)
-        confs = token_confidence(top_v).tolist() if all(p.logprobs == k for p in params) else None
-        chosen = lp.gather(-1, toks[:, None])[:, 0].tolist()
+        top_v, top_i, chosen = raw_logprobs(logits, k, toks, self.ws)
+        same_k = all(p.logprobs == k for p in params)
+        # one host transfer for the step's per-trace numbers
         toks_l = toks.tolist()
+        if same_k:
+            confs, chosen = torch.stack([token_confidence(top_v), chosen]).tolist()
+        else:
+            confs, chosen = None, chosen.tolist()
         for j, s in enumerate(seqs):
             p = s.req.params
             c = confs[j] if confs is not None else float(token_confidence(top_v[j : j + 1, : p.logprobs])[0])
@@ -334,6 +375,7 @@ class Engine:
             self.preempted.popleft()
             s.table, s.slot = BlockTable(self.allocator), self.states.allocate()
             self._prefill(s.req.prompt_ids + s.tokens[:-1], s.table, s.slot)
+            self._set_block_row(s)
             self.running.append(s)
         if self.preempted:
             return
@@ -358,6 +400,7 @@ class Engine:
             r.next_trace += 1
             s.table, s.slot = r.prefix.fork(), self.states.allocate()
             self.states.copy(r.prefix_slot, s.slot)
+            self._set_block_row(s)
             new.append(s)
             rows.append(r.prefix_logits)
             self.running.append(s)
