@@ -96,11 +96,21 @@ def _scratch(ws: Workspace | None, name: str, like: torch.Tensor, dtype: torch.d
     return ws.get(name, like.shape, dtype or like.dtype, like.device)
 
 
+def _ordered(vals: torch.Tensor, ids: torch.Tensor):
+    """Candidates (r, K) from a top-k, reordered by value descending then vocab id ascending: top-k leaves the
+    order of tied values open (it may depend on K, so on the batch); tied tokens at a top-k or top-p
+    boundary are then taken lowest id first, whatever the batch."""
+    ids, o = ids.sort(dim=-1)
+    vals = vals.gather(1, o)
+    vals, o = vals.sort(dim=-1, descending=True, stable=True)
+    return vals, ids.gather(1, o)
+
+
 def _nucleus_topk(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
     """Rows with a top-k: their k best logits (sorted, so the nucleus is a prefix), softmax over them, the
     nucleus of that renormalized distribution. -> (probabilities (r, K), 0 where filtered; vocab ids (r, K))."""
     K = min(x.shape[-1], int(top_k.max()))
-    vals, ids = x.topk(K, dim=-1)
+    vals, ids = _ordered(*x.topk(K, dim=-1))
     vals = vals.masked_fill(torch.arange(K, device=x.device)[None, :] >= top_k[:, None], float("-inf"))
     p = vals.softmax(-1)
     drop = (p.cumsum(-1) - p) >= top_p[:, None]   # mass strictly above the token reaches top_p
@@ -148,6 +158,7 @@ def _nucleus_buckets(x: torch.Tensor, top_p: torch.Tensor, ws: Workspace | None 
     cv, ci = masked.topk(K, dim=-1)                           # the crossing bucket's tokens, sorted
     if K < V and bool((cv[:, -1] > ninf).any()):              # never expected: the bound was too small
         cv, ci = masked.topk(int((~out_c).sum(-1).max()), dim=-1)
+    cv, ci = _ordered(cv, ci)
     valid = cv > ninf
     cp = p.gather(1, ci)
     drop_c = ((before + (cp.cumsum(-1) - cp).double()) >= target) & valid
