@@ -71,6 +71,21 @@ def test_greedy_matches_model_many_sequences(model):
     _no_leak(eng)
 
 
+def test_bf16_ssm_states(model):
+    """ssm_state_dtype=bf16: the pool holds bf16 states and decoding stays close to the fp32-state engine."""
+    prompts = _prompts(3, seed=9)
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=5)
+    eng = Engine(model, max_num_seqs=4, block_size=4, max_model_len=64, ssm_state_dtype=torch.bfloat16)
+    assert eng.states.ssm.dtype == torch.bfloat16
+    half = eng.generate(prompts, sp)
+    full = Engine(model, max_num_seqs=4, block_size=4, max_model_len=64).generate(prompts, sp)
+    for a, b in zip(half, full):
+        assert a[0].token_ids[:2] == b[0].token_ids[:2]
+        torch.testing.assert_close(torch.tensor(a[0].token_confidences[:2]), torch.tensor(b[0].token_confidences[:2]),
+                                   atol=0.05, rtol=0.05)
+    _no_leak(eng)
+
+
 def test_eos_and_stop_token_ids_end_traces(model):
     prompts = _prompts(6, seed=2)
     ref = [model.generate_greedy(torch.tensor([p]), 20)[0, len(p):].tolist() for p in prompts]
@@ -267,9 +282,11 @@ def test_bucket_nucleus_flat_and_peaked_full_vocab():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 32768, generator=g) * torch.tensor([0.02, 0.5, 4.0, 25.0])[:, None]
     top_p = torch.tensor([0.95, 0.9, 0.95, 0.5])
-    got = _nucleus_buckets(x, top_p, None, torch.full((4,), 0.6)) > 0
-    for i in range(4):
-        _assert_same_nucleus(got[i], x[i] / 0.6, 0, float(top_p[i]), 0.0)
+    x[1, 5] = float("-inf")
+    for row_max in (None, x.amax(-1)):   # the range from the full row, or the known max and a strided sample
+        got = _nucleus_buckets(x, top_p, None, torch.full((4,), 0.6), row_max) > 0
+        for i in range(4):
+            _assert_same_nucleus(got[i], x[i] / 0.6, 0, float(top_p[i]), 0.0)
 
 
 def test_sample_rows_inverse_cdf_and_workspace():

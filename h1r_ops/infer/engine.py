@@ -114,10 +114,13 @@ class Engine:
         block_size: tokens per KV page.
         num_blocks: KV pages in the pool (default: room for ``max_num_seqs`` traces of ``max_model_len``).
         max_model_len: prompt + generated tokens per trace, at most.
+        ssm_state_dtype: dtype of the Mamba SSM states (default fp32; bf16 halves the state memory and the
+            state bytes every decode step reads and writes, the largest part of a step at many traces).
     """
 
     def __init__(self, model, tokenizer=None, max_num_seqs: int = 64, block_size: int = 16,
-                 num_blocks: int | None = None, max_model_len: int = 2048):
+                 num_blocks: int | None = None, max_model_len: int = 2048,
+                 ssm_state_dtype: torch.dtype = torch.float32):
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config
@@ -133,7 +136,7 @@ class Engine:
         # kv[layer, 0] = key cache, kv[layer, 1] = value cache: (num_blocks, block_size, kv_heads, head_dim)
         self.kv = torch.zeros(L, 2, num_blocks, block_size, kv, hd, dtype=self.dtype, device=self.device)
         # one slot per live trace, plus one per prompt held for traces not yet started
-        self.states = StatePool(cfg, max_num_seqs + 2, self.dtype, self.device)
+        self.states = StatePool(cfg, max_num_seqs + 2, self.dtype, self.device, ssm_state_dtype)
         # the block tables of the live traces, one row per state slot, kept on the device and updated in
         # place when a trace gets a page (every block_size tokens) or copies a shared one, instead of being
         # rebuilt from Python lists at every step
@@ -300,9 +303,11 @@ class Engine:
     def _accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Sample the next token of each sequence from its logits (b, vocab) and check its stop rules."""
         params = [s.req.params for s in seqs]
-        toks = sample_rows(logits, params, [s.generator for s in seqs], self.ws, BatchParams(params, logits.device))
         k = max(p.logprobs for p in params)
-        top_v, top_i, chosen = raw_logprobs(logits, k, toks, self.ws)
+        top = logits.topk(max(1, min(k, logits.shape[-1])), dim=-1)   # DeepConf's top-k; its first is the max
+        toks = sample_rows(logits, params, [s.generator for s in seqs], self.ws, BatchParams(params, logits.device),
+                           row_max=top[0][:, 0])
+        top_v, top_i, chosen = raw_logprobs(logits, k, toks, self.ws, top)
         same_k = all(p.logprobs == k for p in params)
         # one host transfer for the step's per-trace numbers
         toks_l = toks.tolist()

@@ -119,7 +119,7 @@ def _nucleus_topk(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
 
 
 def _nucleus_buckets(x: torch.Tensor, top_p: torch.Tensor, ws: Workspace | None = None,
-                     temperature: torch.Tensor | None = None) -> torch.Tensor:
+                     temperature: torch.Tensor | None = None, row_max: torch.Tensor | None = None) -> torch.Tensor:
     """Exact nucleus of softmax(x / temperature) (x (r, V), temperature (r,) or None for 1) without sorting the
     vocab -> unnormalized probabilities (r, V), 0 where filtered (in workspace memory when ``ws`` is given).
 
@@ -133,11 +133,18 @@ def _nucleus_buckets(x: torch.Tensor, top_p: torch.Tensor, ws: Workspace | None 
     r, V = x.shape
     nb, dev, ninf = NUCLEUS_BUCKETS, x.device, float("-inf")
     inv_t = 1.0 if temperature is None else (1.0 / temperature)[:, None]   # the temperature is folded in
-    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
-    span = (hi - lo) * inv_t
-    clipped = span > 40.0              # the last bucket also holds everything more than 40 nats below the max
+    if row_max is None or V < 4096:
+        lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+        span = (hi - lo) * inv_t
+        clipped = span > 40.0          # the last bucket also holds everything more than 40 nats below the max
+    else:
+        # the max is known (the log-prob top-k found it); the range only sets the buckets' resolution, so
+        # a strided sample's min serves, and the tokens below it join the last bucket
+        hi = row_max.reshape(r, 1)
+        span = (hi - x[:, ::16].amin(-1, keepdim=True)) * inv_t
+        clipped = torch.ones_like(span, dtype=torch.bool)
     scale = nb * inv_t / span.clamp(1e-20, 40.0)
-    p = torch.sub(hi, x, out=_scratch(ws, "nb_p", x))                   # max - x >= 0
+    p = torch.sub(hi, x, out=_scratch(ws, "nb_p", x))                   # max - x >= 0 (row_max is exact)
     key = _scratch(ws, "nb_key", x, torch.int32)
     key.copy_(torch.mul(p, scale, out=_scratch(ws, "nb_tmp", x)).clamp_(max=nb - 1))   # bucket 0 = largest
     p.mul_(-inv_t).exp_()                                                # exp((x - max) / T): unnormalized
@@ -225,18 +232,19 @@ class BatchParams:
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
-                ws: Workspace | None = None, batch: BatchParams | None = None) -> torch.Tensor:
+                ws: Workspace | None = None, batch: BatchParams | None = None,
+                row_max: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of fp32 logits (b, V): argmax for temperature 0, else a draw from the filtered
     distribution by inverse CDF with one uniform from the row's own generator (so a trace's draws do not
     depend on which other traces share the batch). ``ws``: scratch memory reused across calls;
-    ``batch``: the tensors of ``params`` if already built."""
+    ``batch``: the tensors of ``params`` if already built; ``row_max``: each row's max logit (b,) if known."""
     b, V = logits.shape
     dev = logits.device
     bp = batch or BatchParams(params, dev)
     if bp.greedy_all:
         return logits.argmax(-1)
     if bp.nucleus_only:   # the usual DeepConf case (temperature + top-p): temperature folded into the bucketing
-        p = _nucleus_buckets(logits, bp.top_p, ws, None if bp.unit_temp else bp.temp)
+        p = _nucleus_buckets(logits, bp.top_p, ws, None if bp.unit_temp else bp.temp, row_max)
     else:
         x = logits if bp.unit_temp else torch.div(logits, bp.temp[:, None], out=_scratch(ws, "x", logits))
         p = _filtered_probs(x, bp.top_k, bp.top_p, bp.min_p, ws)
@@ -257,12 +265,13 @@ def topk_logprobs(logits: torch.Tensor, k: int):
     return v, i, lp
 
 
-def raw_logprobs(logits: torch.Tensor, k: int, tokens: torch.Tensor, ws: Workspace | None = None):
+def raw_logprobs(logits: torch.Tensor, k: int, tokens: torch.Tensor, ws: Workspace | None = None, top=None):
     """Log-probs under log_softmax(logits) (fp32 (b, V)) without materializing them: (top-k values (b, k),
-    their ids (b, k), the log-prob of ``tokens`` (b,)). One top-k, one exp-sum pass for the normalizer."""
+    their ids (b, k), the log-prob of ``tokens`` (b,)). One top-k (or ``top``, the logits' own
+    ``topk(max(k, 1))`` if already computed), one exp-sum pass for the normalizer."""
     b, V = logits.shape
     kk = max(1, min(k, V))
-    tv, ti = logits.topk(kk, dim=-1)
+    tv, ti = top if top is not None else logits.topk(kk, dim=-1)
     e = torch.sub(logits, tv[:, :1], out=_scratch(ws, "lp_tmp", logits)).exp_()
     lse = tv[:, :1] + e.sum(-1, keepdim=True).log_()
     chosen = (logits.gather(1, tokens[:, None]) - lse)[:, 0]
