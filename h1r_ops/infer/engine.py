@@ -118,6 +118,8 @@ class Engine:
             state bytes every decode step reads and writes, the largest part of a step at many traces).
     """
 
+    SAMPLE_CHUNK = 16   # rows sampled together (their scratch fits in L2)
+
     def __init__(self, model, tokenizer=None, max_num_seqs: int = 64, block_size: int = 16,
                  num_blocks: int | None = None, max_model_len: int = 2048,
                  ssm_state_dtype: torch.dtype = torch.float32):
@@ -273,10 +275,9 @@ class Engine:
         w = m.lm_head_weight
         out = self.ws.get("logits32", (b, V), torch.float32, h.device)
         raw = out if w.dtype == torch.float32 else self.ws.get("logits_raw", (b, V), w.dtype, h.device)
-        torch.mm(h.to(w.dtype), w.t(), out=raw).mul_(self.cfg.lm_head_multiplier)
-        if raw is not out:
-            out.copy_(raw)
-        return out
+        torch.mm(h.to(w.dtype), w.t(), out=raw)
+        # the multiplier in the model dtype (as the model rounds it), cast to fp32 in the same pass
+        return torch.mul(raw, self.cfg.lm_head_multiplier, out=out)
 
     def _set_block_row(self, s: _Seq) -> None:
         """Write a trace's whole block table into its row of ``block_tables`` (a fork or a fresh prefill)."""
@@ -303,11 +304,19 @@ class Engine:
     def _accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Sample the next token of each sequence from its logits (b, vocab) and check its stop rules."""
         params = [s.req.params for s in seqs]
+        gens = [s.generator for s in seqs]
         k = max(p.logprobs for p in params)
-        top = logits.topk(max(1, min(k, logits.shape[-1])), dim=-1)   # DeepConf's top-k; its first is the max
-        toks = sample_rows(logits, params, [s.generator for s in seqs], self.ws, BatchParams(params, logits.device),
-                           row_max=top[0][:, 0])
-        top_v, top_i, chosen = raw_logprobs(logits, k, toks, self.ws, top)
+        kk = max(1, min(k, logits.shape[-1]))
+        parts = []
+        # rows in chunks: the few streaming passes of sampling and log-probs over a chunk's (rows, vocab)
+        # scratch stay in cache instead of going to memory once per pass
+        for a in range(0, len(seqs), self.SAMPLE_CHUNK):
+            sl = slice(a, a + self.SAMPLE_CHUNK)
+            lg = logits[sl]
+            top = lg.topk(kk, dim=-1)                    # DeepConf's top-k; its first is the row max
+            t = sample_rows(lg, params[sl], gens[sl], self.ws, BatchParams(params[sl], lg.device), row_max=top[0][:, 0])
+            parts.append((t, *raw_logprobs(lg, k, t, self.ws, top)))
+        toks, top_v, top_i, chosen = (torch.cat(x) if len(parts) > 1 else x[0] for x in zip(*parts))
         same_k = all(p.logprobs == k for p in params)
         # one host transfer for the step's per-trace numbers
         toks_l = toks.tolist()
