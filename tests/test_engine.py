@@ -412,7 +412,7 @@ def test_cli_generate_and_deepconf(model, tmp_path, capsys):
     model.save_pretrained(tmp_path)
     _char_tokenizer().save(str(tmp_path / "tokenizer.json"))
     assert main(["generate", str(tmp_path), "--prompt", "ab", "-n", "3", "--max-tokens", "6", "--dtype", "fp32",
-                 "--json"]) == 0
+                 "--ssm-state-dtype", "bf16", "--json"]) == 0
     out = capsys.readouterr()
     assert out.out.count('"finish_reason"') == 3 and "tokens/s" in out.err
     assert main(["deepconf", str(tmp_path), "--prompt-ids", "5,6,7", "--budget", "6", "--warmup", "3", "--window", "4",

@@ -9,6 +9,10 @@ Every live trace owns a block table (its KV pages) and a state slot (its conv an
      causal_conv1d_update / selective_state_update over the slot pool);
   3. samples, records confidences, and retires the traces that hit EOS, a stop token or string,
      max_tokens, or DeepConf's confidence threshold; their pages and slot are freed at once.
+The per-step host work is kept small: the block tables live on the device (one row per state slot, a
+page written when a trace gets or copies one), the per-trace inputs go over in one transfer, the logits and
+the sampling scratch reuse workspace memory, sampling never sorts the vocabulary (see ``sampling``), and
+the step's sampled tokens, confidences and log-probs come back in one transfer.
 When the pages run out, the most recently started trace is preempted (its pages and slot freed) and
 later recomputed by one prefill of its prompt and tokens so far; its generator continues unchanged.
 """

@@ -1,6 +1,11 @@
 """Sampling parameters and the per-trace sampler: temperature, top-k, top-p, min-p, a seeded
 torch.Generator per trace, and the top-k log-probs kept for DeepConf's token confidence.
 
+Nothing sorts the vocabulary: top-p alone (DeepConf's setting) finds its exact nucleus by bucketing the
+logits (``_nucleus_buckets``: a weighted bincount, then a top-k over the one bucket the boundary falls
+in), top-k works on the k best logits, and the draw is an inverse-CDF search (``searchsorted``) on the
+filtered probabilities in vocabulary order with one uniform per trace from the trace's own generator.
+
 Log-probs (and so the confidences) are those of the model's raw distribution, log_softmax(logits),
 before temperature and filtering (vLLM's default ``raw_logprobs``, and what DeepConf's online
 processor computes from the raw logits).
