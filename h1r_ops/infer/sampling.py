@@ -140,14 +140,12 @@ def _nucleus_buckets(x: torch.Tensor, top_p: torch.Tensor, ws: Workspace | None 
     inv_t = 1.0 if temperature is None else (1.0 / temperature)[:, None]   # the temperature is folded in
     if row_max is None or V < 4096:
         lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
-        span = (hi - lo) * inv_t
-        clipped = span > 40.0          # the last bucket also holds everything more than 40 nats below the max
+        span = (hi - lo) * inv_t       # at most 40 nats: lower logits share the last bucket
     else:
         # the max is known (the log-prob top-k found it); the range only sets the buckets' resolution, so
         # a strided sample's min serves, and the tokens below it join the last bucket
         hi = row_max.reshape(r, 1)
         span = (hi - x[:, ::16].amin(-1, keepdim=True)) * inv_t
-        clipped = torch.ones_like(span, dtype=torch.bool)
     scale = nb * inv_t / span.clamp(1e-20, 40.0)
     p = torch.sub(hi, x, out=_scratch(ws, "nb_p", x))                   # max - x >= 0 (row_max is exact)
     key = _scratch(ws, "nb_key", x, torch.int32)
@@ -159,22 +157,23 @@ def _nucleus_buckets(x: torch.Tensor, top_p: torch.Tensor, ws: Workspace | None 
     target = top_p.double()[:, None] * cum[:, -1:]            # top_p of the row's total mass
     c = (cum < target).sum(-1, keepdim=True).clamp_(max=nb - 1)   # the crossing bucket
     before = (cum - mass).gather(1, c)                        # mass of the buckets above it
-    # its size is at most its mass over its smallest probability exp(-(c + 1) / scale) (with a margin for
-    # rounding), or the whole row for a last bucket holding the clipped tail; checked below
-    bound = mass.gather(1, c) * torch.exp((c + 1.01) * (inv_t / scale).double()) * 1.001 + 2
-    bound = torch.where(clipped & (c == nb - 1), float(V), bound)
-    K = int(min(V, float(bound.max())))
+    # the crossing bucket's tokens, compacted into (r, K) rows (K: the largest such bucket), sorted by
+    # logit; nonzero lists them by ascending id, so the stable sort leaves tied tokens lowest id first
     ckey = c.to(torch.int32) + rows
-    out_c = torch.ne(key, ckey, out=_scratch(ws, "nb_mask", x, torch.bool))
-    masked = torch.where(out_c, x.new_tensor(ninf), x, out=_scratch(ws, "nb_tmp", x))
-    cv, ci = masked.topk(K, dim=-1)                           # the crossing bucket's tokens, sorted
-    if K < V and bool((cv[:, -1] > ninf).any()):              # never expected: the bound was too small
-        cv, ci = masked.topk(int((~out_c).sum(-1).max()), dim=-1)
-    cv, ci = _ordered(cv, ci)
+    rr, cc = torch.eq(key, ckey, out=_scratch(ws, "nb_mask", x, torch.bool)).nonzero(as_tuple=True)
+    cnt = torch.bincount(rr, minlength=r)
+    K = int(cnt.max())
+    pos = torch.arange(rr.shape[0], device=dev) - (cnt.cumsum(0) - cnt)[rr]
+    cv = torch.full((r, K), ninf, device=dev)
+    cv[rr, pos] = x[rr, cc]
+    ci = torch.zeros((r, K), dtype=torch.int64, device=dev)
+    ci[rr, pos] = cc
+    cv, o = cv.sort(dim=-1, descending=True, stable=True)
+    ci = ci.gather(1, o)
     valid = cv > ninf
     cp = p.gather(1, ci)
     drop_c = ((before + (cp.cumsum(-1) - cp).double()) >= target) & valid
-    p.masked_fill_(torch.gt(key, ckey, out=out_c), 0.0)       # the buckets after the crossing one
+    p.masked_fill_(torch.gt(key, ckey, out=_scratch(ws, "nb_mask", x, torch.bool)), 0.0)   # buckets after it
     p.scatter_(1, ci, torch.where(valid, cp.masked_fill(drop_c, 0.0), p.gather(1, ci)))
     return p
 
