@@ -2,11 +2,15 @@
 num_return_sequences, on CPU, same weights, measured in one run.
 
 For 1, 16, 64 and 256 traces of one prompt (the config of bench_model.py), both sample ``--new-tokens``
-tokens per trace (EOS ignored). Printed: end-to-end tokens/s of each (prompt prefill included: the engine
-prefills the prompt once, transformers once per returned sequence), the engine's decode-only tokens/s,
-the speed-up, and the engine's memory per trace (KV pages at the final length + the Mamba state slot).
+tokens per trace (``--new-tokens-large`` from ``--large-from`` traces on; EOS ignored) with temperature 0.6
+and top-p 0.95 (DeepConf's setting). Printed: end-to-end tokens/s of each (prompt prefill included: the
+engine prefills the prompt once and forks it, transformers once per returned sequence), the engine's
+decode-only tokens/s, the speed-up, and the engine's memory per trace (KV pages at the final length + the
+Mamba state slot). ``--dtype auto`` is bf16 where the CPU has AMX (oneDNN's bf16 matmuls), else fp32;
+``--dtype both`` runs fp32 and bf16 in the same run.
 
-    python benchmarks/bench_engine.py [--quick] [--traces 1,16,64,256] [--dtype fp32|bf16] [--threads N]
+    python benchmarks/bench_engine.py [--quick] [--traces 1,16,64,256] [--dtype auto|fp32|bf16|both]
+                                      [--ssm-state-dtype fp32|bf16] [--threads N]
 """
 
 from __future__ import annotations
@@ -25,15 +29,27 @@ from bench_model import CONFIG  # noqa: E402
 from common import print_table  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 layers, traces 1,16,64, fewer tokens")
     ap.add_argument("--traces", default=None)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "both"])
+    ap.add_argument("--ssm-state-dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--new-tokens-large", type=int, default=16, help="new tokens per trace from --large-from traces on")
+    ap.add_argument("--large-from", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for both (1 is the least noisy on a loaded, shared machine)")
     ap.add_argument("--skip-hf-above", type=int, default=10**9, help="skip transformers above this many traces")
@@ -41,8 +57,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     traces = [int(t) for t in (args.traces or ("1,16,64" if args.quick else "1,16,64,256")).split(",")]
-    new = args.new_tokens or (8 if args.quick else 32)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtypes = {"auto": ["bf16" if has_amx() else "fp32"], "both": ["fp32", "bf16"]}.get(args.dtype, [args.dtype])
 
     import transformers
 
@@ -56,41 +71,48 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as d:
         hf_cfg = transformers.FalconH1Config(**cfg, rope_parameters={"rope_type": "default", "rope_theta": 1e11})
         torch.manual_seed(0)
-        hf = transformers.FalconH1ForCausalLM(hf_cfg).eval()
-        hf.save_pretrained(d)
-        hf = hf.to(dtype)
-        ours = FalconH1ForCausalLM.from_pretrained(d, dtype=dtype)
+        hf32 = transformers.FalconH1ForCausalLM(hf_cfg).eval()
+        hf32.save_pretrained(d)
         prompt = torch.randint(3, cfg["vocab_size"], (1, args.prompt))
-        sp = SamplingParams(temperature=0.6, top_p=0.95, max_tokens=new, seed=0, ignore_eos=True)
-        for n in traces:
-            eng = Engine(ours, max_num_seqs=n, block_size=16, max_model_len=args.prompt + new)
-            eng.generate([prompt[0].tolist()], SamplingParams(n=min(n, 4), max_tokens=2, ignore_eos=True))  # warm-up
-            eng.stats.update(decode_tokens=0, decode_time=0.0)
-            t0 = time.perf_counter()
-            outs = eng.generate([prompt[0].tolist()], SamplingParams(**{**sp.__dict__, "n": n}))[0]
-            t_us = time.perf_counter() - t0
-            assert sum(o.num_tokens for o in outs) == n * new
-            dec = eng.stats["decode_tokens"] / eng.stats["decode_time"]
-            per_trace = eng.kv_bytes_per_token() * (args.prompt + new) + eng.states.bytes_per_slot()
-            if n <= args.skip_hf_above:
-                with torch.no_grad():
-                    hf.generate(prompt, max_new_tokens=2, do_sample=True, num_return_sequences=min(n, 4), pad_token_id=0)
-                    t0 = time.perf_counter()
-                    hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=0.6,
-                                top_p=0.95, num_return_sequences=n, pad_token_id=0)
-                    t_hf = time.perf_counter() - t0
-                hf_tps = n * new / t_hf
-                ratio = f"{t_hf / t_us:.1f}x"
-            else:
-                hf_tps, ratio = "skipped", "-"
-            rows.append((n, new, hf_tps, n * new / t_us, dec, ratio, f"{per_trace / 2**20:.2f}",
-                         f"{eng.kv_bytes_per_token() * 1000 / 2**20:.1f}", f"{eng.states.bytes_per_slot() / 2**20:.2f}"))
-            print(rows[-1], flush=True)
-            del eng
-    print_table(rows, ("traces", "new tok", "transformers tok/s", "h1r engine tok/s", "engine decode tok/s", "speed-up",
-                       "MiB/trace", "KV MiB/1k tok", "state MiB"),
-                title=f"Parallel traces, Falcon-H1 {cfg['num_hidden_layers']}-layer bench config, {args.dtype}, "
-                      f"prompt {args.prompt}, CPU {torch.get_num_threads()} threads")
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            hf = hf32.to(dtype) if dtype != torch.float32 else hf32
+            ours = FalconH1ForCausalLM.from_pretrained(d, dtype=dtype)
+            for n in traces:
+                new = args.new_tokens_large if n >= args.large_from else (args.new_tokens or (8 if args.quick else 32))
+                sp = SamplingParams(n=n, temperature=0.6, top_p=0.95, max_tokens=new, seed=0, ignore_eos=True)
+                eng = Engine(ours, max_num_seqs=n, block_size=16, max_model_len=args.prompt + new,
+                             ssm_state_dtype=DTYPES[args.ssm_state_dtype])
+                eng.generate([prompt[0].tolist()], SamplingParams(n=n, max_tokens=2, ignore_eos=True))  # warm-up
+                eng.stats.update(decode_tokens=0, decode_time=0.0)
+                t0 = time.perf_counter()
+                outs = eng.generate([prompt[0].tolist()], sp)[0]
+                t_us = time.perf_counter() - t0
+                assert sum(o.num_tokens for o in outs) == n * new
+                dec = eng.stats["decode_tokens"] / eng.stats["decode_time"]
+                per_trace = eng.kv_bytes_per_token() * (args.prompt + new) + eng.states.bytes_per_slot()
+                if n <= args.skip_hf_above:
+                    with torch.no_grad():
+                        hf.generate(prompt, max_new_tokens=2, do_sample=True, num_return_sequences=min(n, 4),
+                                    pad_token_id=0)
+                        t0 = time.perf_counter()
+                        hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=0.6,
+                                    top_p=0.95, num_return_sequences=n, pad_token_id=0)
+                        t_hf = time.perf_counter() - t0
+                    hf_tps = f"{n * new / t_hf:.1f}"
+                    ratio = f"{t_hf / t_us:.1f}x"
+                else:
+                    hf_tps, ratio = "skipped", "-"
+                rows.append((dname, n, new, hf_tps, f"{n * new / t_us:.1f}", f"{dec:.1f}", ratio,
+                             f"{per_trace / 2**20:.2f}", f"{eng.kv_bytes_per_token() * 1000 / 2**20:.1f}",
+                             f"{eng.states.bytes_per_slot() / 2**20:.2f}"))
+                print(rows[-1], flush=True)
+                del eng
+            del ours
+    print_table(rows, ("dtype", "traces", "new tok", "transformers tok/s", "h1r engine tok/s", "engine decode tok/s",
+                       "speed-up", "MiB/trace", "KV MiB/1k tok", "state MiB"),
+                title=f"Parallel traces, Falcon-H1 {cfg['num_hidden_layers']}-layer bench config, prompt {args.prompt}, "
+                      f"SSM states {args.ssm_state_dtype}, CPU {torch.get_num_threads()} threads")
 
 
 if __name__ == "__main__":

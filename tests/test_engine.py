@@ -71,6 +71,21 @@ def test_greedy_matches_model_many_sequences(model):
     _no_leak(eng)
 
 
+def test_bf16_ssm_states(model):
+    """ssm_state_dtype=bf16: the pool holds bf16 states and decoding stays close to the fp32-state engine."""
+    prompts = _prompts(3, seed=9)
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=5)
+    eng = Engine(model, max_num_seqs=4, block_size=4, max_model_len=64, ssm_state_dtype=torch.bfloat16)
+    assert eng.states.ssm.dtype == torch.bfloat16
+    half = eng.generate(prompts, sp)
+    full = Engine(model, max_num_seqs=4, block_size=4, max_model_len=64).generate(prompts, sp)
+    for a, b in zip(half, full):
+        assert a[0].token_ids[:2] == b[0].token_ids[:2]
+        torch.testing.assert_close(torch.tensor(a[0].token_confidences[:2]), torch.tensor(b[0].token_confidences[:2]),
+                                   atol=0.05, rtol=0.05)
+    _no_leak(eng)
+
+
 def test_eos_and_stop_token_ids_end_traces(model):
     prompts = _prompts(6, seed=2)
     ref = [model.generate_greedy(torch.tensor([p]), 20)[0, len(p):].tolist() for p in prompts]
@@ -180,6 +195,170 @@ def test_sampling_filters_fast_and_full_paths():
         assert torch.equal(torch.isfinite(one[0]), torch.isfinite(got[i]))
 
 
+def _definition_keep(x, k, top_p, min_p):
+    """One row in float64, by the definitions (full sort): the kept mask, and a mask of the tokens whose
+    mass above lies within 1e-5 of top_p (where fp32 rounding may legitimately decide either way)."""
+    xs, idx = x.double().sort(descending=True)
+    if k > 0:
+        xs, idx = xs[:k], idx[:k]
+    p = xs.softmax(-1)
+    above = p.cumsum(-1) - p
+    keep = above < top_p
+    keep[0] = True
+    keep &= (p * keep) >= min_p * p.max()
+    out = torch.zeros(x.shape, dtype=torch.bool)
+    out[idx[keep]] = True
+    amb = torch.zeros(x.shape, dtype=torch.bool)
+    amb[idx] = ((above - top_p).abs() < 1e-5) | ((p - min_p * p.max()).abs() < 1e-7)
+    return out, amb
+
+
+def _random_rows(seed, b=6, V=None):
+    g = torch.Generator().manual_seed(seed)
+    V = V or int(torch.randint(1, 4000, (1,), generator=g))
+    scale = torch.tensor([0.01, 0.3, 1.0, 3.0, 8.0, 30.0])[torch.randint(0, 6, (b,), generator=g)][:, None]
+    x = torch.randn(b, V, generator=g) * scale
+    if seed % 5 == 0:   # heavy ties: a few distinct logit levels
+        x = (x * 2).round() / 2
+    if seed % 7 == 0:   # masked vocabulary entries
+        x[torch.rand(b, V, generator=g) < 0.2] = float("-inf")
+        x[:, 0] = 0.0
+    top_p = torch.rand(b, generator=g).clamp(0.02, 1.0)
+    top_p[torch.rand(b, generator=g) < 0.2] = 1.0
+    top_p[torch.rand(b, generator=g) < 0.1] = 0.9999
+    return g, x, top_p
+
+
+def _assert_same_nucleus(got, x, k, top_p, min_p):
+    """got (V,) kept mask vs the definition. Only the multiset of kept logits is defined (which of tied
+    tokens is kept is arbitrary): the number of kept tokens of every logit value must agree, except for
+    values where fp32 rounding may legitimately decide either way."""
+    want, amb = _definition_keep(x, k, top_p, min_p)
+    vg, cg = x[got].unique(return_counts=True)
+    vw, cw = x[want].unique(return_counts=True)
+    vals = torch.cat([vg, vw]).unique()
+    n_got = torch.zeros(len(vals), dtype=torch.long).index_put_((torch.searchsorted(vals, vg),), cg)
+    n_want = torch.zeros(len(vals), dtype=torch.long).index_put_((torch.searchsorted(vals, vw),), cw)
+    differ = vals[n_got != n_want]
+    assert torch.isin(differ, x[amb]).all(), differ
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_bucket_nucleus_matches_full_sort(seed):
+    from h1r_ops.infer.sampling import Workspace, _nucleus_buckets
+
+    g, x, top_p = _random_rows(seed)
+    temp = torch.rand(x.shape[0], generator=g) * 1.5 + 0.1
+    ws = Workspace()
+    for t in (None, temp):
+        got = _nucleus_buckets(x, top_p, ws if seed % 2 else None, t) > 0
+        for i in range(x.shape[0]):
+            xi = x[i] if t is None else x[i] / t[i]
+            _assert_same_nucleus(got[i], xi, 0, float(top_p[i]), 0.0)
+            # a row alone gives the same result (the path depends on the row only)
+            one = _nucleus_buckets(x[i : i + 1], top_p[i : i + 1], None, None if t is None else t[i : i + 1]) > 0
+            assert torch.equal(one[0], got[i])
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_filter_combinations_match_full_sort(seed):
+    from h1r_ops.infer.sampling import filter_logits
+
+    g, x, top_p = _random_rows(seed + 1000)
+    b, V = x.shape
+    top_k = torch.randint(0, 80, (b,), generator=g) * (torch.rand(b, generator=g) < 0.5)
+    min_p = torch.where(torch.rand(b, generator=g) < 0.4, torch.rand(b, generator=g) * 0.3, torch.zeros(b))
+    temp = torch.rand(b, generator=g) + 0.3
+    got = torch.isfinite(filter_logits(x, temp, top_k, top_p, min_p))
+    for i in range(b):
+        xi = x[i] / temp[i]
+        _assert_same_nucleus(got[i] & torch.isfinite(xi), xi, int(top_k[i]), float(top_p[i]), float(min_p[i]))
+
+
+def test_bucket_nucleus_flat_and_peaked_full_vocab():
+    """The shapes the engine sees: a 32k vocab, near-uniform rows (a random model) and peaked ones."""
+    from h1r_ops.infer.sampling import _nucleus_buckets
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 32768, generator=g) * torch.tensor([0.02, 0.5, 4.0, 25.0])[:, None]
+    top_p = torch.tensor([0.95, 0.9, 0.95, 0.5])
+    x[1, 5] = float("-inf")
+    for row_max in (None, x.amax(-1)):   # the range from the full row, or the known max and a strided sample
+        got = _nucleus_buckets(x, top_p, None, torch.full((4,), 0.6), row_max) > 0
+        for i in range(4):
+            _assert_same_nucleus(got[i], x[i] / 0.6, 0, float(top_p[i]), 0.0)
+
+
+def test_sample_rows_inverse_cdf_and_workspace():
+    from h1r_ops.infer.sampling import Workspace, _filtered_probs, sample_rows
+
+    g, x, _ = _random_rows(11, b=8, V=500)
+    params = [SamplingParams(temperature=t, top_p=p, top_k=k, min_p=m) for t, p, k, m in
+              [(0.6, 0.95, 0, 0.0), (1.0, 0.5, 0, 0.0), (0.8, 1.0, 20, 0.0), (0.0, 1.0, 0, 0.0),
+               (1.3, 0.9, 0, 0.05), (0.7, 1.0, 0, 0.0), (0.6, 0.95, 0, 0.0), (1.0, 0.3, 40, 0.1)]]
+    seeds = list(range(8))
+    gens = lambda: [torch.Generator().manual_seed(s) for s in seeds]   # noqa: E731
+    toks = sample_rows(x, params, gens())
+    assert torch.equal(sample_rows(x, params, gens(), Workspace()), toks)
+    for i, sp in enumerate(params):
+        if sp.temperature == 0:
+            assert toks[i] == x[i].argmax()
+            continue
+        # the draw is the inverse CDF (vocab order) of the filtered distribution at u = 1 - U(0, 1)
+        u = 1.0 - torch.rand((), generator=torch.Generator().manual_seed(seeds[i]))
+        p = _filtered_probs(x[i : i + 1] / sp.temperature, torch.tensor([sp.top_k]), torch.tensor([sp.top_p]),
+                            torch.tensor([sp.min_p])).double()[0]
+        cdf = p.cumsum(0) / p.sum()
+        assert p[toks[i]] > 0
+        assert cdf[toks[i]] >= u - 1e-6 and (toks[i] == 0 or cdf[toks[i] - 1] < u + 1e-6)
+        # batch independence
+        assert sample_rows(x[i : i + 1], params[i : i + 1], gens()[i : i + 1])[0] == toks[i]
+
+
+def test_sample_rows_frequencies():
+    from h1r_ops.infer.sampling import sample_rows
+
+    x = torch.log(torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]])).repeat(4000, 1)
+    gens = [torch.Generator().manual_seed(s) for s in range(4000)]
+    toks = sample_rows(x, [SamplingParams(temperature=1.0, top_p=0.85)] * 4000, gens)
+    freq = torch.bincount(toks, minlength=6).double() / 4000
+    want = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.0, 0.0]) / 0.9     # nucleus: 0.4 + 0.25 + 0.15 < 0.85
+    torch.testing.assert_close(freq, want.double(), atol=0.03, rtol=0)
+
+
+def test_raw_logprobs_against_log_softmax():
+    from h1r_ops.infer.sampling import Workspace, raw_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 777, generator=g) * 4
+    toks = torch.randint(0, 777, (5,), generator=g)
+    lp = torch.log_softmax(x.double(), -1)
+    for k in (0, 1, 20):
+        v, i, chosen = raw_logprobs(x, k, toks, Workspace())
+        want_v, want_i = lp.topk(k, -1) if k else (lp[:, :0], None)
+        torch.testing.assert_close(v.double(), want_v, atol=1e-5, rtol=0)
+        if k:
+            assert torch.equal(i, want_i)
+        torch.testing.assert_close(chosen.double(), lp.gather(1, toks[:, None])[:, 0], atol=1e-5, rtol=0)
+
+
+def test_persistent_block_tables_follow_the_tables(model):
+    """The engine's per-slot block table rows equal every live trace's pages after each step (pages
+    appended, shared partial pages copied on write, preemption and recompute)."""
+    p = _prompts(1, seed=4, lo=6, hi=7)[0]
+    eng = Engine(model, max_num_seqs=4, block_size=4, num_blocks=20, max_model_len=40)
+    eng.add_request(p, SamplingParams(n=7, temperature=0.9, top_p=0.9, max_tokens=30, ignore_eos=True, seed=1))
+    checked = 0
+    while eng.has_unfinished():
+        eng.step()
+        for s in eng.running:
+            n = -(-(s.table.num_tokens) // 4)
+            assert eng.block_tables[s.slot, :n].tolist() == s.table.blocks[:n]
+            checked += 1
+    assert checked > 0 and eng.stats["preemptions"] > 0
+    _no_leak(eng)
+
+
 def test_confidences_recorded(model):
     eng = Engine(model, max_num_seqs=4, block_size=4, max_model_len=64)
     o = eng.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=5, logprobs=5, keep_logprobs=True,
@@ -233,7 +412,7 @@ def test_cli_generate_and_deepconf(model, tmp_path, capsys):
     model.save_pretrained(tmp_path)
     _char_tokenizer().save(str(tmp_path / "tokenizer.json"))
     assert main(["generate", str(tmp_path), "--prompt", "ab", "-n", "3", "--max-tokens", "6", "--dtype", "fp32",
-                 "--json"]) == 0
+                 "--ssm-state-dtype", "bf16", "--json"]) == 0
     out = capsys.readouterr()
     assert out.out.count('"finish_reason"') == 3 and "tokens/s" in out.err
     assert main(["deepconf", str(tmp_path), "--prompt-ids", "5,6,7", "--budget", "6", "--warmup", "3", "--window", "4",

@@ -9,6 +9,10 @@ Every live trace owns a block table (its KV pages) and a state slot (its conv an
      causal_conv1d_update / selective_state_update over the slot pool);
   3. samples, records confidences, and retires the traces that hit EOS, a stop token or string,
      max_tokens, or DeepConf's confidence threshold; their pages and slot are freed at once.
+The per-step host work is kept small: the block tables live on the device (one row per state slot, a
+page written when a trace gets or copies one), the per-trace inputs go over in one transfer, the logits and
+the sampling scratch reuse workspace memory, sampling never sorts the vocabulary (see ``sampling``), and
+the step's sampled tokens, confidences and log-probs come back in one transfer.
 When the pages run out, the most recently started trace is preempted (its pages and slot freed) and
 later recomputed by one prefill of its prompt and tokens so far; its generator continues unchanged.
 """
@@ -27,7 +31,7 @@ from h1r_ops.model.falcon_h1 import LayerCache
 
 from .block_manager import BlockAllocator, BlockTable
 from .confidence import WindowStop
-from .sampling import SamplingParams, make_generator, sample_rows, token_confidence, topk_logprobs
+from .sampling import BatchParams, SamplingParams, Workspace, make_generator, raw_logprobs, sample_rows, token_confidence
 from .state_pool import StatePool
 
 
@@ -81,6 +85,8 @@ class _Seq:
     finish: str | None = None
     stop_reason: int | str | None = None
     text: str | None = None
+    bt_cols: int = 0          # columns of its row of Engine.block_tables written so far
+    bt_last: int = -1         # the page written in the last of them
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -112,10 +118,15 @@ class Engine:
         block_size: tokens per KV page.
         num_blocks: KV pages in the pool (default: room for ``max_num_seqs`` traces of ``max_model_len``).
         max_model_len: prompt + generated tokens per trace, at most.
+        ssm_state_dtype: dtype of the Mamba SSM states (default fp32; bf16 halves the state memory and the
+            state bytes every decode step reads and writes, the largest part of a step at many traces).
     """
 
+    SAMPLE_CHUNK = 16   # rows sampled together (their scratch fits in L2)
+
     def __init__(self, model, tokenizer=None, max_num_seqs: int = 64, block_size: int = 16,
-                 num_blocks: int | None = None, max_model_len: int = 2048):
+                 num_blocks: int | None = None, max_model_len: int = 2048,
+                 ssm_state_dtype: torch.dtype = torch.float32):
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config
@@ -131,7 +142,13 @@ class Engine:
         # kv[layer, 0] = key cache, kv[layer, 1] = value cache: (num_blocks, block_size, kv_heads, head_dim)
         self.kv = torch.zeros(L, 2, num_blocks, block_size, kv, hd, dtype=self.dtype, device=self.device)
         # one slot per live trace, plus one per prompt held for traces not yet started
-        self.states = StatePool(cfg, max_num_seqs + 2, self.dtype, self.device)
+        self.states = StatePool(cfg, max_num_seqs + 2, self.dtype, self.device, ssm_state_dtype)
+        # the block tables of the live traces, one row per state slot, kept on the device and updated in
+        # place when a trace gets a page (every block_size tokens) or copies a shared one, instead of being
+        # rebuilt from Python lists at every step
+        self.block_tables = torch.zeros(self.states.num_slots, self.max_blocks_per_seq, dtype=torch.int32,
+                                        device=self.device)
+        self.ws = Workspace()   # per-step scratch of the (traces, vocab) logits and sampling
         self.eos_ids = _eos_ids(model, tokenizer)
         self._ids = itertools.count()
         self.waiting: deque[_Request] = deque()
@@ -221,19 +238,28 @@ class Engine:
     @torch.no_grad()
     def _decode(self, seqs: list[_Seq]) -> torch.Tensor:
         """One token for each sequence (its last sampled token, at position table.num_tokens); (b, vocab)."""
-        m, b, dev = self.model, len(seqs), self.device
-        pos = [s.table.num_tokens for s in seqs]
-        slot_mapping = [s.table.append_slots(1, self._copy_block)[0] for s in seqs]
-        width = max(len(s.table.blocks) for s in seqs)
-        bt = torch.zeros(b, width, dtype=torch.int32)
-        for j, s in enumerate(seqs):
-            bt[j, : len(s.table.blocks)] = torch.tensor(s.table.blocks, dtype=torch.int32)
-        bt = bt.to(dev)
-        seq_lens = torch.tensor([p + 1 for p in pos], dtype=torch.int32, device=dev)
-        slot_mapping = torch.tensor(slot_mapping, dtype=torch.int64, device=dev)
-        state_idx = torch.tensor([s.slot for s in seqs], dtype=torch.int32, device=dev)
-        x = m._embed(torch.tensor([s.tokens[-1] for s in seqs], device=dev))
-        cos, sin = m.rotary_cos_sin(torch.tensor(pos, device=dev)[:, None], x.dtype)
+        m, b, dev, bs = self.model, len(seqs), self.device, self.block_size
+        pos, slot_mapping, dirty = [], [], []
+        for s in seqs:
+            p = s.table.num_tokens
+            slot = s.table.append_slots(1, self._copy_block)[0]
+            pos.append(p)
+            slot_mapping.append(slot)
+            if p // bs >= s.bt_cols or slot // bs != s.bt_last:   # a new page, or a copied shared one
+                dirty.append((s.slot, p // bs, slot // bs))
+                s.bt_cols, s.bt_last = p // bs + 1, slot // bs
+        # one host -> device transfer of this step's small per-trace inputs
+        ints = torch.tensor([pos, slot_mapping, [s.slot for s in seqs], [s.tokens[-1] for s in seqs]],
+                            dtype=torch.int64).to(dev)
+        if dirty:
+            d = torch.tensor(dirty, dtype=torch.int64).to(dev)
+            self.block_tables[d[:, 0], d[:, 1]] = d[:, 2].to(torch.int32)
+        state_idx = ints[2].to(torch.int32)
+        bt = self.block_tables[:, : max(pos) // bs + 1].index_select(0, ints[2])
+        seq_lens = (ints[0] + 1).to(torch.int32)
+        slot_mapping = ints[1]
+        x = m._embed(ints[3])
+        cos, sin = m.rotary_cos_sin(ints[0][:, None], x.dtype)
         for i, layer in enumerate(m.model.layers):
             h = layer.input_layernorm(x)
             mx = self._mixer_step(layer.mamba, h, i, state_idx)
@@ -243,7 +269,26 @@ class Engine:
             h1r_ops.reshape_and_cache(k[:, :, 0].contiguous(), v[:, :, 0].contiguous(), kc, vc, slot_mapping)
             o = h1r_ops.paged_attention_decode(q[:, :, 0].contiguous(), kc, vc, bt, seq_lens, scale=attn.scale)
             x = layer._mix(x, mx, attn.o_proj(o.reshape(b, -1)))
-        return m.logits(m.model.final_layernorm(x)).float()
+        return self._logits(m.model.final_layernorm(x))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (b, vocab) of final hidden states h (b, hidden), written into workspace memory: the
+        model's ``logits`` (``h @ lm_head.T * lm_head_multiplier`` in the model dtype), without a fresh
+        (b, vocab) tensor per step."""
+        m, (b, V) = self.model, (h.shape[0], self.cfg.vocab_size)
+        w = m.lm_head_weight
+        out = self.ws.get("logits32", (b, V), torch.float32, h.device)
+        raw = out if w.dtype == torch.float32 else self.ws.get("logits_raw", (b, V), w.dtype, h.device)
+        torch.mm(h.to(w.dtype), w.t(), out=raw)
+        # the multiplier in the model dtype (as the model rounds it), cast to fp32 in the same pass
+        return torch.mul(raw, self.cfg.lm_head_multiplier, out=out)
+
+    def _set_block_row(self, s: _Seq) -> None:
+        """Write a trace's whole block table into its row of ``block_tables`` (a fork or a fresh prefill)."""
+        n = len(s.table.blocks)
+        if n:
+            self.block_tables[s.slot, :n] = torch.tensor(s.table.blocks, dtype=torch.int32).to(self.device)
+        s.bt_cols, s.bt_last = n, (s.table.blocks[-1] if n else -1)
 
     def _mixer_step(self, mix, h, layer: int, idx: torch.Tensor) -> torch.Tensor:
         """The Mamba2 mixer's decode step over the slot pool (rows ``idx``)."""
@@ -263,12 +308,26 @@ class Engine:
     def _accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Sample the next token of each sequence from its logits (b, vocab) and check its stop rules."""
         params = [s.req.params for s in seqs]
-        toks = sample_rows(logits, params, [s.generator for s in seqs])
+        gens = [s.generator for s in seqs]
         k = max(p.logprobs for p in params)
-        top_v, top_i, lp = topk_logprobs(logits, k)
-        confs = token_confidence(top_v).tolist() if all(p.logprobs == k for p in params) else None
-        chosen = lp.gather(-1, toks[:, None])[:, 0].tolist()
+        kk = max(1, min(k, logits.shape[-1]))
+        parts = []
+        # rows in chunks: the few streaming passes of sampling and log-probs over a chunk's (rows, vocab)
+        # scratch stay in cache instead of going to memory once per pass
+        for a in range(0, len(seqs), self.SAMPLE_CHUNK):
+            sl = slice(a, a + self.SAMPLE_CHUNK)
+            lg = logits[sl]
+            top = lg.topk(kk, dim=-1)                    # DeepConf's top-k; its first is the row max
+            t = sample_rows(lg, params[sl], gens[sl], self.ws, BatchParams(params[sl], lg.device), row_max=top[0][:, 0])
+            parts.append((t, *raw_logprobs(lg, k, t, self.ws, top)))
+        toks, top_v, top_i, chosen = (torch.cat(x) if len(parts) > 1 else x[0] for x in zip(*parts))
+        same_k = all(p.logprobs == k for p in params)
+        # one host transfer for the step's per-trace numbers
         toks_l = toks.tolist()
+        if same_k:
+            confs, chosen = torch.stack([token_confidence(top_v), chosen]).tolist()
+        else:
+            confs, chosen = None, chosen.tolist()
         for j, s in enumerate(seqs):
             p = s.req.params
             c = confs[j] if confs is not None else float(token_confidence(top_v[j : j + 1, : p.logprobs])[0])
@@ -334,6 +393,7 @@ class Engine:
             self.preempted.popleft()
             s.table, s.slot = BlockTable(self.allocator), self.states.allocate()
             self._prefill(s.req.prompt_ids + s.tokens[:-1], s.table, s.slot)
+            self._set_block_row(s)
             self.running.append(s)
         if self.preempted:
             return
@@ -358,6 +418,7 @@ class Engine:
             r.next_trace += 1
             s.table, s.slot = r.prefix.fork(), self.states.allocate()
             self.states.copy(r.prefix_slot, s.slot)
+            self._set_block_row(s)
             new.append(s)
             rows.append(r.prefix_logits)
             self.running.append(s)

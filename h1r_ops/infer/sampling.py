@@ -1,6 +1,11 @@
 """Sampling parameters and the per-trace sampler: temperature, top-k, top-p, min-p, a seeded
 torch.Generator per trace, and the top-k log-probs kept for DeepConf's token confidence.
 
+Nothing sorts the vocabulary: top-p alone (DeepConf's setting) finds its exact nucleus by bucketing the
+logits (``_nucleus_buckets``: a weighted bincount, then a top-k over the one bucket the boundary falls
+in), top-k works on the k best logits, and the draw is an inverse-CDF search (``searchsorted``) on the
+filtered probabilities in vocabulary order with one uniform per trace from the trace's own generator.
+
 Log-probs (and so the confidences) are those of the model's raw distribution, log_softmax(logits),
 before temperature and filtering (vLLM's default ``raw_logprobs``, and what DeepConf's online
 processor computes from the raw logits).
@@ -68,47 +73,142 @@ def make_generator(seed: int | None, device) -> torch.Generator:
     return g
 
 
-NUCLEUS_CANDIDATES = 1024
+NUCLEUS_BUCKETS = 1024
 
 
-def _nucleus(p: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Zero what lies past the nucleus of descending probabilities p (b, K): the smallest prefix whose mass
-    reaches top_p (the token crossing it included)."""
-    drop = (p.cumsum(-1) - p) >= top_p[:, None]
+class Workspace:
+    """Reusable scratch tensors for the per-step sampling of (b, vocab) rows. A fresh (b, vocab) fp32
+    tensor per op per step costs a page fault per 4 KiB on CPU (glibc serves blocks this large with
+    mmap and unmaps them on free), which costs more than the op itself; the engine keeps one workspace,
+    so each step writes into memory already mapped. ``get`` returns a view of a buffer grown on demand."""
+
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= int(s)
+        t = self._bufs.get(name)
+        if t is None or t.numel() < n or t.dtype != dtype or t.device != torch.device(device):
+            t = self._bufs[name] = torch.empty(n, dtype=dtype, device=device)
+        return t[:n].view(tuple(shape))
+
+
+def _scratch(ws: Workspace | None, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if ws is None:
+        return torch.empty(like.shape, dtype=dtype or like.dtype, device=like.device)
+    return ws.get(name, like.shape, dtype or like.dtype, like.device)
+
+
+def _ordered(vals: torch.Tensor, ids: torch.Tensor):
+    """Candidates (r, K) from a top-k, reordered by value descending then vocab id ascending: top-k leaves the
+    order of tied values open (it may depend on K, so on the batch); tied tokens at a top-k or top-p
+    boundary are then taken lowest id first, whatever the batch."""
+    ids, o = ids.sort(dim=-1)
+    vals = vals.gather(1, o)
+    vals, o = vals.sort(dim=-1, descending=True, stable=True)
+    return vals, ids.gather(1, o)
+
+
+def _nucleus_topk(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
+    """Rows with a top-k: their k best logits (sorted, so the nucleus is a prefix), softmax over them, the
+    nucleus of that renormalized distribution. -> (probabilities (r, K), 0 where filtered; vocab ids (r, K))."""
+    K = min(x.shape[-1], int(top_k.max()))
+    vals, ids = _ordered(*x.topk(K, dim=-1))
+    vals = vals.masked_fill(torch.arange(K, device=x.device)[None, :] >= top_k[:, None], float("-inf"))
+    p = vals.softmax(-1)
+    drop = (p.cumsum(-1) - p) >= top_p[:, None]   # mass strictly above the token reaches top_p
     drop[:, 0] = False
-    return p.masked_fill(drop, 0.0)
+    return p.masked_fill(drop, 0.0), ids
 
 
-def _filtered_probs(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+def _nucleus_buckets(x: torch.Tensor, top_p: torch.Tensor, ws: Workspace | None = None,
+                     temperature: torch.Tensor | None = None, row_max: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact nucleus of softmax(x / temperature) (x (r, V), temperature (r,) or None for 1) without sorting the
+    vocab -> unnormalized probabilities (r, V), 0 where filtered (in workspace memory when ``ws`` is given).
+
+    A token is kept iff the mass of the tokens above it is below top_p. The logits are cut into
+    NUCLEUS_BUCKETS equal-width buckets below the row's max (down to its min, at most 40 nats below the
+    max; lower logits share the last bucket); one weighted bincount gives each bucket's mass. Buckets
+    before the one where the cumulative mass reaches top_p are kept whole, buckets after it dropped whole,
+    and only the tokens of that crossing bucket are sorted (a top-k over them) to place the boundary: a few
+    streaming passes over the row, on flat and peaked rows alike. Every row's result depends on that row
+    alone. The bucket key is monotone in the logit, so rounding cannot reorder tokens across buckets."""
+    r, V = x.shape
+    nb, dev, ninf = NUCLEUS_BUCKETS, x.device, float("-inf")
+    inv_t = 1.0 if temperature is None else (1.0 / temperature)[:, None]   # the temperature is folded in
+    if row_max is None or V < 4096:
+        lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+        span = (hi - lo) * inv_t       # at most 40 nats: lower logits share the last bucket
+    else:
+        # the max is known (the log-prob top-k found it); the range only sets the buckets' resolution, so
+        # a strided sample's min serves, and the tokens below it join the last bucket
+        hi = row_max.reshape(r, 1)
+        span = (hi - x[:, ::16].amin(-1, keepdim=True)) * inv_t
+    scale = nb * inv_t / span.clamp(1e-20, 40.0)
+    p = torch.sub(hi, x, out=_scratch(ws, "nb_p", x))                   # max - x >= 0 (row_max is exact)
+    key = _scratch(ws, "nb_key", x, torch.int32)
+    key.copy_(torch.mul(p, scale, out=_scratch(ws, "nb_tmp", x)).clamp_(max=nb - 1))   # bucket 0 = largest
+    p.mul_(-inv_t).exp_()                                                # exp((x - max) / T): unnormalized
+    rows = torch.arange(r, device=dev, dtype=torch.int32)[:, None] * nb
+    mass = torch.bincount(key.add_(rows).view(-1), weights=p.view(-1), minlength=r * nb).view(r, nb).double()
+    cum = mass.cumsum(-1)
+    target = top_p.double()[:, None] * cum[:, -1:]            # top_p of the row's total mass
+    c = (cum < target).sum(-1, keepdim=True).clamp_(max=nb - 1)   # the crossing bucket
+    before = (cum - mass).gather(1, c)                        # mass of the buckets above it
+    # the crossing bucket's tokens, compacted into (r, K) rows (K: the largest such bucket), sorted by
+    # logit; nonzero lists them by ascending id, so the stable sort leaves tied tokens lowest id first
+    ckey = c.to(torch.int32) + rows
+    rr, cc = torch.eq(key, ckey, out=_scratch(ws, "nb_mask", x, torch.bool)).nonzero(as_tuple=True)
+    cnt = torch.bincount(rr, minlength=r)
+    K = int(cnt.max())
+    pos = torch.arange(rr.shape[0], device=dev) - (cnt.cumsum(0) - cnt)[rr]
+    cv = torch.full((r, K), ninf, device=dev)
+    cv[rr, pos] = x[rr, cc]
+    ci = torch.zeros((r, K), dtype=torch.int64, device=dev)
+    ci[rr, pos] = cc
+    cv, o = cv.sort(dim=-1, descending=True, stable=True)
+    ci = ci.gather(1, o)
+    valid = cv > ninf
+    cp = p.gather(1, ci)
+    drop_c = ((before + (cp.cumsum(-1) - cp).double()) >= target) & valid
+    p.masked_fill_(torch.gt(key, ckey, out=_scratch(ws, "nb_mask", x, torch.bool)), 0.0)   # buckets after it
+    p.scatter_(1, ci, torch.where(valid, cp.masked_fill(drop_c, 0.0), p.gather(1, ci)))
+    return p
+
+
+def _filtered_probs(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                    ws: Workspace | None = None) -> torch.Tensor:
     """Row-wise top-k, top-p (nucleus) and min-p on temperature-scaled fp32 logits x (b, V) -> unnormalized
     filtered probabilities (b, V), 0 where filtered.
 
-    No full sort where it can be avoided: the candidates are the top max(top_k, 1024) logits; a row with
-    top-k needs nothing else, a row with only top-p uses them when their mass (under the full softmax)
-    reaches top_p, which puts its whole nucleus among them. Other rows are sorted in full. The path of a
-    row depends only on that row, so results do not depend on the batch composition."""
-    b, V = x.shape
+    No full sort of the vocab: rows with a top-k work on their k best logits (top-p applies to the
+    renormalized top-k, as a full sort would give); rows with only top-p find their nucleus by bucketing
+    (``_nucleus_buckets``); the others take the plain softmax. Each row's path and result depend only on
+    that row, so results do not depend on the batch composition."""
     has_k = top_k > 0
-    plain = ~has_k & (top_p >= 1)
-    if bool(plain.all()):
-        p = x.softmax(-1)
+    nucleus = ~has_k & (top_p < 1)
+    any_k, any_p = bool(has_k.any()), bool(nucleus.any())
+    if not any_k and not any_p:
+        p = torch.softmax(x, -1)
+    elif bool(nucleus.all()):
+        p = _nucleus_buckets(x, top_p, ws)
+    elif bool(has_k.all()):
+        pk, ids = _nucleus_topk(x, top_k, top_p)
+        p = _scratch(ws, "fp_p", x).zero_().scatter_(-1, ids, pk)
     else:
-        p = torch.zeros_like(x)
-        K = min(V, max(NUCLEUS_CANDIDATES, int(top_k.max())))
-        vals, order = x.topk(K, dim=-1)
-        kk = torch.where(has_k, top_k.clamp(max=K), torch.full_like(top_k, K))
-        vals = vals.masked_fill(torch.arange(K, device=x.device)[None, :] >= kk[:, None], float("-inf"))
-        pc = torch.where(has_k[:, None], vals.softmax(-1), (vals - torch.logsumexp(x, -1, keepdim=True)).exp())
-        fast = has_k | (~plain & (pc.sum(-1) >= top_p))
-        p.scatter_(-1, order, _nucleus(pc, top_p).masked_fill(~fast[:, None], 0.0))
+        plain = ~has_k & ~nucleus
+        p = _scratch(ws, "fp_p", x).zero_()
+        if any_k:
+            pk, ids = _nucleus_topk(x[has_k], top_k[has_k], top_p[has_k])
+            p[has_k] = torch.zeros_like(x[has_k]).scatter_(-1, ids, pk)
+        if any_p:
+            p[nucleus] = _nucleus_buckets(x[nucleus], top_p[nucleus])
         if bool(plain.any()):
             p[plain] = x[plain].softmax(-1)
-        slow = ~fast & ~plain
-        if bool(slow.any()):
-            xs, idx = x[slow].sort(dim=-1, descending=True)
-            p[slow] = torch.zeros_like(xs).scatter(-1, idx, _nucleus(xs.softmax(-1), top_p[slow]))
     if bool((min_p > 0).any()):
-        p = p.masked_fill(p < min_p[:, None] * p.max(-1, keepdim=True).values, 0.0)
+        p.masked_fill_(p < min_p[:, None] * p.max(-1, keepdim=True).values, 0.0)
     return p
 
 
@@ -120,26 +220,44 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return x.masked_fill(_filtered_probs(x, top_k, top_p, min_p) == 0, float("-inf"))
 
 
-def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+class BatchParams:
+    """The sampling parameters of a batch of rows as tensors (built once per batch composition)."""
+
+    def __init__(self, params: list[SamplingParams], device):
+        self.greedy_all = all(p.temperature == 0 for p in params)
+        self.any_greedy = any(p.temperature == 0 for p in params)
+        self.greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
+        self.temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+        self.unit_temp = all(p.temperature in (0, 1) for p in params)
+        self.top_k = torch.tensor([p.top_k for p in params], device=device)
+        self.top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
+        self.min_p = torch.tensor([p.min_p for p in params], device=device, dtype=torch.float32)
+        self.nucleus_only = all(p.top_k <= 0 and p.top_p < 1 and p.min_p == 0 for p in params)
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+                ws: Workspace | None = None, batch: BatchParams | None = None,
+                row_max: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of fp32 logits (b, V): argmax for temperature 0, else a draw from the filtered
     distribution by inverse CDF with one uniform from the row's own generator (so a trace's draws do not
-    depend on which other traces share the batch)."""
+    depend on which other traces share the batch). ``ws``: scratch memory reused across calls;
+    ``batch``: the tensors of ``params`` if already built; ``row_max``: each row's max logit (b,) if known."""
     b, V = logits.shape
     dev = logits.device
-    greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
-    out = logits.argmax(-1)
-    if bool(greedy.all()):
-        return out
-    temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
-    top_k = torch.tensor([p.top_k for p in params], device=dev)
-    top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
-    min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=torch.float32)
-    cdf = _filtered_probs(logits / temp[:, None], top_k, top_p, min_p).cumsum(-1)
+    bp = batch or BatchParams(params, dev)
+    if bp.greedy_all:
+        return logits.argmax(-1)
+    if bp.nucleus_only:   # the usual DeepConf case (temperature + top-p): temperature folded into the bucketing
+        p = _nucleus_buckets(logits, bp.top_p, ws, None if bp.unit_temp else bp.temp, row_max)
+    else:
+        x = logits if bp.unit_temp else torch.div(logits, bp.temp[:, None], out=_scratch(ws, "x", logits))
+        p = _filtered_probs(x, bp.top_k, bp.top_p, bp.min_p, ws)
+    cdf = torch.cumsum(p, -1, out=_scratch(ws, "cdf", p))
     # u in (0, 1]: the first index with cdf >= u * total has a nonzero probability
-    u = torch.stack([1.0 - torch.rand((), generator=g, device=dev) if p.temperature > 0 else torch.ones((), device=dev)
-                     for p, g in zip(params, generators)])
-    j = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=V - 1)
-    return torch.where(greedy, out, j)
+    u = torch.stack([1.0 - torch.rand((), generator=g, device=dev) if p_.temperature > 0 else torch.ones((), device=dev)
+                     for p_, g in zip(params, generators)])
+    j = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1).to(cdf.dtype))[:, 0].clamp_(max=V - 1)
+    return torch.where(bp.greedy, logits.argmax(-1), j) if bp.any_greedy else j
 
 
 def topk_logprobs(logits: torch.Tensor, k: int):
@@ -151,6 +269,19 @@ def topk_logprobs(logits: torch.Tensor, k: int):
     return v, i, lp
 
 
+def raw_logprobs(logits: torch.Tensor, k: int, tokens: torch.Tensor, ws: Workspace | None = None, top=None):
+    """Log-probs under log_softmax(logits) (fp32 (b, V)) without materializing them: (top-k values (b, k),
+    their ids (b, k), the log-prob of ``tokens`` (b,)). One top-k (or ``top``, the logits' own
+    ``topk(max(k, 1))`` if already computed), one exp-sum pass for the normalizer."""
+    b, V = logits.shape
+    kk = max(1, min(k, V))
+    tv, ti = top if top is not None else logits.topk(kk, dim=-1)
+    e = torch.sub(logits, tv[:, :1], out=_scratch(ws, "lp_tmp", logits)).exp_()
+    lse = tv[:, :1] + e.sum(-1, keepdim=True).log_()
+    chosen = (logits.gather(1, tokens[:, None]) - lse)[:, 0]
+    if k <= 0:
+        return tv[:, :0], ti[:, :0], chosen
+    return tv - lse, ti, chosen
 def token_confidence(top_logprobs: torch.Tensor) -> torch.Tensor:
     """DeepConf token confidence C_i = -(1/k) sum_j log P_i(j) over the top-k log-probs (b, k) -> (b,)
     (higher = more peaked). The sampled token is not added when outside the top k (the online

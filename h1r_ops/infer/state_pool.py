@@ -1,7 +1,9 @@
 """The Mamba decode states of all live sequences: one pool of slots per layer, indexed per sequence.
 
 conv[layer]: (num_slots, conv_dim, d_conv - 1) in the model dtype; ssm[layer]: (num_slots, heads,
-head_dim, d_state) fp32. The batched decode ops read/write the rows named by ``conv_state_indices`` /
+head_dim, d_state) in ``ssm_dtype`` (fp32 by default; bf16 halves the largest per-trace memory and the
+bytes each decode step streams, as vLLM's ``mamba_ssm_cache_dtype``, at the cost of rounding the recurrent
+state at every step). The batched decode ops read/write the rows named by ``conv_state_indices`` /
 ``state_batch_indices``, so sequences keep their slot while others join and leave.
 """
 
@@ -11,12 +13,12 @@ import torch
 
 
 class StatePool:
-    def __init__(self, cfg, num_slots: int, dtype: torch.dtype, device):
+    def __init__(self, cfg, num_slots: int, dtype: torch.dtype, device, ssm_dtype: torch.dtype = torch.float32):
         self.num_slots = num_slots
         L = cfg.num_hidden_layers
         self.conv = torch.zeros(L, num_slots, cfg.conv_dim, cfg.mamba_d_conv - 1, dtype=dtype, device=device)
         self.ssm = torch.zeros(L, num_slots, cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state,
-                               dtype=torch.float32, device=device)
+                               dtype=ssm_dtype, device=device)
         self._free = list(range(num_slots - 1, -1, -1))
         self.num_allocated = 0
         self.num_freed = 0
