@@ -8,7 +8,7 @@ op must move (x read, out written, + dout read and dx written for the backward; 
 for the update) over the time, against the machine's copy bandwidth measured here.
 
     python benchmarks/bench_causal_conv1d.py [--quick] [--dtype bf16] [--lengths 512 2048] [--batches 1 64]
-                                             [--cpu-time]
+                                             [--cpu-time] [--stat min] [--only prefill|update]
 
 On a shared, oversubscribed machine wall-clock times mostly measure the scheduler: --cpu-time runs every
 path on one thread and times the process CPU time (time.process_time) instead, which is what the ratios
@@ -52,11 +52,13 @@ def transformers_decode(conv_state, x, weight, bias):
 
 
 def timeit(fn, warmup, iters):
-    return common.timeit(fn, warmup=warmup, iters=iters) if not CPU_TIME else timeit_cpu(fn, warmup, iters)
+    if CPU_TIME:
+        return timeit_cpu(fn, warmup, iters)
+    return common.timeit(fn, warmup=warmup, iters=iters, stat=STAT)
 
 
 def timeit_cpu(fn, warmup, iters):
-    """Median process CPU time of fn() in seconds (single-threaded runs only)."""
+    """Median (or minimum, --stat min) process CPU time of fn() in seconds (single-threaded runs only)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -64,10 +66,11 @@ def timeit_cpu(fn, warmup, iters):
         t0 = time.process_time()
         fn()
         times.append(time.process_time() - t0)
-    return statistics.median(times)
+    return min(times) if STAT == "min" else statistics.median(times)
 
 
 CPU_TIME = False
+STAT = "median"
 
 
 def memcpy_bandwidth_cpu(nbytes=1 << 30):
@@ -191,9 +194,12 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--cpu-time", action="store_true", help="one thread everywhere, time process CPU time")
+    ap.add_argument("--stat", choices=["median", "min"], default="median",
+                    help="per case statistic; min is steadier on a shared machine")
+    ap.add_argument("--only", choices=["prefill", "update"], help="run only the prefill (fwd, fwd+bwd) or the decode cases")
     args = ap.parse_args()
-    global CPU_TIME
-    CPU_TIME = args.cpu_time
+    global CPU_TIME, STAT
+    CPU_TIME, STAT = args.cpu_time, args.stat
     if CPU_TIME:
         torch.set_num_threads(1)  # also the OpenMP team size of the h1r kernels
     if args.quick:
@@ -201,7 +207,7 @@ def main():
 
     torch.manual_seed(0)
     torch._dynamo.config.recompile_limit = 64  # one compiled anchor per case and dtype
-    bw = memcpy_bandwidth() if not CPU_TIME else memcpy_bandwidth_cpu()
+    bw = memcpy_bandwidth(stat=STAT) if not CPU_TIME else memcpy_bandwidth_cpu()
     print(f"h1r causal_conv1d benchmark ({'process CPU time' if CPU_TIME else 'wall time'}): "
           f"{torch.get_num_threads()} threads, CPU ISA {torch.ops.h1r.cpu_isa()}, "
           f"memcpy {bw / 1e9:.1f} GB/s (read + write), conv_dim {args.dim}, width {args.width}", flush=True)
@@ -210,14 +216,18 @@ def main():
     for name in args.dtype:
         dtype = DTYPES[name]
         rows_fwd, rows_bwd, rows_upd = [], [], []
-        bench_prefill(args, dtype, bw, rows_fwd, rows_bwd)
-        bench_update(args, dtype, bw, rows_upd)
-        print(f"\n== forward, {name}, batch 1, channel-last x, silu ==")
-        print_table(rows_fwd, heads)
-        print(f"\n== forward + backward (dx, dweight, dbias), {name} ==")
-        print_table(rows_bwd, heads)
-        print(f"\n== update (one decode step), {name}, state_len {args.width - 1} (times in us) ==")
-        print_table(rows_upd, [h.replace("ms", "us") for h in heads])
+        if args.only != "update":
+            bench_prefill(args, dtype, bw, rows_fwd, rows_bwd)
+        if args.only != "prefill":
+            bench_update(args, dtype, bw, rows_upd)
+        if rows_fwd:
+            print(f"\n== forward, {name}, batch 1, channel-last x, silu ==")
+            print_table(rows_fwd, heads)
+            print(f"\n== forward + backward (dx, dweight, dbias), {name} ==")
+            print_table(rows_bwd, heads)
+        if rows_upd:
+            print(f"\n== update (one decode step), {name}, state_len {args.width - 1} (times in us) ==")
+            print_table(rows_upd, [h.replace("ms", "us") for h in heads])
 
 
 if __name__ == "__main__":

@@ -290,6 +290,120 @@ def test_kernel_update_vs_reference(dtype):
     assert torch.equal(pool, pool_ref)
 
 
+# The decode fast path: the public API hands a well-formed CPU call straight to the glue, and the kernel
+# runs the usual (S, d, w-1) contiguous cache as one vectorized pass over the channels, in blocks of 256.
+# d = 300 spans two blocks, the second partial and not a multiple of any vector width.
+from h1r_ops.ops import causal_conv1d as conv_api  # noqa: E402
+
+
+def update_case(b, d, w, dtype, param_dtype, has_bias, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=gen).to(dtype)
+    state = torch.randn(b, d, w - 1, generator=gen).to(dtype)
+    weight = (torch.randn(d, w, generator=gen) / w**0.5).to(param_dtype)
+    bias = torch.randn(d, generator=gen).to(param_dtype) if has_bias else None
+    return x, state, weight, bias
+
+
+@pytest.mark.parametrize("w", [2, 3, 4])
+@pytest.mark.parametrize("dtype,param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32), (torch.float16, torch.float16)],
+                         ids=lambda v: _id(v))
+@pytest.mark.parametrize("has_bias,act", [(True, "silu"), (False, None)])
+def test_update_step_vs_reference(w, dtype, param_dtype, has_bias, act):
+    """One decode step of the usual cache, parameters in x's dtype or fp32, against the reference."""
+    x, state, weight, bias = update_case(3, 300, w, dtype, param_dtype, has_bias, seed=w)
+    s_ref = state.clone()
+    got = causal_conv1d_update(x, state, weight.unsqueeze(1), bias, act)
+    want = causal_conv1d_update_ref(x, s_ref, weight, bias, act)
+    assert got.shape == x.shape and got.dtype == dtype
+    assert_close(got, want, dtype)
+    assert torch.equal(state, s_ref)  # the shift moves stored values: exact
+
+
+def test_update_fast_path_matches_checked_path():
+    """The fast path and the validating path give the same output and state, over layouts the glue reads
+    as they are: strided x, a transposed state, a strided int64 index with padded rows, mixed-dtype
+    parameters (bf16 weight, fp32 bias: both widened), a non-contiguous (d, 1, w) weight."""
+    gen = torch.Generator().manual_seed(11)
+    d, w = 300, 4
+    cases = []
+    x, state, weight, bias = update_case(4, d, w, torch.float32, torch.float32, True, seed=1)
+    cases.append((x, state, weight, bias, None))
+    xs = torch.randn(4, 2 * d, generator=gen)[:, ::2]  # channel stride 2
+    st = torch.randn(4, w - 1, d, generator=gen).transpose(1, 2)  # time-major state
+    cases.append((xs, st, weight, bias, None))
+    pool = torch.randn(9, d, w - 1, generator=gen).to(torch.bfloat16)
+    idx = torch.tensor([7, 0, -1, 5, 2, 8, -1, 1], dtype=torch.int64)[::2]  # [7, -1, 2, -1], stride 2
+    xb = torch.randn(4, d, generator=gen).to(torch.bfloat16)
+    cases.append((xb, pool, weight.to(torch.bfloat16), bias, idx))
+    w3 = torch.randn(d, 2, w, generator=gen)[:, :1, :]  # (d, 1, w), not contiguous
+    cases.append((x, state, w3, None, torch.tensor([3, -1, 0, 1], dtype=torch.int32)))
+    for x, state, weight, bias, idx in cases:
+        s_fast, s_checked = state.clone(), state.clone()
+        fast = causal_conv1d_update(x, s_fast, weight, bias, "silu", idx)
+        checked = conv_api._causal_conv1d_update_checked(x, s_checked, weight, bias, "silu", idx, None)
+        torch.testing.assert_close(fast, checked, atol=0, rtol=0)
+        assert torch.equal(s_fast, s_checked)
+        s_ref = state.clone()
+        want = causal_conv1d_update_ref(x, s_ref, weight, bias, "silu", idx)
+        assert_close(fast, want, x.dtype)
+        assert torch.equal(s_fast, s_ref)
+        if idx is not None:
+            assert (fast[idx < 0] == 0).all()
+
+
+def test_update_fast_path_is_taken(monkeypatch):
+    """A well-formed CPU call never reaches the Python checks; a bad one does, and raises there."""
+
+    def checked(*args):
+        raise AssertionError("validating path taken")
+
+    monkeypatch.setattr(conv_api, "_causal_conv1d_update_checked", checked)
+    x, state, weight, bias = update_case(2, 40, 4, torch.float32, torch.float32, True)
+    causal_conv1d_update(x, state, weight.unsqueeze(1), bias, "silu", torch.tensor([1, 0]))
+    with pytest.raises(AssertionError, match="validating path"):
+        causal_conv1d_update(x, state[:, :, :2], weight, bias, "silu")
+
+
+def test_update_parallel_batch():
+    """Enough channels for the kernel to split the work over threads: rows are independent."""
+    x, state, weight, bias = update_case(9, 3700, 4, torch.bfloat16, torch.bfloat16, True, seed=3)
+    s_ref = state.clone()
+    got = causal_conv1d_update(x, state, weight, bias, "silu")
+    assert_close(got, causal_conv1d_update_ref(x, s_ref, weight, bias, "silu"), torch.bfloat16)
+    assert torch.equal(state, s_ref)
+
+
+def test_update_bad_inputs_raise_api_errors():
+    """Bad input through the fast path still raises the API's ValueError, prefixed with the op's name."""
+    x, state, weight, bias = update_case(2, 8, 4, torch.float32, torch.float32, True)
+    bad = [
+        (lambda: causal_conv1d_update(x, state, torch.randn(8, 2, 4)), "weight"),
+        (lambda: causal_conv1d_update(x, state, torch.randn(8, 5)), "weight"),
+        (lambda: causal_conv1d_update(x, state, weight, torch.randn(9)), "bias"),
+        (lambda: causal_conv1d_update(x, state, weight, None, None, torch.tensor([0, 1], dtype=torch.int16)),
+         "conv_state_indices"),
+        (lambda: causal_conv1d_update(x.double(), state.double(), weight), "x"),
+        (lambda: causal_conv1d_update(x.tolist(), state, weight), "x"),
+        (lambda: causal_conv1d_update(x, state.bfloat16(), weight), "conv_state"),
+        (lambda: causal_conv1d_update(x, state[:1], weight), "conv_state"),
+        (lambda: causal_conv1d_update(x, state, weight, activation="gelu"), "activation"),
+        (lambda: causal_conv1d_update(x, state, weight, cache_seqlens=torch.zeros(2)), "cache_seqlens"),
+    ]
+    for fn, name in bad:
+        with pytest.raises(ValueError, match=f"^causal_conv1d_update: argument '{name}'"):
+            fn()
+    # an index out of range is found by the glue (the Python checks do not read index values)
+    with pytest.raises(ValueError, match="argument 'conv_state_indices': index 2"):
+        causal_conv1d_update(x, state, weight, None, None, torch.tensor([0, 2]))
+    # the raw CPU op checks for itself (a direct torch.ops call)
+    with pytest.raises(ValueError, match="'weight'"):
+        torch.ops.h1r.causal_conv1d_update(x, state, torch.randn(8, 2, 4), None, False, None)
+    with pytest.raises(ValueError, match="'conv_state_indices'"):
+        torch.ops.h1r.causal_conv1d_update(x, state, weight, None, False, torch.tensor([0, 5]))
+
+
 # ---- backward -------------------------------------------------------------------------------------
 
 GRAD_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 3e-2)}
@@ -414,7 +528,8 @@ def test_lower_isa_levels(isa):
     """Every ISA variant of the kernels: a small subset of the kernel tests under H1R_CPU_ISA."""
     env = dict(os.environ, H1R_CPU_ISA=isa, H1R_CONV_EXPECT_ISA=isa)
     sel = ("kernel_forward and bfloat16-True-4-65 or kernel_forward and float16-False-3-7 or "
-           "kernel_backward and 65-4-float32 or update_vs_reference and float32 or expect_isa")
+           "kernel_backward and 65-4-float32 or update_vs_reference and float32 or update_step_vs_reference "
+           "or fast_path_matches or expect_isa")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", sel],
                        env=env, cwd=root, capture_output=True, text=True, timeout=600)

@@ -260,6 +260,71 @@ def test_state_update_mamba_ssm_shapes():
 
 
 @needs_cpu
+def test_state_update_fast_path_matches_checked_path():
+    """The fast path (eager CPU calls go straight to the glue) and the validating path agree, over inputs
+    the glue normalizes itself: mixed dtypes (fp32 dt / B / C with bf16 x), strided x, D (h,), int64 and
+    strided indices with a padded row."""
+    from h1r_ops.ops import selective_scan as api
+
+    b, h, p, g, n = 3, 4, 10, 2, 16
+    gen = torch.Generator().manual_seed(3)
+    pool = torch.randn(6, h, p, n, generator=gen)
+    x = torch.randn(b, h, 2 * p, generator=gen).to(torch.bfloat16)[..., ::2]  # strided over p
+    dt = torch.randn(b, h, generator=gen)  # fp32: converted to x's dtype
+    A = -torch.rand(h, generator=gen) - 0.3
+    B, C = torch.randn(b, g, n, generator=gen), torch.randn(b, g, n, generator=gen).to(torch.bfloat16)
+    D, bias = torch.randn(h, generator=gen), torch.randn(h, generator=gen)
+    z = torch.randn(b, h, p, generator=gen).to(torch.bfloat16)
+    idx = torch.tensor([5, 9, -1, 9, 0, 9], dtype=torch.int64)[::2]  # [5, -1, 0], stride 2
+    for kw in (dict(D=D, z=z, dt_bias=bias, dt_softplus=True, state_batch_indices=idx),
+               dict(D=D[:, None].expand(h, p).contiguous(), state_batch_indices=idx.to(torch.int32))):
+        s_fast, s_checked = pool.clone(), pool.clone()
+        fast = h1r_ops.selective_state_update(s_fast, x, dt, A, B, C, **kw)
+        checked = api._selective_state_update_checked(s_checked, x, dt, A, B, C, kw["D"], kw.get("z"),
+                                                      kw.get("dt_bias"), kw.get("dt_softplus", False),
+                                                      kw["state_batch_indices"])
+        assert torch.equal(fast, checked) and torch.equal(s_fast, s_checked)
+        assert (fast[1] == 0).all() and torch.equal(s_fast[[1, 2, 3, 4]], pool[[1, 2, 3, 4]])
+
+
+@needs_cpu
+def test_state_update_fast_path_taken_and_bad_input_raises(monkeypatch):
+    """A well-formed CPU call skips the Python checks; bad input still raises the API's ValueError."""
+    from h1r_ops.ops import selective_scan as api
+
+    b, h, p, g, n = 2, 4, 6, 1, 8
+    state = torch.randn(b, h, p, n)
+    x, dt, A = torch.randn(b, h, p), torch.randn(b, h), -torch.rand(h)
+    B, C = torch.randn(b, g, n), torch.randn(b, g, n)
+    ssu = h1r_ops.selective_state_update
+    real = api._selective_state_update_checked
+
+    def checked(*args):
+        raise AssertionError("validating path taken")
+
+    monkeypatch.setattr(api, "_selective_state_update_checked", checked)
+    ssu(state, x, dt, A, B, C, D=torch.randn(h), dt_bias=torch.randn(h), state_batch_indices=torch.tensor([1, 0]))
+    monkeypatch.setattr(api, "_selective_state_update_checked", real)
+    bad = [
+        (lambda: ssu(state, x, torch.randn(b, h + 1), A, B, C), "dt"),
+        (lambda: ssu(state, x, dt, A, torch.randn(b, g, n + 1), C), "B"),
+        (lambda: ssu(state, x, dt, A, B, torch.randn(b, g, n + 1)), "C"),
+        (lambda: ssu(state, x, dt, A, B, C, D=torch.randn(h + 1)), "D"),
+        (lambda: ssu(state, x, dt, A, B, C, z=torch.randn(b, h, p + 1)), "z"),
+        (lambda: ssu(state, x.double(), dt, A, B, C), "x"),
+        (lambda: ssu(state.transpose(2, 3).contiguous().transpose(2, 3), x, dt, A, B, C), "state"),
+        (lambda: ssu(state[:1], x, dt, A, B, C), "state"),
+        (lambda: ssu(state, x, dt, A, B, C, state_batch_indices=torch.tensor([0.0, 1.0])), "state_batch_indices"),
+        (lambda: ssu(state, x.tolist(), dt, A, B, C), "x"),
+    ]
+    for fn, name in bad:
+        with pytest.raises(ValueError, match=f"^selective_state_update: argument '{name}'"):
+            fn()
+    with pytest.raises(ValueError, match="'state_batch_indices'"):  # the range is checked by the glue
+        ssu(state, x, dt, A, B, C, state_batch_indices=torch.tensor([0, 2]))
+
+
+@needs_cpu
 def test_state_update_steps_reproduce_scan_kernel():
     b, l, h, p, g, n = 2, 11, 4, 8, 2, 16
     args, kw = make_inputs(b, l, h, p, g, n, seq=False)

@@ -180,18 +180,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cpu
           c.init.defined() ? dinit.to(initial_states->scalar_type()) : empty_like_none(x_in)};
 }
 
-at::Tensor causal_conv1d_update_cpu(const at::Tensor& x_in, at::Tensor& conv_state, const at::Tensor& weight,
+// The decode step. This glue accepts what the public API does without a Python-side copy (the API's
+// fast path calls it directly): x (b, d) or (b, d, l) with any strides, weight (d, w) or nn.Conv1d's
+// (d, 1, w), weight / bias in fp32 or in x's dtype (read as they are), conv_state_indices int32 or int64.
+at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias, bool silu,
                                     const std::optional<at::Tensor>& conv_state_indices) {
-  TORCH_CHECK_VALUE(x_in.dim() == 2 || x_in.dim() == 3, "argument 'x': expected shape (b, d) or (b, d, l), got ",
-                    shape_str(x_in.sizes()));
-  check_float(x_in, "x");
-  const at::Tensor x = x_in.dim() == 2 ? x_in.unsqueeze(-1) : x_in;
-  const int64_t b = x.size(0), d = x.size(1), l = x.size(2);
-  check_shape(weight, "weight", {d, -1});
+  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, "argument 'x': expected shape (b, d) or (b, d, l), got ",
+                    shape_str(x.sizes()));
+  check_float(x, "x");
+  const int64_t b = x.size(0), d = x.size(1), l = x.dim() == 3 ? x.size(2) : 1;
+  if (weight.dim() == 3) check_shape(weight, "weight", {d, 1, -1});
+  else check_shape(weight, "weight", {d, -1});
   check_float(weight, "weight");
   check_same_device(weight, "weight", x, "x");
-  const int64_t w = weight.size(1);
+  const int64_t w = weight.size(-1);
   TORCH_CHECK_VALUE(w >= 2 && w <= 4, "argument 'weight': expected width 2, 3 or 4, got ", w);
   check_shape(conv_state, "conv_state", {-1, d, -1});
   check_same_device(conv_state, "conv_state", x, "x");
@@ -199,31 +202,41 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x_in, at::Tensor& conv_sta
   const int64_t num_states = conv_state.size(0), state_len = conv_state.size(2);
   TORCH_CHECK_VALUE(state_len >= w - 1, "argument 'conv_state': expected state_len >= width - 1 = ", w - 1, ", got ",
                     state_len);
-  at::Tensor indices;
-  if (conv_state_indices && conv_state_indices->defined()) {
-    check_shape(*conv_state_indices, "conv_state_indices", {b});
-    check_dtype(*conv_state_indices, "conv_state_indices", at::kInt);
-    check_same_device(*conv_state_indices, "conv_state_indices", x, "x");
-    indices = conv_state_indices->contiguous();
-    const int32_t* idx = indices.data_ptr<int32_t>();
-    for (int64_t i = 0; i < b; ++i)
-      TORCH_CHECK_VALUE(idx[i] < num_states, "argument 'conv_state_indices': index ", idx[i], " at position ", i,
-                        " is out of range for conv_state with ", num_states, " rows");
-  } else {
-    TORCH_CHECK_VALUE(num_states >= b, "argument 'conv_state': expected at least b = ", b, " rows, got ", num_states);
-  }
-  const at::Tensor weight_f = f32_contiguous(weight);
-  at::Tensor bias_f;
-  if (bias && bias->defined()) {
+  const bool has_bias = bias && bias->defined();
+  if (has_bias) {
     check_shape(*bias, "bias", {d});
     check_float(*bias, "bias");
     check_same_device(*bias, "bias", x, "x");
-    bias_f = f32_contiguous(*bias);
   }
-  at::Tensor out = at::empty({b, d, l}, x.options());
+  const bool has_indices = conv_state_indices && conv_state_indices->defined();
+  if (has_indices) {
+    const at::Tensor& idx = *conv_state_indices;
+    check_shape(idx, "conv_state_indices", {b});
+    TORCH_CHECK_VALUE(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong,
+                      "argument 'conv_state_indices': expected dtype int32 or int64, got ", idx.scalar_type());
+    check_same_device(idx, "conv_state_indices", x, "x");
+    for (int64_t i = 0; i < b; ++i) {
+      const int64_t row = idx.scalar_type() == at::kLong ? idx.data_ptr<int64_t>()[i * idx.stride(0)]
+                                                         : idx.data_ptr<int32_t>()[i * idx.stride(0)];
+      TORCH_CHECK_VALUE(row < num_states, "argument 'conv_state_indices': index ", row, " at position ", i,
+                        " is out of range for conv_state with ", num_states, " rows");
+    }
+  } else {
+    TORCH_CHECK_VALUE(num_states >= b, "argument 'conv_state': expected at least b = ", b, " rows, got ", num_states);
+  }
+  // weight and bias as they are when both are in x's dtype or both fp32, else both converted to fp32
+  const auto xt = x.scalar_type();
+  const bool same = weight.scalar_type() == xt && (!has_bias || bias->scalar_type() == xt);
+  const bool f32 = weight.scalar_type() == at::kFloat && (!has_bias || bias->scalar_type() == at::kFloat);
+  const bool params_f32 = f32 || !same;
+  const auto pt = params_f32 ? at::kFloat : xt;
+  const at::Tensor weight_c = weight.to(pt).contiguous();
+  const at::Tensor bias_c = has_bias ? bias->to(pt).contiguous() : at::Tensor();
+  at::Tensor out = at::empty(x.sizes(), x.options());
 
   cpu::CausalConv1dUpdateParams p{};
   p.dtype = conv_dtype(x);
+  p.params_f32 = params_f32;
   p.batch = b;
   p.dim = d;
   p.seqlen = l;
@@ -234,17 +247,21 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x_in, at::Tensor& conv_sta
   p.x = x.data_ptr();
   p.x_stride_b = x.stride(0);
   p.x_stride_c = x.stride(1);
-  p.x_stride_t = x.stride(2);
+  p.x_stride_t = x.dim() == 3 ? x.stride(2) : 1;
   p.out = out.data_ptr();
   p.conv_state = conv_state.data_ptr();
   p.state_stride_b = conv_state.stride(0);
   p.state_stride_c = conv_state.stride(1);
   p.state_stride_t = conv_state.stride(2);
-  p.weight = weight_f.data_ptr<float>();
-  p.bias = ptr_or_null<float>(bias_f);
-  p.conv_state_indices = ptr_or_null<int32_t>(indices);
+  p.weight = weight_c.data_ptr();
+  p.bias = has_bias ? bias_c.data_ptr() : nullptr;
+  if (has_indices) {
+    p.conv_state_indices = conv_state_indices->data_ptr();
+    p.indices_i64 = conv_state_indices->scalar_type() == at::kLong;
+    p.indices_stride = conv_state_indices->stride(0);
+  }
   H1R_CPU_DISPATCH(causal_conv1d_update_kernel, p);
-  return x_in.dim() == 2 ? out.squeeze(-1) : out;
+  return out;
 }
 
 }  // namespace

@@ -35,10 +35,13 @@ struct CausalConv1dParams {
 };
 
 // x (b, d, l) any strides; conv_state (S, d, state_len) any strides, updated in place; out (b, d, l)
-// contiguous; conv_state_indices (b,) int32 or null (row i of the batch uses state row i); a negative
-// index marks a padded row (zero output, state untouched).
+// contiguous; weight (d, w) and bias (d,) contiguous, both fp32 or both in x's dtype (params_f32), so
+// that a bf16 model's parameters are read as they are, without a conversion per call;
+// conv_state_indices (b,) int32 or int64 with a stride, or null (row i of the batch uses state row i);
+// a negative index marks a padded row (zero output, state untouched).
 struct CausalConv1dUpdateParams {
   ConvDtype dtype;          // of x, out and conv_state
+  bool params_f32;          // weight / bias are fp32 (else x's dtype)
   int64_t batch, dim, seqlen, width, state_len, num_states;
   bool silu;
   const void* x;
@@ -46,9 +49,11 @@ struct CausalConv1dUpdateParams {
   void* out;
   void* conv_state;
   int64_t state_stride_b, state_stride_c, state_stride_t;
-  const float* weight;
-  const float* bias;
-  const int32_t* conv_state_indices;
+  const void* weight;
+  const void* bias;         // nullable
+  const void* conv_state_indices;  // nullable
+  bool indices_i64;
+  int64_t indices_stride;
 };
 
 }  // namespace h1r::cpu

@@ -115,12 +115,14 @@ inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
 // than the work (a decode step of one sequence is ~4K channels).
 constexpr int64_t kParallelMin = 1 << 15;
 
-// ---- dispatch on (dtype, width, seq_idx present) -----------------------------------------------------
+// ---- dispatch on (dtype, width, one flag) -------------------------------------------------------------
 
+// f(T{}, integral_constant<int, width>, bool_constant<flag>): the flag is "seq_idx present" for the
+// forward and backward, "weight and bias in fp32" for the update.
 template <typename F>
-void dispatch_conv(ConvDtype dtype, int64_t width, bool seq, F&& f) {
+void dispatch_conv(ConvDtype dtype, int64_t width, bool flag, F&& f) {
   auto by_seq = [&](auto t, auto w) {
-    if (seq) f(t, w, std::true_type{});
+    if (flag) f(t, w, std::true_type{});
     else f(t, w, std::false_type{});
   };
   auto by_width = [&](auto t) {
@@ -517,95 +519,113 @@ int64_t bwd_channel_last(const CausalConv1dParams& p, const TapMasks& masks, std
 
 // ---- decode-step update -------------------------------------------------------------------------------
 
-// Per (batch row, kV channels). One new step (the decode case): each channel's W taps are its last H
-// state steps and x, the pre-activations of the kV channels are gathered into one vector for the silu,
-// and the state is shifted in place. Several new steps: the window [state | x] of each channel is
-// widened to fp32 first.
-template <typename T, int W>
+// The batch row's state row: conv_state_indices[b] (int32 or int64), or b itself; < 0 = padded row.
+inline int64_t state_row(const CausalConv1dUpdateParams& p, int64_t b) {
+  if (!p.conv_state_indices) return b;
+  const int64_t at = b * p.indices_stride;
+  return p.indices_i64 ? static_cast<const int64_t*>(p.conv_state_indices)[at]
+                       : static_cast<const int32_t*>(p.conv_state_indices)[at];
+}
+
+// act(pre + bias) of n channels, stored in the output's dtype, kV channels per vector.
+template <typename T, typename P>
+inline void finish_channels(const float* pre, const P* bias, bool act, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += kV) {
+    const int64_t m = std::min(kV, n - i);
+    Vec v = Vec::loadu(pre + i, m);
+    if (bias) v = v + load_vec(bias + i, m);
+    if (act) v = silu(v);
+    store_vec(out + i, v, m);
+  }
+}
+
+// Channels per work item of the decode step: the item's pre-activations stay in a stack buffer, and a
+// batch row of Falcon-H1-7B (3584 channels) splits into 14 items for the threads.
+constexpr int64_t kUpdateBlock = 256;
+
+// One decode step over the usual cache, H = w - 1 steps per channel, contiguous, and x's channels
+// contiguous: n channels of one batch row. Per channel c,
+//   taps = [state[c, 0..H), x[c]]     pre[c] = sum_k weight[c, k] taps[k]     state[c] <- taps[1..W)
+// as one plain loop over the channels, which the compiler vectorizes (the stride-H loads and stores of
+// the state become in-register permutes): the state is read, used and shifted in place in one pass.
+template <typename T, typename P, int W>
+void update_step_block(const T* x, T* state, const P* weight, const P* bias, bool act, T* out, int64_t n) {
+  constexpr int H = W - 1;
+  __at_align__ float pre[kUpdateBlock];
+  for (int64_t c = 0; c < n; ++c) {
+    T taps[W];
+    for (int k = 0; k < H; ++k) taps[k] = state[c * H + k];
+    taps[H] = x[c];
+    float acc = 0.f;
+    for (int k = 0; k < W; ++k) acc += static_cast<float>(weight[c * W + k]) * static_cast<float>(taps[k]);
+    pre[c] = acc;
+    for (int k = 0; k < H; ++k) state[c * H + k] = taps[k + 1];
+  }
+  finish_channels(pre, bias, act, out, n);
+}
+
+// Any other case (a longer or strided state, strided x, several new steps), per kV channels: the
+// window [state | x] of each channel is widened to fp32, the outputs of each step computed from it,
+// and the newest state_len steps written back.
+template <typename T, typename P, int W>
+void update_general_block(const CausalConv1dUpdateParams& p, const T* xb, T* sb, const P* wc, const P* bc, T* ob,
+                          int64_t n, float* buf) {
+  constexpr int H = W - 1;
+  const int64_t S = p.state_len, l = p.seqlen, span = S + l, ss_c = p.state_stride_c, ss_t = p.state_stride_t;
+  __at_align__ float pre[kV];
+  T out_t[kV];
+  for (int64_t i = 0; i < n; ++i) {  // buf[i * span + j]: channel i, step j of [state | x]
+    float* bi = buf + i * span;
+    for (int64_t j = 0; j < S; ++j) bi[j] = static_cast<float>(sb[i * ss_c + j * ss_t]);
+    for (int64_t t = 0; t < l; ++t) bi[S + t] = static_cast<float>(xb[i * p.x_stride_c + t * p.x_stride_t]);
+  }
+  for (int64_t t = 0; t < l; ++t) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float* win = buf + i * span + S - H + t;  // the W taps of step t
+      float acc = 0.f;
+      for (int k = 0; k < W; ++k) acc += static_cast<float>(wc[i * W + k]) * win[k];
+      pre[i] = acc;
+    }
+    finish_channels(pre, bc, p.silu, out_t, n);
+    for (int64_t i = 0; i < n; ++i) ob[i * l + t] = out_t[i];
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float* bi = buf + i * span + l;  // the newest S steps
+    for (int64_t j = 0; j < S; ++j) sb[i * ss_c + j * ss_t] = T(bi[j]);
+  }
+}
+
+// Work items: (batch row, block of channels). A padded row (negative state index) gets a zero output.
+template <typename T, typename P, int W>
 void update_impl(const CausalConv1dUpdateParams& p) {
   constexpr int H = W - 1;
-  const int64_t S = p.state_len, l = p.seqlen, d = p.dim, ss_c = p.state_stride_c, ss_t = p.state_stride_t;
-  const int64_t ncv = (d + kV - 1) / kV, span = S + l;
+  const int64_t d = p.dim, l = p.seqlen;
+  const bool step = l == 1 && p.state_len == H && p.state_stride_t == 1 && p.state_stride_c == H &&
+                    p.x_stride_c == 1;
+  const int64_t block = step ? kUpdateBlock : kV;
+  const int64_t nblocks = (d + block - 1) / block;
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
   T* state = static_cast<T*>(p.conv_state);
-#pragma omp parallel if (p.batch * p.dim * p.seqlen >= kParallelMin)
+  const P* weight = static_cast<const P*>(p.weight);
+  const P* bias = static_cast<const P*>(p.bias);
+#pragma omp parallel if (p.batch * d * l >= kParallelMin)
   {
-    std::vector<float> buf(l > 1 ? kV * span : 0);  // buf[i * span + j]: lane i, step j of [state | x]
-    __at_align__ float pre[kV];
+    std::vector<float> buf(step ? 0 : kV * (p.state_len + l));
 #pragma omp for schedule(static)
-    for (int64_t it = 0; it < p.batch * ncv; ++it) {
-      const int64_t b = it / ncv, c = (it % ncv) * kV, n = std::min(kV, d - c);
-      const int64_t row = p.conv_state_indices ? p.conv_state_indices[b] : b;
+    for (int64_t it = 0; it < p.batch * nblocks; ++it) {
+      const int64_t b = it / nblocks, c = (it % nblocks) * block, n = std::min(block, d - c);
+      const int64_t row = state_row(p, b);
       T* ob = out + (b * d + c) * l;
-      if (row < 0) {  // padded batch row
-        for (int64_t i = 0; i < n * l; ++i) ob[i] = T(0.f);
+      if (row < 0) {
+        std::fill(ob, ob + n * l, T(0.f));
         continue;
       }
-      T* sb = state + row * p.state_stride_b + c * ss_c;
       const T* xb = x + b * p.x_stride_b + c * p.x_stride_c;
-      const float* wc = p.weight + c * W;
-
-      if (l == 1 && S == H && ss_t == 1) {  // the usual cache: exactly w - 1 steps, contiguous per channel
-        for (int64_t i = 0; i < kV; ++i) {
-          if (i >= n) { pre[i] = 0.f; continue; }
-          T* st = sb + i * ss_c;
-          const T xi = xb[i * p.x_stride_c];
-          const float* wi = wc + i * W;
-          float acc = p.bias ? p.bias[c + i] : 0.f;
-          T s[H];
-          for (int k = 0; k < H; ++k) s[k] = st[k];
-          for (int k = 0; k < H; ++k) acc += wi[k] * static_cast<float>(s[k]);
-          pre[i] = acc + wi[H] * static_cast<float>(xi);
-          for (int k = 0; k + 1 < H; ++k) st[k] = s[k + 1];
-          st[H - 1] = xi;
-        }
-        Vec v = Vec::loadu(pre);
-        if (p.silu) v = silu(v);
-        store_vec(ob, v, n);
-        continue;
-      }
-
-      if (l == 1) {
-        for (int64_t i = 0; i < kV; ++i) {
-          if (i >= n) { pre[i] = 0.f; continue; }
-          T* st = sb + i * ss_c;
-          const T xi = xb[i * p.x_stride_c];
-          float acc = p.bias ? p.bias[c + i] : 0.f;
-          for (int k = 0; k < H; ++k) acc += wc[i * W + k] * static_cast<float>(st[(S - H + k) * ss_t]);
-          acc += wc[i * W + H] * static_cast<float>(xi);
-          pre[i] = acc;
-          for (int64_t j = 0; j + 1 < S; ++j) st[j * ss_t] = st[(j + 1) * ss_t];
-          st[(S - 1) * ss_t] = xi;
-        }
-        Vec v = Vec::loadu(pre);
-        if (p.silu) v = silu(v);
-        store_vec(ob, v, n);
-        continue;
-      }
-
-      for (int64_t i = 0; i < n; ++i) {
-        float* bi = buf.data() + i * span;
-        for (int64_t j = 0; j < S; ++j) bi[j] = static_cast<float>(sb[i * ss_c + j * ss_t]);
-        for (int64_t t = 0; t < l; ++t) bi[S + t] = static_cast<float>(xb[i * p.x_stride_c + t * p.x_stride_t]);
-      }
-      for (int64_t t = 0; t < l; ++t) {
-        for (int64_t i = 0; i < kV; ++i) {
-          if (i >= n) { pre[i] = 0.f; continue; }
-          const float* win = buf.data() + i * span + S - H + t;  // the W taps of step t
-          float acc = p.bias ? p.bias[c + i] : 0.f;
-          for (int k = 0; k < W; ++k) acc += wc[i * W + k] * win[k];
-          pre[i] = acc;
-        }
-        Vec v = Vec::loadu(pre);
-        if (p.silu) v = silu(v);
-        v.store(pre);
-        for (int64_t i = 0; i < n; ++i) ob[i * l + t] = T(pre[i]);
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        const float* bi = buf.data() + i * span + l;  // the newest S steps
-        for (int64_t j = 0; j < S; ++j) sb[i * ss_c + j * ss_t] = T(bi[j]);
-      }
+      T* sb = state + row * p.state_stride_b + c * p.state_stride_c;
+      const P* bc = bias ? bias + c : nullptr;
+      if (step) update_step_block<T, P, W>(xb, sb, weight + c * W, bc, p.silu, ob, n);
+      else update_general_block<T, P, W>(p, xb, sb, weight + c * W, bc, ob, n, buf.data());
     }
   }
 }
@@ -646,8 +666,10 @@ void causal_conv1d_bwd_kernel(const CausalConv1dParams& p) {
 }
 
 void causal_conv1d_update_kernel(const CausalConv1dUpdateParams& p) {
-  dispatch_conv(p.dtype, p.width, false, [&](auto t, auto w, auto) {
-    update_impl<decltype(t), decltype(w)::value>(p);
+  dispatch_conv(p.dtype, p.width, p.params_f32, [&](auto t, auto w, auto params_f32) {
+    using T = decltype(t);
+    using P = std::conditional_t<decltype(params_f32)::value, float, T>;
+    update_impl<T, P, decltype(w)::value>(p);
   });
 }
 

@@ -187,6 +187,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
           like(dinit, initial_states)};
 }
 
+// A decode-step input converted to x's dtype (the public API's normalization, done here so that its fast
+// path can call this glue directly): checked for shape, float dtype and device, made contiguous.
+optional<Tensor> in_x_dtype(const optional<Tensor>& t, const char* name, std::initializer_list<int64_t> shape,
+                            const Tensor& x) {
+  if (!t.has_value()) return c10::nullopt;
+  h1r::check_shape(*t, name, shape);
+  h1r::check_same_device(*t, name, x, "x");
+  h1r::check_float(*t, name);
+  return t->to(x.scalar_type()).contiguous();
+}
+
+// The decode step. Accepts what the public API does for the per-head (Mamba2) form without a Python-side
+// copy: x, dt, B, C, z in any float dtype (converted to x's) and strides, D (h,) or (h, p),
+// state_batch_indices int32 or int64. mamba_ssm's head-tied expansions (dt (b, h, p), A (h, p, n), ...)
+// are sliced to that form by the public API.
 Tensor selective_state_update_cpu(Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B,
                                   const Tensor& C, const optional<Tensor>& D, const optional<Tensor>& z,
                                   const optional<Tensor>& dt_bias, bool dt_softplus,
@@ -205,23 +220,27 @@ Tensor selective_state_update_cpu(Tensor& state, const Tensor& x, const Tensor& 
   const int64_t g = B.size(1);
   TORCH_CHECK_VALUE(g > 0 && h % g == 0, "argument 'B': the number of groups ", g, " must divide nheads ", h);
   Tensor xc = x.contiguous();
-  Tensor dtc = *like_x(dt, "dt", {b, h}, xc);
-  Tensor Bc = *like_x(B, "B", {b, g, n}, xc);
-  Tensor Cc = *like_x(C, "C", {b, g, n}, xc);
+  Tensor dtc = *in_x_dtype(dt, "dt", {b, h}, xc);
+  Tensor Bc = *in_x_dtype(B, "B", {b, g, n}, xc);
+  Tensor Cc = *in_x_dtype(C, "C", {b, g, n}, xc);
   auto Af = fp32_param(A, "A", {h}, xc);
-  auto Df = fp32_param(D, "D", {h, p}, xc);
-  auto zc = like_x(z, "z", {b, h, p}, xc);
+  optional<Tensor> Df;
+  if (D.has_value() && D->dim() == 1) Df = fp32_param(D, "D", {h}, xc)->unsqueeze(1).expand({h, p}).contiguous();
+  else Df = fp32_param(D, "D", {h, p}, xc);
+  auto zc = in_x_dtype(z, "z", {b, h, p}, xc);
   auto biasf = fp32_param(dt_bias, "dt_bias", {h}, xc);
   optional<Tensor> idx;
   if (state_batch_indices.has_value()) {
     h1r::check_shape(*state_batch_indices, "state_batch_indices", {b});
-    h1r::check_dtype(*state_batch_indices, "state_batch_indices", at::kInt);
+    TORCH_CHECK_VALUE(state_batch_indices->scalar_type() == at::kInt || state_batch_indices->scalar_type() == at::kLong,
+                      "argument 'state_batch_indices': expected dtype int32 or int64, got ",
+                      state_batch_indices->scalar_type());
     h1r::check_same_device(*state_batch_indices, "state_batch_indices", state, "state");
-    idx = state_batch_indices->contiguous();
-    if (b > 0) {
-      const int64_t mx = idx->max().item<int64_t>();
+    if (b > 0) {  // checked before the int32 conversion, so that no int64 index wraps into range
+      const int64_t mx = state_batch_indices->max().item<int64_t>();
       TORCH_CHECK_VALUE(mx < S, "argument 'state_batch_indices': index ", mx, " out of range for ", S, " state rows");
     }
+    idx = state_batch_indices->to(at::kInt).contiguous();
   } else {
     TORCH_CHECK_VALUE(b <= S, "argument 'state': expected at least b = ", b, " rows, got ", S);
   }

@@ -111,6 +111,16 @@ def causal_conv1d(
 causal_conv1d_fn = causal_conv1d  # causal-conv1d's name
 
 
+def _resolve_update_op():
+    try:
+        return torch.ops.h1r.causal_conv1d_update.default
+    except (AttributeError, RuntimeError):  # the compiled library is not loaded: the checked path says so
+        return None
+
+
+_UPDATE_OP = _resolve_update_op()
+
+
 def causal_conv1d_update(
     x: torch.Tensor,
     conv_state: torch.Tensor,
@@ -138,6 +148,25 @@ def causal_conv1d_update(
     Returns:
         out shaped like x, in x's dtype.
     """
+    # Fast path (eager, CPU). A decode step moves little data, so the call's fixed cost matters: the CPU
+    # glue checks every argument itself and reads (d, 1, w) weights, bf16 parameters, int64 or strided
+    # indices and any strides as they come, so a well-formed call goes straight to it, with no Python
+    # checks, copies or registry query. Whatever it rejects is re-run through the checked path below,
+    # which raises this API's own ValueError (or NotImplementedError) for it.
+    if (_UPDATE_OP is not None and cache_seqlens is None and activation in _ACTIVATIONS
+            and not torch.compiler.is_compiling()):
+        try:
+            if x.is_cpu:
+                return _UPDATE_OP(x, conv_state, weight, bias, activation is not None, conv_state_indices)
+        except Exception:
+            pass
+    return _causal_conv1d_update_checked(x, conv_state, weight, bias, activation, conv_state_indices,
+                                         cache_seqlens)
+
+
+def _causal_conv1d_update_checked(x, conv_state, weight, bias, activation, conv_state_indices, cache_seqlens):
+    """causal_conv1d_update with every argument validated in Python (any device, and under torch.compile,
+    where the checks run once at trace time)."""
     op = "causal_conv1d_update"
     silu = check_choice(op, "activation", activation, _ACTIVATIONS) is not None
     if cache_seqlens is not None:

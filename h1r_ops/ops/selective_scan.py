@@ -91,6 +91,16 @@ def _per_head(s: Shapes, name: str, t, tied_dims: tuple[int, ...]):
     return t[idx]
 
 
+def _resolve_state_update_op():
+    try:
+        return torch.ops.h1r.selective_state_update.default
+    except (AttributeError, RuntimeError):  # the compiled library is not loaded: the checked path says so
+        return None
+
+
+_STATE_UPDATE_OP = _resolve_state_update_op()
+
+
 def selective_state_update(
     state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, state_batch_indices=None,
 ):
@@ -109,6 +119,24 @@ def selective_state_update(
     Returns:
         out (b, h, p) in x's dtype.
     """
+    # Fast path (eager, CPU, the per-head Mamba2 form): the CPU glue checks every argument itself and does
+    # this function's normalizations (dtypes, contiguity, D (h,), int64 indices), so a well-formed call
+    # goes straight to it without the Python checks and their copies. Whatever it rejects is re-run
+    # through the checked path below, which raises this API's own error for it; mamba_ssm's head-tied
+    # forms (dt (b, h, p), A (h, p, n), dt_bias (h, p)) go there directly.
+    if _STATE_UPDATE_OP is not None and not torch.compiler.is_compiling():
+        try:
+            if x.is_cpu and dt.dim() == 2 and A.dim() == 1 and (dt_bias is None or dt_bias.dim() == 1):
+                return _STATE_UPDATE_OP(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus),
+                                        state_batch_indices)
+        except Exception:
+            pass
+    return _selective_state_update_checked(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+
+
+def _selective_state_update_checked(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+    """selective_state_update with every argument validated and normalized in Python (any device, the
+    head-tied forms, and under torch.compile, where the checks run once at trace time)."""
     s = Shapes("selective_state_update")
     s.check("state", state, ("S", "h", "p", "n"))
     s.check("x", x, ("b", "h", "p"))
