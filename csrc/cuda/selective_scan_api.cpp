@@ -138,6 +138,7 @@ selective_scan_bwd(const at::Tensor& dout, const std::optional<at::Tensor>& dfin
   prm.ngroups = g;
   prm.dstate = n;
   const int64_t ntiles = selective_scan_bwd_row_tiles(prm), slots = selective_scan_bwd_state_slots(prm);
+  prm.window_tokens = selective_scan_bwd_window_tokens(prm);
   at::Tensor dx = at::empty_like(xc), ddt = at::empty({b, l, h}, f32);
   at::Tensor dB = at::empty({b, l, g, n}, f32), dC = at::empty({b, l, g, n}, f32);
   at::Tensor dA_partial = at::zeros({b, h, ntiles}, f32);
@@ -172,7 +173,7 @@ selective_scan_bwd(const at::Tensor& dout, const std::optional<at::Tensor>& dfin
   prm.dinitial_states = dinit.defined() ? dinit.data_ptr<float>() : nullptr;
   if (b > 0 && h > 0 && p > 0 && l > 0) {
     const at::Tensor states = at::empty({b, h, slots, p, n}, f32);
-    const at::Tensor dBC_partial = at::empty({2, ntiles, b, l, h, n}, f32);
+    const at::Tensor dBC_partial = at::empty({2, ntiles, b, prm.window_tokens, h, n}, f32);
     const at::Tensor ddt_partial = at::empty({ntiles, b, l, h}, f32);
     prm.chunk_states = states.data_ptr<float>();
     prm.dB_partial = dBC_partial[0].data_ptr<float>();
