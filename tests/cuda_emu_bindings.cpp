@@ -6,6 +6,7 @@
 #include "emu/control.h"
 
 #include "causal_conv1d.h"
+#include "selective_scan.h"
 
 namespace h1r::cuda::testing {
 
@@ -97,6 +98,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_decode", &paged_attention_decode);
   m.def("paged_attention_prefill", &paged_attention_prefill);
   m.def("causal_conv1d_fwd_without_tile_barrier", &h1r::cuda::testing::causal_conv1d_fwd_without_tile_barrier);
+  m.def(
+      "set_scan_bwd_partial_budget",
+      [](int64_t floats) { return std::exchange(selective_scan_bwd_partial_budget(), floats); },
+      "Floats of dB, dC partial sums selective_scan_bwd holds at once; returns the previous value");
   m.def("set_schedule", &h1r::emu::set_schedule, "Fiber order: 0 forward, 1 reverse, 2 random(seed)",
         pybind11::arg("order"), pybind11::arg("seed") = 0);
   m.def("stats", []() {

@@ -250,6 +250,32 @@ def test_selective_scan_bwd(emu, dtype, b, l, h, g, p, n, opts):
     check_scan_grads(got, want, args, dtype)
 
 
+@pytest.mark.parametrize(
+    "l,budget",
+    [
+        (150, 1),           # 10 chunks, segments of 4: one segment per window, the last one partial
+        (300, 2 * 2 * 2 * 64 * 2 * 16 * 5 * 2),  # 19 chunks, segments of 5: two segments per window
+    ],
+)
+def test_selective_scan_bwd_windows(emu, l, budget):
+    """dB, dC partial sums held one window of segments at a time (a lowered budget): dS carried between the
+    launches, dD and dA added across them, dinitial_states from the first window."""
+    gen = torch.Generator().manual_seed(3)
+    b, h, g, p, n = 2, 2, 1, 20, 64  # two row tiles, two heads in the group
+    args, seq, limit = scan_inputs(b, l, h, g, p, n, "D,z,bias,softplus,seq,init", torch.float32, gen)
+    dout, dfinal = torch.randn(b, l, h, p, generator=gen), torch.randn(b, h, p, n, generator=gen)
+    old = emu.set_scan_bwd_partial_budget(budget)
+    try:
+        got = emu.selective_scan_bwd(dout, dfinal, *args[:5], 64, *args[5:], seq, True, *limit)
+    finally:
+        emu.set_scan_bwd_partial_budget(old)
+    check_scan_grads(got, scan_ref_grads(args, seq, True, limit, dout, dfinal), args, torch.float32)
+    whole = emu.selective_scan_bwd(dout, dfinal, *args[:5], 64, *args[5:], seq, True, *limit)
+    for name, a, w in zip(("dx", "ddt", "dB", "dC", "dz", "dinit"), [got[i] for i in (0, 1, 3, 4, 6, 8)],
+                          [whole[i] for i in (0, 1, 3, 4, 6, 8)]):
+        assert torch.equal(a, w), name  # same sums in the same order, only launched in pieces
+
+
 def test_selective_scan_bwd_orders(emu, order):
     gen = torch.Generator().manual_seed(5)
     args, seq, limit = scan_inputs(1, 35, 2, 1, 24, 32, "D,z,bias,softplus,seq,init", torch.float32, gen)

@@ -10,6 +10,7 @@
 #include "common.cuh"
 
 #include <type_traits>
+#include <utility>
 
 namespace h1r::cuda {
 
@@ -330,19 +331,20 @@ __global__ void __launch_bounds__(kUpdateThreads) causal_conv1d_bwd_reduce_kerne
   else if (p.dbias) p.dbias[c] = acc;
 }
 
-const char* launch_causal_conv1d_fwd(const CausalConv1dFwdParams& p, void* stream) {
+// Calls kernels(T{}, std::integral_constant<int, W>{}) for the element type and width of p, which returns
+// the (channel-last, channel-first) kernel pair, and launches the one of p's layout over its grid.
+template <typename Params, typename Kernels>
+const char* launch_conv(const Params& p, void* stream, Kernels kernels) {
   auto s = static_cast<cudaStream_t>(stream);
   return dispatch_dtype(p.dtype, [&](auto tag) -> const char* {
-    using T = decltype(tag);
     auto go = [&](auto width) -> const char* {
-      constexpr int W = decltype(width)::value;
+      const auto [last, first] = kernels(tag, width);
       if (p.channel_last)
-        return launch(causal_conv1d_fwd_channel_last_kernel<T, W>,
+        return launch(last,
                       dim3(unsigned(ceil_div(p.dim, kLastThreads)), unsigned(ceil_div(p.seqlen, kLastChunk)),
                            unsigned(p.batch)),
                       dim3(kLastThreads), 0, s, p);
-      return launch(causal_conv1d_fwd_channel_first_kernel<T, W>,
-                    dim3(unsigned(ceil_div(p.seqlen, kFirstTile)), unsigned(p.dim), unsigned(p.batch)),
+      return launch(first, dim3(unsigned(ceil_div(p.seqlen, kFirstTile)), unsigned(p.dim), unsigned(p.batch)),
                     dim3(kFirstThreads), 0, s, p);
     };
     switch (p.width) {
@@ -354,31 +356,24 @@ const char* launch_causal_conv1d_fwd(const CausalConv1dFwdParams& p, void* strea
   });
 }
 
+const char* launch_causal_conv1d_fwd(const CausalConv1dFwdParams& p, void* stream) {
+  return launch_conv(p, stream, [](auto tag, auto width) {
+    using T = decltype(tag);
+    constexpr int W = decltype(width)::value;
+    return std::pair{&causal_conv1d_fwd_channel_last_kernel<T, W>, &causal_conv1d_fwd_channel_first_kernel<T, W>};
+  });
+}
+
 int64_t causal_conv1d_bwd_partials(const CausalConv1dBwdParams& p) {
   return p.batch * (p.channel_last ? ceil_div(p.seqlen, kLastChunk) : ceil_div(p.seqlen, kFirstTile));
 }
 
 const char* launch_causal_conv1d_bwd(const CausalConv1dBwdParams& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  const char* err = dispatch_dtype(p.dtype, [&](auto tag) -> const char* {
+  const char* err = launch_conv(p, stream, [](auto tag, auto width) {
     using T = decltype(tag);
-    auto go = [&](auto width) -> const char* {
-      constexpr int W = decltype(width)::value;
-      if (p.channel_last)
-        return launch(causal_conv1d_bwd_channel_last_kernel<T, W>,
-                      dim3(unsigned(ceil_div(p.dim, kLastThreads)), unsigned(ceil_div(p.seqlen, kLastChunk)),
-                           unsigned(p.batch)),
-                      dim3(kLastThreads), 0, s, p);
-      return launch(causal_conv1d_bwd_channel_first_kernel<T, W>,
-                    dim3(unsigned(ceil_div(p.seqlen, kFirstTile)), unsigned(p.dim), unsigned(p.batch)),
-                    dim3(kFirstThreads), 0, s, p);
-    };
-    switch (p.width) {
-      case 2: return go(std::integral_constant<int, 2>{});
-      case 3: return go(std::integral_constant<int, 3>{});
-      case 4: return go(std::integral_constant<int, 4>{});
-    }
-    return "causal_conv1d_bwd: width must be 2, 3 or 4";
+    constexpr int W = decltype(width)::value;
+    return std::pair{&causal_conv1d_bwd_channel_last_kernel<T, W>, &causal_conv1d_bwd_channel_first_kernel<T, W>};
   });
   if (err) return err;
   return launch(causal_conv1d_bwd_reduce_kernel, dim3(unsigned(ceil_div((p.width + 1) * p.dim, kUpdateThreads))),

@@ -5,19 +5,24 @@
 
 namespace h1r::cuda {
 
-struct CausalConv1dFwdParams {
+// The inputs of the forward, which the backward reads too.
+struct CausalConv1dInputs {
   const void* x;  // (b, d, l) with element strides x_stride_*
-  void* out;      // same shape, strides out_stride_*
-  DType dtype;    // of x, out and final_states
+  DType dtype;    // of x and of the (b, d, l) outputs (and final_states)
   int64_t batch, dim, seqlen, width;  // 2 <= width <= 4
-  int64_t x_stride_b, x_stride_d, x_stride_l, out_stride_b, out_stride_d, out_stride_l;
+  int64_t x_stride_b, x_stride_d, x_stride_l;
   const float* weight;          // (d, w)
   const float* bias;            // (d,) or null
   const int32_t* seq_idx;       // (b, l) or null
   const float* initial_states;  // (b, d, w-1) or null
-  void* final_states;           // (b, d, w-1) or null
   bool silu;
   bool channel_last;  // x_stride_d == 1: use the kernel that walks time with threads over channels
+};
+
+struct CausalConv1dFwdParams : CausalConv1dInputs {
+  void* out;  // same shape as x, strides out_stride_*
+  int64_t out_stride_b, out_stride_d, out_stride_l;
+  void* final_states;  // (b, d, w-1) or null
 };
 
 struct CausalConv1dUpdateParams {
@@ -37,25 +42,15 @@ struct CausalConv1dUpdateParams {
 // reduced without atomics: every block writes its sums to its own slot of `partials`
 // (causal_conv1d_bwd_partials(p) slots of (w + 1) x d floats: taps, then bias), and a second kernel
 // adds the slots in a fixed order (deterministic).
-struct CausalConv1dBwdParams {
-  const void* x;     // (b, d, l)
-  const void* dout;  // (b, d, l)
+struct CausalConv1dBwdParams : CausalConv1dInputs {
+  const void* dout;  // (b, d, l), in dtype
   void* dx;          // (b, d, l)
-  DType dtype;       // of x, dout and dx
-  int64_t batch, dim, seqlen, width;  // 2 <= width <= 4
-  int64_t x_stride_b, x_stride_d, x_stride_l, dout_stride_b, dout_stride_d, dout_stride_l, dx_stride_b,
-      dx_stride_d, dx_stride_l;
-  const float* weight;          // (d, w)
-  const float* bias;            // (d,) or null
-  const int32_t* seq_idx;       // (b, l) or null
-  const float* initial_states;  // (b, d, w-1) or null
+  int64_t dout_stride_b, dout_stride_d, dout_stride_l, dx_stride_b, dx_stride_d, dx_stride_l;
   const float* dfinal_states;   // (b, d, w-1) or null
   float* dinitial_states;       // (b, d, w-1) or null
   float* partials;              // (causal_conv1d_bwd_partials(p), w + 1, d) scratch
   float* dweight;               // (d, w)
   float* dbias;                 // (d,) or null
-  bool silu;
-  bool channel_last;  // x_stride_d == 1
 };
 
 const char* launch_causal_conv1d_fwd(const CausalConv1dFwdParams& p, void* stream);

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <optional>
 
 #include "checks.h"
@@ -36,6 +37,34 @@ inline void check_device(const at::Tensor& t, const char* name) {
 #else
   TORCH_CHECK_VALUE(t.is_cuda(), "argument '", name, "': expected a CUDA tensor, got ", t.device());
 #endif
+}
+
+// A named argument that may be absent (an empty optional), for the checks over many arguments below.
+struct Arg {
+  const char* name;
+  const at::Tensor* t;  // null when absent
+  Arg(const char* n, const at::Tensor& x) : name(n), t(&x) {}
+  Arg(const char* n, const std::optional<at::Tensor>& x) : name(n), t(x ? &*x : nullptr) {}
+};
+inline void check_devices(std::initializer_list<Arg> args) {
+  for (const Arg& a : args)
+    if (a.t) check_device(*a.t, a.name);
+}
+// An optional int32 index tensor (seq_idx, state indices) of the given shape.
+inline void check_index(const std::optional<at::Tensor>& t, const char* name, std::initializer_list<int64_t> shape) {
+  if (!t) return;
+  check_shape(*t, name, shape);
+  check_dtype(*t, name, at::kInt);
+}
+// A decode-time state cache of `rows` slots (dim 0): addressed through int32 indices (b,), or its first
+// b rows.
+inline void check_state_cache(const at::Tensor& state, const char* name, const std::optional<at::Tensor>& indices,
+                              const char* indices_name, int64_t b) {
+  check_contiguous(state, name);
+  if (indices) check_index(indices, indices_name, {b});
+  else
+    TORCH_CHECK_VALUE(state.size(0) >= b, "argument '", name, "': expected at least b = ", b, " rows, got ",
+                      state.size(0));
 }
 
 // Small fp32 side inputs (dt, A, D, weights, ...) are converted once here so that the kernels are

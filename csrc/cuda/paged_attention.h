@@ -22,9 +22,10 @@ struct ReshapeAndCacheParams {
 constexpr int kPartitionTokens = 512;
 constexpr int kMaxHeadDim = 256;
 
-struct PagedAttentionDecodeParams {
-  const float* q;  // (b, hq, hd) fp32
-  float* out;      // (b, hq, hd) fp32
+// What decode and prefill share: the queries, the paged caches and their tables.
+struct PagedAttentionArgs {
+  const float* q;  // (tokens, hq, hd) fp32: b tokens for decode, total_q for prefill
+  float* out;      // (tokens, hq, hd) fp32
   const void* key_cache;    // (num_blocks, block_size, hk, hd)
   const void* value_cache;  // (num_blocks, block_size, hk, hd)
   DType cache_dtype;
@@ -32,23 +33,18 @@ struct PagedAttentionDecodeParams {
   const int32_t* seq_lens;      // (b,)
   int64_t batch, max_blocks, block_size, hq, hk, hd;
   float scale;
+};
+
+struct PagedAttentionDecodeParams : PagedAttentionArgs {
   int64_t num_partitions;  // ceil(max_blocks * block_size / kPartitionTokens): no host sync on seq_lens
   float* partial_out;      // (b, hq, num_partitions, hd) when num_partitions > 1
   float* max_logits;       // (b, hq, num_partitions)
   float* exp_sums;         // (b, hq, num_partitions)
 };
 
-struct PagedAttentionPrefillParams {
-  const float* q;  // (total_q, hq, hd) fp32
-  float* out;      // (total_q, hq, hd) fp32
-  const void* key_cache;
-  const void* value_cache;
-  DType cache_dtype;
-  const int32_t* block_tables;  // (b, max_blocks)
-  const int32_t* seq_lens;      // (b,)
+struct PagedAttentionPrefillParams : PagedAttentionArgs {
   const int32_t* cu_seqlens_q;  // (b + 1,)
-  int64_t batch, total_q, max_blocks, block_size, hq, hk, hd;
-  float scale;
+  int64_t total_q;
 };
 
 const char* launch_reshape_and_cache(const ReshapeAndCacheParams& p, void* stream);

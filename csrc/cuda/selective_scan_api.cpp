@@ -33,18 +33,51 @@ void check_scan_args(const at::Tensor& x, const at::Tensor& dt, const at::Tensor
   if (z) check_shape(*z, "z", {b, l, h, p});
   if (dt_bias) check_shape(*dt_bias, "dt_bias", {h});
   if (initial_states) check_shape(*initial_states, "initial_states", {b, h, p, n});
-  if (seq_idx) {
-    check_shape(*seq_idx, "seq_idx", {b, l});
-    check_dtype(*seq_idx, "seq_idx", at::kInt);
-  }
-  for (auto [t, name] : {std::pair{&x, "x"}, {&dt, "dt"}, {&A, "A"}, {&B, "B"}, {&C, "C"}}) check_device(*t, name);
-  for (auto [t, name] : {std::pair{&D, "D"}, {&z, "z"}, {&dt_bias, "dt_bias"}, {&initial_states, "initial_states"},
-                         {&seq_idx, "seq_idx"}})
-    if (*t) check_device(**t, name);
+  check_index(seq_idx, "seq_idx", {b, l});
+  check_devices({{"x", x}, {"dt", dt}, {"A", A}, {"B", B}, {"C", C}, {"D", D}, {"z", z}, {"dt_bias", dt_bias},
+                 {"initial_states", initial_states}, {"seq_idx", seq_idx}});
   check_float(x, "x");
   for (auto [t, name] : {std::pair{&B, "B"}, {&C, "C"}}) check_dtype(*t, name, x.scalar_type());
   if (z) check_dtype(*z, "z", x.scalar_type());
 }
+
+// The inputs as the kernels read them: x, B, C, z contiguous in x's dtype, the small ones in fp32.
+struct ScanInputs {
+  at::Tensor x, B, C, dt, A;
+  std::optional<at::Tensor> z, D, dt_bias, initial_states, seq_idx;
+
+  ScanInputs(const at::Tensor& x_, const at::Tensor& dt_, const at::Tensor& A_, const at::Tensor& B_,
+             const at::Tensor& C_, const std::optional<at::Tensor>& D_, const std::optional<at::Tensor>& z_,
+             const std::optional<at::Tensor>& dt_bias_, const std::optional<at::Tensor>& initial_states_,
+             const std::optional<at::Tensor>& seq_idx_)
+      : x(x_.contiguous()), B(B_.contiguous()), C(C_.contiguous()), dt(as_f32(dt_)), A(as_f32(A_)),
+        z(contiguous(z_)), D(per_channel_D(D_, x_.size(2), x_.size(3))), dt_bias(as_f32(dt_bias_)),
+        initial_states(as_f32(initial_states_)), seq_idx(contiguous(seq_idx_)) {}
+
+  void fill(SelectiveScanInputs& prm, bool dt_softplus, double dt_min, double dt_max) const {
+    prm.x = x.data_ptr();
+    prm.B = B.data_ptr();
+    prm.C = C.data_ptr();
+    prm.z = z ? z->data_ptr() : nullptr;
+    prm.dtype = dtype_of(x, "x");
+    prm.dt = dt.data_ptr<float>();
+    prm.A = A.data_ptr<float>();
+    prm.D = ptr_or_null<float>(D);
+    prm.dt_bias = ptr_or_null<float>(dt_bias);
+    prm.initial_states = ptr_or_null<float>(initial_states);
+    prm.seq_idx = ptr_or_null<int32_t>(seq_idx);
+    prm.batch = x.size(0);
+    prm.seqlen = x.size(1);
+    prm.nheads = x.size(2);
+    prm.dim = x.size(3);
+    prm.ngroups = B.size(2);
+    prm.dstate = B.size(3);
+    prm.dt_softplus = dt_softplus;
+    prm.dt_clamp = dt_min > 0.0 || !std::isinf(dt_max);  // (0, inf) is "no limit", as in mamba_ssm
+    prm.dt_min = static_cast<float>(dt_min);
+    prm.dt_max = static_cast<float>(dt_max);
+  }
+};
 
 }  // namespace
 
@@ -54,43 +87,17 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
     const std::optional<at::Tensor>& dt_bias, const std::optional<at::Tensor>& initial_states,
     const std::optional<at::Tensor>& seq_idx, bool dt_softplus, double dt_min, double dt_max) {
   check_scan_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx);
-  const int64_t b = x.size(0), l = x.size(1), h = x.size(2), p = x.size(3), g = B.size(2), n = B.size(3);
-  const DType dtype = dtype_of(x, "x");
+  const int64_t b = x.size(0), h = x.size(2), p = x.size(3), n = B.size(3);
 
   KernelContext ctx(x);
-  const at::Tensor xc = x.contiguous(), Bc = B.contiguous(), Cc = C.contiguous();
-  const auto zc = contiguous(z);
-  const at::Tensor dtf = as_f32(dt), Af = as_f32(A);
-  const auto Df = per_channel_D(D, h, p);
-  const auto dt_biasf = as_f32(dt_bias), initf = as_f32(initial_states);
-  const auto seq = contiguous(seq_idx);
-  at::Tensor out = at::empty_like(xc);
+  const ScanInputs in(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx);
+  at::Tensor out = at::empty_like(in.x);
   at::Tensor final_states = at::empty({b, h, p, n}, x.options().dtype(at::kFloat));
 
   SelectiveScanFwdParams prm{};
-  prm.x = xc.data_ptr();
-  prm.B = Bc.data_ptr();
-  prm.C = Cc.data_ptr();
-  prm.z = zc ? zc->data_ptr() : nullptr;
+  in.fill(prm, dt_softplus, dt_min, dt_max);
   prm.out = out.data_ptr();
-  prm.dtype = dtype;
-  prm.dt = dtf.data_ptr<float>();
-  prm.A = Af.data_ptr<float>();
-  prm.D = ptr_or_null<float>(Df);
-  prm.dt_bias = ptr_or_null<float>(dt_biasf);
-  prm.initial_states = ptr_or_null<float>(initf);
-  prm.seq_idx = ptr_or_null<int32_t>(seq);
   prm.final_states = final_states.data_ptr<float>();
-  prm.batch = b;
-  prm.seqlen = l;
-  prm.nheads = h;
-  prm.dim = p;
-  prm.ngroups = g;
-  prm.dstate = n;
-  prm.dt_softplus = dt_softplus;
-  prm.dt_clamp = dt_min > 0.0 || !std::isinf(dt_max);  // (0, inf) is "no limit", as in mamba_ssm
-  prm.dt_min = static_cast<float>(dt_min);
-  prm.dt_max = static_cast<float>(dt_max);
   if (b > 0 && h > 0 && p > 0) {
     if (n == 0) final_states.zero_();
     check_launch(launch_selective_scan_fwd(prm, ctx.stream()), "selective_scan_fwd");
@@ -116,52 +123,27 @@ selective_scan_bwd(const at::Tensor& dout, const std::optional<at::Tensor>& dfin
     check_device(*dfinal_states, "dfinal_states");
     check_float(*dfinal_states, "dfinal_states");
   }
-  const DType dtype = dtype_of(x, "x");
 
   KernelContext ctx(x);
-  const at::Tensor xc = x.contiguous(), Bc = B.contiguous(), Cc = C.contiguous();
+  const ScanInputs in(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx);
   const at::Tensor doutc = dout.to(x.scalar_type()).contiguous();
-  const auto zc = contiguous(z);
-  const at::Tensor dtf = as_f32(dt), Af = as_f32(A);
-  const auto Df = per_channel_D(D, h, p);
-  const auto dt_biasf = as_f32(dt_bias), initf = as_f32(initial_states);
   std::optional<at::Tensor> dfinf;
   if (has_dfinal) dfinf = as_f32(*dfinal_states);
-  const auto seq = contiguous(seq_idx);
   const auto f32 = x.options().dtype(at::kFloat);
 
   SelectiveScanBwdParams prm{};
-  prm.batch = b;
-  prm.seqlen = l;
-  prm.nheads = h;
-  prm.dim = p;
-  prm.ngroups = g;
-  prm.dstate = n;
+  in.fill(prm, dt_softplus, dt_min, dt_max);
   const int64_t ntiles = selective_scan_bwd_row_tiles(prm), slots = selective_scan_bwd_state_slots(prm);
-  at::Tensor dx = at::empty_like(xc), ddt = at::empty({b, l, h}, f32);
+  prm.window_tokens = selective_scan_bwd_window_tokens(prm);
+  at::Tensor dx = at::empty_like(in.x), ddt = at::empty({b, l, h}, f32);
   at::Tensor dB = at::empty({b, l, g, n}, f32), dC = at::empty({b, l, g, n}, f32);
   at::Tensor dA_partial = at::zeros({b, h, ntiles}, f32);
   at::Tensor dD_partial = D ? at::zeros({b, h, p}, f32) : at::Tensor();
-  at::Tensor dz = z ? at::empty_like(*zc) : at::Tensor();
+  at::Tensor dz = z ? at::empty_like(*in.z) : at::Tensor();
   at::Tensor dinit = initial_states ? at::empty({b, h, p, n}, f32) : at::Tensor();
 
-  prm.x = xc.data_ptr();
-  prm.B = Bc.data_ptr();
-  prm.C = Cc.data_ptr();
-  prm.z = zc ? zc->data_ptr() : nullptr;
   prm.dout = doutc.data_ptr();
-  prm.dtype = dtype;
-  prm.dt = dtf.data_ptr<float>();
-  prm.A = Af.data_ptr<float>();
-  prm.D = ptr_or_null<float>(Df);
-  prm.dt_bias = ptr_or_null<float>(dt_biasf);
-  prm.initial_states = ptr_or_null<float>(initf);
   prm.dfinal_states = ptr_or_null<float>(dfinf);
-  prm.seq_idx = ptr_or_null<int32_t>(seq);
-  prm.dt_softplus = dt_softplus;
-  prm.dt_clamp = dt_min > 0.0 || !std::isinf(dt_max);  // as the forward
-  prm.dt_min = static_cast<float>(dt_min);
-  prm.dt_max = static_cast<float>(dt_max);
   prm.dx = dx.data_ptr();
   prm.dz = dz.defined() ? dz.data_ptr() : nullptr;
   prm.ddt = ddt.data_ptr<float>();
@@ -172,7 +154,7 @@ selective_scan_bwd(const at::Tensor& dout, const std::optional<at::Tensor>& dfin
   prm.dinitial_states = dinit.defined() ? dinit.data_ptr<float>() : nullptr;
   if (b > 0 && h > 0 && p > 0 && l > 0) {
     const at::Tensor states = at::empty({b, h, slots, p, n}, f32);
-    const at::Tensor dBC_partial = at::empty({2, ntiles, b, l, h, n}, f32);
+    const at::Tensor dBC_partial = at::empty({2, ntiles, b, prm.window_tokens, h, n}, f32);
     const at::Tensor ddt_partial = at::empty({ntiles, b, l, h}, f32);
     prm.chunk_states = states.data_ptr<float>();
     prm.dB_partial = dBC_partial[0].data_ptr<float>();

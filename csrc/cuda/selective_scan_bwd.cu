@@ -10,11 +10,12 @@
 //   S[r]     = e_last S_prev[r] + sum_s w_s Xs[s][r] B_s
 //
 // Three kernels:
-//  * chunk kernel, grid (ceil(p / kRows), h, b): pass 1 re-runs the state recurrence forwards and stores
-//    the state entering every K-th chunk (checkpoints, K ~ sqrt(nchunks), scratch chunk_states); pass 2
-//    walks the segments of K chunks backwards: it recomputes the states entering the segment's chunks
-//    from its checkpoint, then walks those chunks backwards carrying dS, the gradient of the state
-//    leaving the chunk (dfinal_states at first), and differentiates the chunk:
+//  * chunk kernel, grid (ceil(p / kRows), h, b), launched once for pass 1 and then once per window:
+//    pass 1 re-runs the state recurrence forwards and stores the state entering every K-th chunk
+//    (checkpoints, K ~ sqrt(nchunks), scratch chunk_states); pass 2 walks the segments of K chunks
+//    backwards: it recomputes the states entering the segment's chunks from its checkpoint, then walks
+//    those chunks backwards carrying dS, the gradient of the state leaving the chunk (dfinal_states at
+//    first), and differentiates the chunk:
 //      dY        = dout silu(z);   dz = dout y silu'(z);   dD[r] += sum_t x_t[r] dY_t[r]
 //      dS_prev   = e_last dS + sum_t e_t dY_t C_t^T
 //      dC_t      = e_t sum_r dY_t[r] S_prev[r] + sum_s dG[t][s] B_s          dG = (dY Xs^T) o Dm
@@ -30,6 +31,11 @@
 //    its partial sums to its own slots (no atomics).
 //  * two reduce kernels: dB, dC = the slots summed over row tiles and the heads of a group (in a fixed
 //    order: deterministic); ddt = ddt' (summed over row tiles) through the clamp and the softplus.
+// Windows: the dB, dC slots take 2 ntiles h n floats per token, far more than the gradients themselves
+// (g n per token), so pass 2 runs over a window of whole segments at a time (the latest first), each
+// launch followed by the dB, dC reduction of its tokens: the slots hold one window (at most
+// selective_scan_bwd_partial_budget() floats, or one segment if that is larger). Between windows dS waits
+// in a scratch slot, and dD, dA are added to their outputs in the launch order: still deterministic.
 // Layout of the chunk kernel: 256 threads = kChunk x kRows; a thread takes one (token, channel) or one
 // (token, token) pair of the chunk, and loops over d_state for the (token, state) and (channel, state)
 // products. B, C of the chunk, S_prev and dS live in (dynamic) shared memory, 4 x 16 x (n + 1) floats.
@@ -98,8 +104,13 @@ __device__ __forceinline__ int entering_doc(const SelectiveScanBwdParams& p, int
   return p.seq_idx ? p.seq_idx[b * p.seqlen + (t0 > 0 ? t0 - 1 : 0)] : 0;
 }
 
+// Segments [seg_lo, seg_hi) of pass 2; seg_hi = 0 runs pass 1 (the checkpoints) instead.
+struct Window {
+  int64_t seg_lo, seg_hi;
+};
+
 template <typename T>
-__global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(SelectiveScanBwdParams p) {
+__global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(SelectiveScanBwdParams p, Window win) {
   const int64_t n = p.dstate;
   H1R_DYNAMIC_SHARED(float, smem);
   // Rows of n floats, ld = n + 1 apart: the (row, row) products read one column of 16 rows per warp,
@@ -135,9 +146,11 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
   const int64_t rows_n = kRows * n;
   // Scratch slots of P x n floats (this block: rows p0 ..): [0, ncheck) checkpoints, the states entering
   // chunks 0, K, 2K, ...; [ncheck, ncheck + K) the states entering the chunks of the segment being
-  // differentiated, recomputed from its checkpoint.
-  const int64_t K = segment_chunks(nchunks), ncheck = ceil_div(nchunks, K);
-  float* states = p.chunk_states + (bh * (ncheck + K) * P + p0) * n;  // slot j, row r: states[(j P + r) n + k]
+  // differentiated, recomputed from its checkpoint; ncheck + K: dS between two windows.
+  const int64_t K = segment_chunks(nchunks), ncheck = ceil_div(nchunks, K), dS_slot = ncheck + K;
+  float* states = p.chunk_states + (bh * (ncheck + K + 1) * P + p0) * n;  // slot j, row r: states[(j P + r) n + k]
+  // The window's first token: its dB, dC slots are indexed by the token's offset from it.
+  const int64_t tw0 = win.seg_lo * K * kChunk, lw = p.window_tokens;
 
   // Stages token rows [t0, t0 + kChunk) of B (and C) in fp32, zero past the end.
   auto stage_bc = [&](int64_t t0, bool with_c) {
@@ -153,13 +166,13 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
     X[ti][tj] = (t < l && tj_ok) ? to_float(x[t * xstride_t + tj]) : 0.0f;
   };
   auto row_ok = [&](int64_t i) { return p0 + i / n < P; };
-  // Sp <-> scratch slot j (thread i always handles entry i: no barrier needed between the two).
-  auto save_state = [&](int64_t j) {
+  // Sp (or dS) <-> scratch slot j (thread i always handles entry i: no barrier needed between the two).
+  auto save_state = [&](int64_t j, const float* S = nullptr) {
     for (int64_t i = tid; i < rows_n; i += kThreads)
-      if (row_ok(i)) states[j * P * n + i] = Sp[sm(i)];
+      if (row_ok(i)) states[j * P * n + i] = (S ? S : Sp)[sm(i)];
   };
-  auto load_state = [&](int64_t j) {
-    for (int64_t i = tid; i < rows_n; i += kThreads) Sp[sm(i)] = row_ok(i) ? states[j * P * n + i] : 0.0f;
+  auto load_state = [&](int64_t j, float* S = nullptr) {
+    for (int64_t i = tid; i < rows_n; i += kThreads) (S ? S : Sp)[sm(i)] = row_ok(i) ? states[j * P * n + i] : 0.0f;
   };
   // Sp: the state entering chunk c -> the state leaving it (the forward's chunk state update).
   auto advance_state = [&](int64_t c) {
@@ -181,18 +194,23 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
   };
 
   // ---- pass 1: the checkpoints ----
-  for (int64_t i = tid; i < rows_n; i += kThreads)
-    Sp[sm(i)] = (p.initial_states && row_ok(i)) ? p.initial_states[(bh * P + p0) * n + i] : 0.0f;
-  for (int64_t c = 0; c <= (ncheck - 1) * K; ++c) {
-    if (c % K == 0) save_state(c / K);
-    if (c < (ncheck - 1) * K) advance_state(c);
+  if (win.seg_hi == 0) {
+    for (int64_t i = tid; i < rows_n; i += kThreads)
+      Sp[sm(i)] = (p.initial_states && row_ok(i)) ? p.initial_states[(bh * P + p0) * n + i] : 0.0f;
+    for (int64_t c = 0; c <= (ncheck - 1) * K; ++c) {
+      if (c % K == 0) save_state(c / K);
+      if (c < (ncheck - 1) * K) advance_state(c);
+    }
+    return;
   }
 
-  // ---- pass 2: backwards over the segments, and over the chunks of each ----
-  for (int64_t i = tid; i < rows_n; i += kThreads)
-    dS[sm(i)] = (p.dfinal_states && row_ok(i)) ? p.dfinal_states[(bh * P + p0) * n + i] : 0.0f;
+  // ---- pass 2: backwards over the window's segments, and over the chunks of each ----
+  if (win.seg_hi < ncheck) load_state(dS_slot, dS);  // dS left by the window after this one
+  else
+    for (int64_t i = tid; i < rows_n; i += kThreads)
+      dS[sm(i)] = (p.dfinal_states && row_ok(i)) ? p.dfinal_states[(bh * P + p0) * n + i] : 0.0f;
   float dD_acc = 0.0f, dA_acc = 0.0f;  // (token ti, channel tj) share of dD; lane share of dA (warp 0)
-  for (int64_t seg = ncheck - 1; seg >= 0; --seg) {
+  for (int64_t seg = win.seg_hi - 1; seg >= win.seg_lo; --seg) {
     const int64_t c0 = seg * K, c1 = c0 + K < nchunks ? c0 + K : nchunks;
     load_state(seg);
     for (int64_t c = c0; c < c1; ++c) {
@@ -259,7 +277,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
 
       // 5. dC, dB (token, state) partial sums over this block's channels; dXs and dx; <dS, S_prev>.
       {
-        const int64_t slot = ((tile * p.batch + b) * l) * p.nheads;  // + (t * nheads + h) * n + k
+        const int64_t slot = ((tile * p.batch + b) * lw - tw0) * p.nheads;  // + (t * nheads + h) * n + k
         for (int64_t i = tid; i < kChunk * n; i += kThreads) {
           const int s = int(i / n);
           const int64_t k = i % n, t = t0 + s;
@@ -327,37 +345,42 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_chunk_kernel(Sele
     }
   }
 
-  // dinitial_states = dS entering chunk 0; dD and dA partial sums.
-  if (p.dinitial_states)
+  // dS entering the window: to the next window, or dinitial_states at chunk 0. dD and dA partial sums,
+  // added to those of the windows before (this block's own slots; zeroed by the caller).
+  if (win.seg_lo > 0) save_state(dS_slot, dS);
+  else if (p.dinitial_states)
     for (int64_t i = tid; i < rows_n; i += kThreads)
       if (row_ok(i)) p.dinitial_states[(bh * P + p0) * n + i] = dS[sm(i)];
   dY[ti][tj] = dD_acc;
   if (tid < 32) {
     dA_acc = warp_sum(dA_acc);
-    if (tid == 0) p.dA_partial[bh * ntiles + tile] = dA_acc;
+    if (tid == 0) p.dA_partial[bh * ntiles + tile] += dA_acc;
   }
   __syncthreads();
   if (p.dD_partial && tid < kRows && p0 + tid < P) {
     float v = 0.0f;
     for (int t = 0; t < kChunk; ++t) v += dY[t][tid];
-    p.dD_partial[bh * P + p0 + tid] = v;
+    p.dD_partial[bh * P + p0 + tid] += v;
   }
 }
 
-// dB, dC (b, l, g, n) = the chunk kernel's slots summed over row tiles and the heads of each group.
-__global__ void __launch_bounds__(256) selective_scan_bwd_reduce_bc_kernel(SelectiveScanBwdParams p, int64_t ntiles) {
-  const int64_t n = p.dstate, hpg = p.nheads / p.ngroups, total = p.batch * p.seqlen * p.ngroups * n;
+// dB, dC (b, l, g, n) of tokens [t0, t0 + len) = the chunk kernel's slots (of the window starting at t0)
+// summed over row tiles and the heads of each group.
+__global__ void __launch_bounds__(256)
+    selective_scan_bwd_reduce_bc_kernel(SelectiveScanBwdParams p, int64_t ntiles, int64_t t0, int64_t len) {
+  const int64_t n = p.dstate, hpg = p.nheads / p.ngroups, total = p.batch * len * p.ngroups * n;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t k = i % n, g = (i / n) % p.ngroups, bt = i / (n * p.ngroups);
+    const int64_t k = i % n, g = (i / n) % p.ngroups, t = (i / (n * p.ngroups)) % len, b = i / (n * p.ngroups * len);
     float db = 0.0f, dcv = 0.0f;
     for (int64_t tile = 0; tile < ntiles; ++tile)
       for (int64_t hh = g * hpg; hh < (g + 1) * hpg; ++hh) {
-        const int64_t o = ((tile * p.batch * p.seqlen + bt) * p.nheads + hh) * n + k;
+        const int64_t o = (((tile * p.batch + b) * p.window_tokens + t) * p.nheads + hh) * n + k;
         db += p.dB_partial[o];
         dcv += p.dC_partial[o];
       }
-    p.dB[i] = db;
-    p.dC[i] = dcv;
+    const int64_t out = ((b * p.seqlen + t0 + t) * p.ngroups + g) * n + k;
+    p.dB[out] = db;
+    p.dC[out] = dcv;
   }
 }
 
@@ -380,29 +403,53 @@ __global__ void __launch_bounds__(256) selective_scan_bwd_reduce_dt_kernel(Selec
 
 }  // namespace
 
+int64_t& selective_scan_bwd_partial_budget() {
+  static int64_t floats = int64_t(1) << 25;  // 128 MiB of dB, dC slots
+  return floats;
+}
+
 int64_t selective_scan_bwd_row_tiles(const SelectiveScanBwdParams& p) { return ceil_div(p.dim, kRows); }
 int64_t selective_scan_bwd_state_slots(const SelectiveScanBwdParams& p) {
   const int64_t nchunks = ceil_div(p.seqlen, kChunk), k = segment_chunks(nchunks);
-  return ceil_div(nchunks, k) + k;
+  return ceil_div(nchunks, k) + k + 1;
+}
+int64_t selective_scan_bwd_window_tokens(const SelectiveScanBwdParams& p) {
+  const int64_t nchunks = ceil_div(p.seqlen, kChunk), k = segment_chunks(nchunks);
+  const int64_t per_segment = 2 * selective_scan_bwd_row_tiles(p) * p.batch * k * kChunk * p.nheads * p.dstate;
+  const int64_t segments = per_segment > 0 ? selective_scan_bwd_partial_budget() / per_segment : 1;
+  const int64_t tokens = (segments > 1 ? segments : 1) * k * kChunk;
+  return tokens < p.seqlen ? tokens : p.seqlen;
 }
 
 const char* launch_selective_scan_bwd(const SelectiveScanBwdParams& p, void* stream) {
   if (p.dstate > kScanMaxDState) return "selective_scan_bwd: d_state above 256";
+  if (p.window_tokens != selective_scan_bwd_window_tokens(p)) return "selective_scan_bwd: bad window_tokens";
   auto s = static_cast<cudaStream_t>(stream);
   const int64_t ntiles = selective_scan_bwd_row_tiles(p);
+  const int64_t nchunks = ceil_div(p.seqlen, kChunk), K = segment_chunks(nchunks), ncheck = ceil_div(nchunks, K);
+  const int64_t window_segments = ceil_div(p.window_tokens, K * kChunk);
   const dim3 grid(unsigned(ntiles), unsigned(p.nheads), unsigned(p.batch));
   const size_t smem = sizeof(float) * size_t(2 * kChunk + 2 * kRows) * size_t(p.dstate + 1);
-  const char* err = dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    return launch(selective_scan_bwd_chunk_kernel<T>, grid, dim3(kThreads), smem, s, p);
-  });
-  if (err) return err;
+  auto chunk_kernel = [&](Window win) {
+    return dispatch_dtype(p.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      return launch(selective_scan_bwd_chunk_kernel<T>, grid, dim3(kThreads), smem, s, p, win);
+    });
+  };
   auto blocks = [](int64_t total) {  // grid-stride loops over total elements
     const int64_t n = ceil_div(total, 256);
     return dim3(unsigned(n < 65535 ? n : 65535));
   };
-  err = launch(selective_scan_bwd_reduce_bc_kernel, blocks(p.batch * p.seqlen * p.ngroups * p.dstate), dim3(256), 0,
-               s, p, ntiles);
+  const char* err = chunk_kernel(Window{0, 0});  // pass 1
+  // Pass 2, window by window from the last (aligned to window_segments from the first segment).
+  for (int64_t lo = (ncheck - 1) / window_segments * window_segments; !err && lo >= 0; lo -= window_segments) {
+    const int64_t hi = lo + window_segments < ncheck ? lo + window_segments : ncheck;
+    const int64_t t0 = lo * K * kChunk, t1 = hi * K * kChunk < p.seqlen ? hi * K * kChunk : p.seqlen;
+    err = chunk_kernel(Window{lo, hi});
+    if (!err)
+      err = launch(selective_scan_bwd_reduce_bc_kernel, blocks(p.batch * (t1 - t0) * p.ngroups * p.dstate), dim3(256),
+                   0, s, p, ntiles, t0, t1 - t0);
+  }
   if (err) return err;
   return launch(selective_scan_bwd_reduce_dt_kernel, blocks(p.batch * p.seqlen * p.nheads), dim3(256), 0, s, p,
                 ntiles);

@@ -27,18 +27,9 @@ at::Tensor selective_state_update(at::Tensor& state, const at::Tensor& x, const 
   if (D && D->dim() == 1) check_shape(*D, "D", {h});  // per head, broadcast over p
   if (z) check_shape(*z, "z", {b, h, p});
   if (dt_bias) check_shape(*dt_bias, "dt_bias", {h});
-  if (state_batch_indices) {
-    check_shape(*state_batch_indices, "state_batch_indices", {b});
-    check_dtype(*state_batch_indices, "state_batch_indices", at::kInt);
-  } else {
-    TORCH_CHECK_VALUE(state.size(0) >= b, "argument 'state': expected at least b = ", b, " rows, got ",
-                      state.size(0));
-  }
-  check_contiguous(state, "state");
-  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&state, "state"}, {&x, "x"}, {&dt, "dt"}, {&A, "A"}, {&B, "B"}, {&C, "C"}})
-    check_device(*t, name);
-  for (auto [t, name] : {std::pair{&D, "D"}, {&z, "z"}, {&dt_bias, "dt_bias"}, {&state_batch_indices, "state_batch_indices"}})
-    if (*t) check_device(**t, name);
+  check_state_cache(state, "state", state_batch_indices, "state_batch_indices", b);
+  check_devices({{"state", state}, {"x", x}, {"dt", dt}, {"A", A}, {"B", B}, {"C", C}, {"D", D}, {"z", z},
+                 {"dt_bias", dt_bias}, {"state_batch_indices", state_batch_indices}});
   const DType dtype = dtype_of(x, "x");
   if (z) check_dtype(*z, "z", x.scalar_type());
 

@@ -136,35 +136,26 @@ inline int __all_sync(unsigned mask, int pred) {
 }
 
 // ---- atomics (fibers never switch inside them, so plain read-modify-write is atomic) -------------------
-template <typename T>
-inline T atomicAdd(T* p, T v) {
-  T old = *p;
-  *p = old + v;
+namespace h1r::emu {
+// *p = f(*p); returns the old value.
+template <typename T, typename F>
+inline T read_modify_write(T* p, F f) {
+  const T old = *p;
+  *p = f(old);
   return old;
 }
+}  // namespace h1r::emu
 template <typename T>
-inline T atomicMax(T* p, T v) {
-  T old = *p;
-  *p = old < v ? v : old;
-  return old;
-}
+inline T atomicAdd(T* p, T v) { return ::h1r::emu::read_modify_write(p, [v](T o) { return o + v; }); }
 template <typename T>
-inline T atomicMin(T* p, T v) {
-  T old = *p;
-  *p = v < old ? v : old;
-  return old;
-}
+inline T atomicMax(T* p, T v) { return ::h1r::emu::read_modify_write(p, [v](T o) { return o < v ? v : o; }); }
 template <typename T>
-inline T atomicExch(T* p, T v) {
-  T old = *p;
-  *p = v;
-  return old;
-}
+inline T atomicMin(T* p, T v) { return ::h1r::emu::read_modify_write(p, [v](T o) { return v < o ? v : o; }); }
+template <typename T>
+inline T atomicExch(T* p, T v) { return ::h1r::emu::read_modify_write(p, [v](T) { return v; }); }
 template <typename T>
 inline T atomicCAS(T* p, T compare, T v) {
-  T old = *p;
-  if (old == compare) *p = v;
-  return old;
+  return ::h1r::emu::read_modify_write(p, [=](T o) { return o == compare ? v : o; });
 }
 
 // ---- math intrinsics (exact versions; nvcc's fast-math ones are within a few ulp) ---------------------
