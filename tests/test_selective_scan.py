@@ -208,12 +208,13 @@ def test_opcheck_bwd():
 # ---- decode step --------------------------------------------------------------------------------------
 @needs_cpu
 @pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                               (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)])
+                                               (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                               (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)])
 @pytest.mark.parametrize("g,n", [(1, 16), (2, 37), (1, 256)])
-def test_state_update(dtype, state_dtype, g, n):
-    b, h, p = 3, 4, 10
+def test_state_update(dtype, state_dtype, g, n, b=3, h=4, p=10):
+    """16-bit states are widened / narrowed per vector (n = 37 leaves a tail); small calls run on one thread."""
     gen = torch.Generator().manual_seed(1)
-    S = 5
+    S = b + 2
     state = torch.randn(S, h, p, n, generator=gen).to(state_dtype)
     x = torch.randn(b, h, p, generator=gen).to(dtype)
     dt = torch.randn(b, h, generator=gen).to(dtype)
@@ -223,7 +224,7 @@ def test_state_update(dtype, state_dtype, g, n):
     D = torch.randn(h, p, generator=gen)
     z = torch.randn(b, h, p, generator=gen).to(dtype)
     bias = torch.randn(h, generator=gen)
-    idx = torch.tensor([4, 0, 2], dtype=torch.int32)
+    idx = torch.tensor([4, 0, 2] + list(range(5, S)), dtype=torch.int32)[:b]  # rows 1 and 3 never picked
     ref_state = state.float().clone()
     ro = selective_state_update_ref(ref_state, x.float(), dt.float(), A, B.float(), C.float(), D=D, z=z.float(),
                                     dt_bias=bias, dt_softplus=True, state_batch_indices=idx)
@@ -234,6 +235,13 @@ def test_state_update(dtype, state_dtype, g, n):
     assert rel_err(out, ro) < tol
     assert rel_err(st.float(), ref_state) < tol
     assert torch.equal(st[[1, 3]], state[[1, 3]])  # rows not picked are untouched
+
+
+@needs_cpu
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_state_update_parallel(state_dtype):
+    """A step with state large enough (b h p n >= 2^18) to open the OpenMP team."""
+    test_state_update(torch.bfloat16, state_dtype, 1, 67, b=9, h=8, p=64)
 
 
 @needs_cpu
@@ -388,6 +396,8 @@ def test_lower_isa_subprocess(isa):
         "t.check_fwd(2, 29, 4, 19, 2, 12, 8)\n"
         "t.check_fwd(1, 20, 2, 5, 1, 37, 8, dtype=torch.bfloat16)\n"
         "t.test_state_update(torch.bfloat16, torch.float32, 2, 37)\n"
+        "t.test_state_update(torch.bfloat16, torch.bfloat16, 2, 37)\n"
+        "t.test_state_update(torch.float32, torch.float16, 1, 16)\n"
         "t.test_state_update(torch.float32, torch.float32, 1, 16)\n"
         "if t.HAS_BWD:\n    t.check_bwd(2, 21, 4, 7, 2, 12, 8, torch.float32)\n"
     )

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/float_io.h"
 #include "cpu/selective_scan_params.h"
 
 namespace h1r::cpu::H1R_ISA {
@@ -30,38 +31,23 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t VL = Vec::size();
 
 // ---- conversions --------------------------------------------------------------------------------------
-// Load / store `count` (<= VL) elements of T as one float vector.
-template <typename T>
-inline Vec load_f(const T* p, int64_t count = VL) {
-  if constexpr (std::is_same_v<T, float>) {
-    return count == VL ? Vec::loadu(p) : Vec::loadu(p, count);
-  } else {
-    auto v = at::vec::Vectorized<T>::loadu(p, count);
-    return std::get<0>(at::vec::convert_to_float<T>(v));
-  }
-}
-template <typename T>
-inline void store_f(T* p, Vec v, int64_t count = VL) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (count == VL) v.store(p); else v.store(p, count);
-  } else {
-    at::vec::convert_from_float<T>(v, v).store(p, count);
-  }
-}
+// Loads / stores of T as fp32 lanes come from float_io.h: load_n / store_n widen / narrow one full vector
+// of bf16 / fp16 with a single conversion instruction (the generic Vectorized<T> path converts two vectors
+// at a time and goes through a stack buffer for a one-vector count), the tail element by element.
 
 // dst[0:n] = float(src[0:n]) and back, vectorized.
 template <typename T>
 inline void to_float(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; i += VL) {
     const int64_t k = std::min(VL, n - i);
-    load_f(src + i, k).store(dst + i, k);
+    load_n(src + i, k).store(dst + i, k);
   }
 }
 template <typename T>
 inline void from_float(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; i += VL) {
     const int64_t k = std::min(VL, n - i);
-    store_f(dst + i, Vec::loadu(src + i, k), k);
+    store_n(dst + i, Vec::loadu(src + i, k), k);
   }
 }
 
@@ -594,6 +580,9 @@ void selective_scan_bwd_kernel(const ScanParams& p) {
 // ---- decode step --------------------------------------------------------------------------------------
 // For each (batch, head): dt' and the decay exp(dt' A) once, then for every channel row of the state
 // (n contiguous): s = decay s + (dt' x) B, y = s . C (vectorized over n), out = (y + D x) silu(z).
+// State elements (batch x heads x headdim x dstate) below which the decode step runs on one thread.
+constexpr int64_t kStateUpdateParallelWork = int64_t(1) << 18;
+
 template <typename T, typename TS>
 void state_update(const StateUpdateParams& p) {
   const int64_t H = p.nheads, P = p.headdim, G = p.ngroups, N = p.dstate, hpg = H / G;
@@ -604,7 +593,12 @@ void state_update(const StateUpdateParams& p) {
   const T* z = static_cast<const T*>(p.z);
   T* out = static_cast<T*>(p.out);
   TS* state = static_cast<TS*>(p.state);
-#pragma omp parallel
+  // A decode step of a small batch is ~0.1 ms of work: opening an OpenMP team for it costs more than that
+  // (and far more on a loaded machine, where the team waits for a descheduled thread), so the team is
+  // only opened when the state to stream is large enough to repay it.
+  const int64_t work = p.batch * H * P * N;
+  const bool parallel = p.batch * H > 1 && work >= kStateUpdateParallelWork;
+#pragma omp parallel if (parallel)
   {
     FlushDenormals ftz;
     std::vector<float> Bf(N), Cf(N), yr(P);
@@ -627,14 +621,15 @@ void state_update(const StateUpdateParams& p) {
       for (int64_t i = 0; i < P; ++i, s += N) {
         const float xv = static_cast<float>(xr[i]);
         const Vec dx(d * xv);
+        // The state row in TS (fp32 / bf16 / fp16) is widened to fp32 lanes, updated in fp32 and narrowed
+        // back one vector at a time, so a 16-bit state streams half the bytes of an fp32 one.
         Vec acc(0.f);
-        for (int64_t n = 0; n < N; n += VL) {
-          const int64_t k = std::min(VL, N - n);
-          Vec sv = load_f(s + n, k);
+        for_lanes(N, [&](int64_t n, int64_t k) {
+          Vec sv = load_n(s + n, k);
           sv = at::vec::fmadd(sv, decay, dx * Vec::loadu(&Bf[n], k));
-          store_f(s + n, sv, k);
+          store_n(s + n, sv, k);
           acc = at::vec::fmadd(sv, Vec::loadu(&Cf[n], k), acc);
-        }
+        });
         float y = hsum(acc);
         if (p.D) y += p.D[h * P + i] * xv;
         if (z) {
