@@ -101,10 +101,11 @@ def shard_model(model: torch.nn.Module, reshard_after_forward: bool = True) -> t
     AdamW state; parameters are all-gathered per layer for forward/backward and gradients reduce-scattered.
 
     The trainers' losses are normalized by the GLOBAL token count, so gradients must be SUMMED over ranks:
-    the reduce-scatter's divide factor is set to 1 (FSDP's default averages). ``hidden_states`` (the method
+    the reduce-scatter is a plain SUM with divide factor 1 (FSDP's default averages). ``hidden_states`` (the method
     the trainers call instead of ``forward``) is registered as a forward method so the root's parameters
-    are gathered for it; the lm head weight read after it stays gathered until the backward (FSDP2 does
-    not reshard the root after forward). Rank 0's initial weights are broadcast first. Every rank must run
+    are gathered for it; the root is not resharded after forward (FSDP2's own default for the root), so
+    the lm head weight that the fused loss reads after ``hidden_states`` is the gathered one, and its
+    gradient is reduce-scattered with the root's in the backward. Rank 0's initial weights are broadcast first. Every rank must run
     the same number of forward/backward passes per step (the CLI gives every rank equal batches).
     Works on CPU with gloo (tested) and on GPUs with nccl."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
@@ -114,9 +115,11 @@ def shard_model(model: torch.nn.Module, reshard_after_forward: bool = True) -> t
     broadcast_params(model)
     for layer in model.model.layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=False)
     register_fsdp_forward_method(model, "hidden_states")
-    model.set_gradient_divide_factor(1.0)
+    for m in [*model.model.layers, model]:   # each FSDP module has its own reduce-scatter settings
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)   # plain SUM (gloo has no PREMUL_SUM)
     return model
 
 
