@@ -11,7 +11,7 @@ torch.Generator per sequence, so a sample depends only on its seed, not on batch
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import torch
