@@ -58,8 +58,8 @@ def _args(argv):
                     "on a busy machine OpenMP barriers make 2 threads several times slower than 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny step counts (smoke run of the pipeline)")
-    ap.add_argument("--replot", action="store_true", help="only redraw OUT/demo_curves.png from the files of the "
-                    "last run (WORK's metrics, OUT/demo_results.json)")
+    ap.add_argument("--replot", action="store_true", help="only redraw OUT/demo_curves.png and rewrite "
+                    "OUT/demo_results.md from the files of the last run (WORK's metrics, OUT/demo_results.json)")
     ap.add_argument("--reuse-sft", action="store_true", help="keep WORK/sft when it holds a finished SFT run of "
                     "--sft-steps steps (re-run only GRPO and DeepConf)")
     args = ap.parse_args(argv)
@@ -195,13 +195,18 @@ def _markdown(r) -> str:
         f"| GRPO step 0 (= the SFT model), same {g['eval_n']} problems | {100 * g['accuracy_before']:.1f}% |",
         f"| GRPO, {g['steps']} steps ({g['prompts']} prompts x {g['group_size']} engine rollouts): held-out greedy accuracy "
         f"| **{100 * g['accuracy_after']:.1f}%** ({100 * g['delta']:+.1f} points) |",
-        f"| DeepConf, {d['problems']} held-out problems, {d['budget']} traces each (T = {d['temperature']}): "
-        f"one trace alone | {100 * d['single_trace_accuracy']:.1f}% |",
+        f"| DeepConf, held-out problems {d.get('first_problem', 0)}..{d.get('first_problem', 0) + d['problems'] - 1}, "
+        f"{d['budget']} traces each (T = {d['temperature']}): one trace alone | {100 * d['single_trace_accuracy']:.1f}% |",
         f"| majority vote over {d['budget']} traces | {100 * maj['accuracy']:.1f}%, {maj['tokens']} tokens generated |",
         f"| DeepConf offline ({off['method']}, same traces) | {100 * off['accuracy']:.1f}%, {off['tokens']} tokens |",
         f"| DeepConf online (warm-up {d['warmup']}, eta {d['eta']:g}, tau {d['tau']}, window {d['window']}) "
         f"| **{100 * on['accuracy']:.1f}%, {on['tokens']} tokens ({100 * on['tokens_saved_vs_majority']:.0f}% fewer "
         f"than majority)**, {on['mean_traces']:.1f} traces per problem, {on['pruned_traces']} stopped early |",
+        "",
+        "The DeepConf settings (warm-up, eta, window) were chosen on held-out problems 100..179, not on the "
+        "problems reported here. Majority and DeepConf offline vote over the same traces; online DeepConf "
+        "generates its own (same seeds), stopping traces whose windowed confidence falls below the warm-up "
+        "threshold and stopping a problem once the confidence-weighted consensus reaches tau.",
         "",
         f"Stage times: SFT {'(reused from an earlier run) ' if s['reused_earlier_run'] else ''}{r['seconds']['sft']:.0f} s, GRPO {r['seconds']['grpo']:.0f} s, DeepConf "
         f"{r['seconds']['deepconf']:.0f} s. Curves: `demo_curves.png`; every step: `demo_metrics.jsonl`.",
@@ -215,9 +220,11 @@ def main(argv=None) -> int:
 
     args = _args(argv)
     if args.replot:
+        res = json.load(open(os.path.join(args.out, "demo_results.json")))
         _plot(os.path.join(args.out, "demo_curves.png"), _read(os.path.join(args.work, "sft", "metrics.jsonl")),
-              _read(os.path.join(args.work, "grpo", "metrics.jsonl")),
-              json.load(open(os.path.join(args.out, "demo_results.json")))["deepconf"])
+              _read(os.path.join(args.work, "grpo", "metrics.jsonl")), res["deepconf"])
+        with open(os.path.join(args.out, "demo_results.md"), "w") as f:
+            f.write(_markdown(res))
         return 0
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
