@@ -4,8 +4,6 @@ against a plain-torch reimplementation on the reference ops, bit-identical resum
 
 import math
 import os
-import random
-import re
 
 import pytest
 import torch
@@ -15,17 +13,26 @@ import h1r_ops
 import h1r_ops.reference as ref
 from h1r_ops.train import dist
 from h1r_ops.train.cli import tiny_model
-from h1r_ops.train.grpo import (GRPOConfig, GRPOTrainer, ModelRolloutBackend, RolloutBatch, Sample,
-                                build_rollout_batch, token_logprobs)
+from h1r_ops.train.grpo import (EngineRolloutBackend, GRPOConfig, GRPOTrainer, ModelRolloutBackend,
+                                Sample, build_rollout_batch, token_logprobs)
 from h1r_ops.train.losses import grpo_advantages, grpo_token_losses, ppo_clip_token_loss, truncated_is_weights
-from h1r_ops.train.sft import OptimConfig, SFTTrainer, param_groups, sft_token_loss_sum, warmup_cosine
-from h1r_ops.train.tasks import (BOS, EOS, PAD, CharTokenizer, PackedBatcher, ProblemStream, encode_sft,
+from h1r_ops.train.sft import OptimConfig, SFTTrainer, sft_token_loss_sum, warmup_cosine
+from h1r_ops.train.tasks import (BOS, EOS, PAD, CharTokenizer, PackedBatcher, ProblemStream,
                                  heldout_problems, is_heldout, make_problem, pack_documents)
 from h1r_ops.train.verifier import answers_match, boxed_reward, extract_boxed
 
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
              head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=16)
 TOK = CharTokenizer()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # the tiny models gain nothing from threads, and on a busy machine OpenMP barriers make them far slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def small_model(seed=0):
@@ -376,6 +383,65 @@ def test_grpo_resume_is_bit_identical(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_evaluate_greedy_engine_equals_model_decode():
+    from h1r_ops.train.sft import evaluate_greedy
+
+    m = small_model(5)
+    probs = heldout_problems(4)
+    a = evaluate_greedy(m, TOK, probs, max_new_tokens=10, engine=True)
+    b = evaluate_greedy(m, TOK, probs, max_new_tokens=10, engine=False)
+    assert a == b and m.training
+
+
+def test_engine_backend_seeds_logprobs_and_weight_push():
+    m = small_model(5)
+    be = EngineRolloutBackend(m, EOS, max_num_seqs=6, max_model_len=160)
+    (p0, p1), _ = _prompts(2)
+    a = be.generate([p0, p1], 3, max_new_tokens=12, temperature=1.3, seed=7)
+    b = be.generate([p0], 3, max_new_tokens=12, temperature=1.3, seed=7)
+    assert [s.tokens for s in a[0]] == [s.tokens for s in b[0]]  # independent of the traces it ran with
+    assert len({tuple(s.tokens) for s in a[0]}) > 1
+    for ss in a:
+        for s in ss:
+            assert len(s.tokens) == len(s.logprobs) and s.finished == (s.tokens[-1] == EOS)
+            assert s.finished or len(s.tokens) == 12
+    # the engine reports raw (temperature-1) log-probs: equal to the trainer's temperature-1 recompute
+    assert be.logprobs_temperature == 1.0
+    batch = build_rollout_batch([p0, p1], a, torch.zeros(2, 3))
+    lp, _ = token_logprobs(m, batch.input_ids, batch.mask, 1.0)
+    torch.testing.assert_close(lp[batch.mask], batch.rollout_logp[batch.mask], atol=2e-4, rtol=1e-4)
+    # the engine decodes its own copy: a weight change reaches it only through sync_weights
+    with torch.no_grad():
+        m.lm_head_weight.mul_(3.0)
+    assert be.generate([p0], 3, max_new_tokens=12, temperature=1.3, seed=7) == b
+    be.sync_weights(m)
+    fresh = EngineRolloutBackend(m, EOS, max_num_seqs=6, max_model_len=160)
+    c = be.generate([p0], 3, max_new_tokens=12, temperature=1.3, seed=7)
+    assert c == fresh.generate([p0], 3, max_new_tokens=12, temperature=1.3, seed=7) and c != b
+
+
+def test_grpo_with_engine_tis_at_engine_temperature_and_push():
+    m = small_model(6)
+    be = EngineRolloutBackend(m, EOS, max_num_seqs=8, max_model_len=160)
+    cfg = GRPOConfig(lr=1e-3, warmup_steps=1, temperature=0.8, tis_cap=1.5, group_size=4, max_new_tokens=8)
+    tr = GRPOTrainer(m, cfg, be, lambda t, g: float(len(t) % 2))
+    assert tr.tis_temperature == 1.0
+    ps, golds = _prompts(2, seed=1)
+    batch, _ = tr.rollout(ps, golds)
+    loss, _ = tr.micro_loss(batch)
+    # by hand: rho = 1 on policy; TIS weight from the trainer's temperature-1 log-probs vs the engine's
+    h = m.hidden_states(batch.input_ids)[:, :-1]
+    tgt = torch.where(batch.mask, batch.input_ids[:, 1:], -100)
+    lp1, _ = ref.fused_linear_logprobs(h, m.lm_head_weight, tgt, temperature=1.0, logit_scale=m.config.lm_head_multiplier)
+    w = torch.exp(lp1.detach() - batch.rollout_logp).clamp(max=1.5)
+    torch.testing.assert_close(loss, (-(batch.adv * w) * batch.mask).sum(), atol=1e-5, rtol=1e-5)
+    # after a step the engine holds the trainer's new weights
+    tr.train_step(ps, golds)
+    assert be.version == 2 and tr.backend_version == tr.step == 1
+    for k, v in m.state_dict().items():
+        assert torch.equal(be.model.state_dict()[k], v), k
+
+
 # ----------------------------------------------------------------------------------------------------
 # 2 processes (gloo) == 1 process on the concatenated batch
 # ----------------------------------------------------------------------------------------------------
@@ -383,39 +449,67 @@ def _dist_worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        sft_batches = [_batch(21 + i, rows=1) for i in range(4)]  # 4 micro-batches in all
-        mine = sft_batches[rank * 2:(rank + 1) * 2] if world == 2 else sft_batches
-        m = small_model(10)
-        tr = SFTTrainer(m, OptimConfig(lr=1e-2, warmup_steps=1, total_steps=4, grad_clip=0.3))
-        tr.train_step(mine)
-
-        g = small_model(11)
-        gt = GRPOTrainer(g, GRPOConfig(lr=1e-2, warmup_steps=1, micro_batch=2), ModelRolloutBackend(g, EOS),
-                         lambda t, a: 0.0)
-        ps, _ = _prompts(2, seed=3)
-        samples = [[Sample([5, 6, 7, EOS], [-1.0, -2.0, -0.5, -0.1], True), Sample([8, 9, 10], [-3.0, -1.0, -2.0], False),
-                    Sample([11], [-0.7], False)] for _ in ps]
-        full = build_rollout_batch(ps, samples, torch.tensor([[1.0, -1.0, 0.3], [0.5, -0.5, 2.0]]))
-        part = full if world == 1 else full.slice(slice(0, 2) if rank == 0 else slice(2, 6))  # unequal shares
-        gt.update(part)
-        if rank == 0:
-            torch.save({"sft": m.state_dict(), "grpo": g.state_dict()}, os.path.join(out_dir, f"w{world}.pt"))
+        _dist_run(rank, world, out_dir, fsdp=False)
+        if world == 2:
+            _dist_run(rank, world, out_dir, fsdp=True)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _dist_run(rank, world, out_dir, fsdp):
+    """One SFT step and one GRPO update on this rank's share; rank 0 saves the full weights."""
+    wrap = dist.shard_model if fsdp else (lambda m: m)
+    sft_batches = [_batch(21 + i, rows=1) for i in range(4)]  # 4 micro-batches in all
+    mine = sft_batches[rank * 2:(rank + 1) * 2] if world == 2 else sft_batches
+    m = wrap(small_model(10))
+    tr = SFTTrainer(m, OptimConfig(lr=1e-2, warmup_steps=1, total_steps=4, grad_clip=0.3))
+    tr.train_step(mine)
+
+    g = wrap(small_model(11))
+    gt = GRPOTrainer(g, GRPOConfig(lr=1e-2, warmup_steps=1, micro_batch=2), ModelRolloutBackend(g, EOS),
+                     lambda t, a: 0.0)
+    ps, _ = _prompts(2, seed=3)
+    samples = [[Sample([5, 6, 7, EOS], [-1.0, -2.0, -0.5, -0.1], True), Sample([8, 9, 10], [-3.0, -1.0, -2.0], False),
+                Sample([11], [-0.7], False)] for _ in ps]
+    full = build_rollout_batch(ps, samples, torch.tensor([[1.0, -1.0, 0.3], [0.5, -0.5, 2.0]]))
+    # unequal shares for plain data parallelism; FSDP needs the same number of micro-batches per rank
+    cut = 3 if fsdp else 2
+    part = full if world == 1 else full.slice(slice(0, cut) if rank == 0 else slice(cut, 6))
+    gt.update(part)
+    sd = {"sft": dist.full_state_dict(m), "grpo": dist.full_state_dict(g)}
+    if fsdp:
+        # checkpoint round trip of the sharded trainer (full tensors on disk) and a weight push to an
+        # engine from the sharded model
+        tr.save(os.path.join(out_dir, "fsdp_ckpt"), {"pos": 0})
+        m2 = wrap(small_model(12))
+        tr2 = SFTTrainer(m2, OptimConfig(lr=1e-2, warmup_steps=1, total_steps=4, grad_clip=0.3))
+        tr2.load(os.path.join(out_dir, "fsdp_ckpt"))
+        for k, v in dist.full_state_dict(m2).items():
+            assert torch.equal(v, sd["sft"][k]), k
+        assert tr2.step == 1
+        be = EngineRolloutBackend(m2, EOS, max_num_seqs=2, max_model_len=160)
+        be.sync_weights(m2)
+        for k, v in be.model.state_dict().items():
+            assert torch.equal(v, sd["sft"][k]), k
+    if rank == 0:
+        torch.save(sd, os.path.join(out_dir, f"w{world}{'fsdp' if fsdp else ''}.pt"))
 
 
 def test_two_ranks_equal_one_rank_on_concatenated_batch(tmp_path):
     import torch.multiprocessing as mp
 
-    for world in (1, 2):
+    for world in (1, 2):  # world 2 runs plain data parallelism, then FSDP2
         mp.spawn(_dist_worker, args=(world, str(tmp_path / f"init{world}"), str(tmp_path)), nprocs=world, join=True)
-    one, two = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
-    for part in ("sft", "grpo"):
-        changed = False
-        for k in one[part]:
-            torch.testing.assert_close(two[part][k], one[part][k], atol=2e-6, rtol=2e-5, msg=lambda m: f"{part} {k}: {m}")
-            changed |= not torch.equal(one[part][k], small_model(10 if part == "sft" else 11).state_dict()[k])
-        assert changed
+    one = torch.load(tmp_path / "w1.pt")
+    for name in ("w2.pt", "w2fsdp.pt"):  # plain data parallel, and FSDP2 (fully_shard) over gloo
+        two = torch.load(tmp_path / name)
+        for part in ("sft", "grpo"):
+            changed = False
+            for k in one[part]:
+                torch.testing.assert_close(two[part][k], one[part][k], atol=2e-6, rtol=2e-5,
+                                           msg=lambda m: f"{name} {part} {k}: {m}")
+                changed |= not torch.equal(one[part][k], small_model(10 if part == "sft" else 11).state_dict()[k])
+            assert changed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -437,3 +531,22 @@ def test_cli_sft_then_grpo(tmp_path, capsys):
                  "--group-size", "2", "--max-new-tokens", "4", "--eval-n", "0"]) == 0
     recs = [json.loads(line) for line in open(grpo / "metrics.jsonl")]
     assert {"reward", "response_len", "tokens_per_s", "loss"} <= set(recs[0])
+
+
+def test_cli_demo_quick(tmp_path):
+    # the whole demo pipeline (SFT -> GRPO with engine rollouts -> eval -> DeepConf vs majority) at tiny sizes
+    import json
+
+    from h1r_ops.cli import main
+
+    out = tmp_path / "out"
+    assert main(["train", "demo", "--quick", "--out", str(out), "--work", str(tmp_path / "work"), "--threads", "1"]) == 0
+    res = json.load(open(out / "demo_results.json"))
+    assert set(res["deepconf"]) >= {"majority", "deepconf_offline", "deepconf_online"}
+    assert res["deepconf"]["deepconf_online"]["tokens"] <= res["deepconf"]["majority"]["tokens"]
+    assert res["grpo"]["steps"] == 2 and 0 <= res["sft"]["accuracy"] <= 1
+    stages = {json.loads(line)["stage"] for line in open(out / "demo_metrics.jsonl")}
+    assert stages == {"sft", "grpo", "deepconf"}
+    assert (out / "demo_results.md").read_text().startswith("# h1r train demo")
+    pytest.importorskip("matplotlib")
+    assert (out / "demo_curves.png").stat().st_size > 1000

@@ -1,8 +1,11 @@
-"""``h1r train sft`` / ``h1r train grpo``: the two-stage recipe on a tiny Falcon-H1 and the demo math task.
+"""``h1r train sft`` / ``h1r train grpo`` / ``h1r train demo``: the two-stage recipe on a tiny Falcon-H1 and
+the demo math task.
 
     h1r train sft  --out runs/sft  --steps 300           # then
     h1r train grpo --out runs/grpo --init runs/sft/model --steps 60
-    torchrun --nproc-per-node 2 -m h1r_ops.cli train sft ...   # data parallel (gloo on CPU)
+    torchrun --nproc-per-node 2 -m h1r_ops.cli train sft ...          # data parallel (gloo on CPU)
+    torchrun --nproc-per-node 2 -m h1r_ops.cli train sft --fsdp ...   # FSDP2 sharding
+    h1r train demo                                       # SFT -> GRPO -> eval -> DeepConf, evidence files
 
 Each run writes ``metrics.jsonl`` (one JSON object per step / evaluation), ``curves.png`` (matplotlib if
 installed), checkpoints under ``ckpt/`` (``--resume`` continues bit-identically) and ``model/`` (HF format).
@@ -114,6 +117,8 @@ def _common(ap):
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--fsdp", action="store_true", help="shard parameters, grads and optimizer state with FSDP2 "
+                    "(torch.distributed.fsdp.fully_shard) instead of replicating them (needs torchrun)")
 
 
 def _after_step(args, tr, model, tok, stream, ckpt, logger, pbar, rec, **postfix):
@@ -132,21 +137,36 @@ def _finish(args, model, logger, pbar, curves):
     """End of a run: close the bar, save the HF-format model (rank 0), plot the curves, leave the group."""
     if pbar is not None:
         pbar.close()
+    full = dist.unsharded_copy(model)  # a collective under FSDP
     if dist.rank() == 0:
-        model.save_pretrained(os.path.join(args.out, "model"))
+        full.save_pretrained(os.path.join(args.out, "model"))
     logger.plot(curves)
     dist.shutdown()
 
 
+def _setup(args, model):
+    """Threads, process group and (``--fsdp``) FSDP2 sharding of ``model``."""
+    if args.fsdp:
+        if not dist.is_dist():
+            raise SystemExit("--fsdp needs several processes: launch with torchrun --nproc-per-node N")
+        dist.shard_model(model)
+    return model
+
+
 def _evaluate(model, tok, n, logger, step, pbar=None):
+    """Greedy held-out accuracy on rank 0 (the same ``n`` problems at every evaluation of every run)."""
     from .sft import evaluate_greedy
 
-    if dist.rank() != 0 or n <= 0:
-        return
+    if n <= 0:
+        return None
+    model = dist.unsharded_copy(model)  # a collective under FSDP
+    if dist.rank() != 0:
+        return None
     r = evaluate_greedy(model, tok, heldout_problems(n), max_new_tokens=64)
     logger.log({"step": step, "eval_accuracy": r["accuracy"], "eval_response_len": r["response_len"]})
     msg = f"step {step}: held-out accuracy {r['accuracy']:.3f} ({n} problems), response length {r['response_len']:.1f}"
     (pbar.write if pbar is not None else print)(msg)
+    return r
 
 
 def run_sft(argv) -> int:
@@ -157,12 +177,13 @@ def run_sft(argv) -> int:
     ap.add_argument("--rows", type=int, default=8, help="packed rows per micro-batch (per rank)")
     ap.add_argument("--row-len", type=int, default=256)
     ap.add_argument("--accum", type=int, default=1, help="gradient-accumulation micro-batches per step")
+    ap.add_argument("--eval-first", action="store_true", help="also evaluate the untrained model (step 0)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dist.init_from_env()
     tok = CharTokenizer()
-    model = tiny_model(tok.vocab_size, seed=args.seed)
+    model = _setup(args, tiny_model(tok.vocab_size, seed=args.seed))
     cfg = OptimConfig(lr=args.lr or 3e-3, warmup_steps=args.warmup if args.warmup is not None else 20,
                       total_steps=args.steps, bf16=args.bf16)
     tr = SFTTrainer(model, cfg)
@@ -175,6 +196,8 @@ def run_sft(argv) -> int:
     nparams = sum(p.numel() for p in model.parameters())
     if dist.rank() == 0:
         print(f"tiny Falcon-H1: {nparams / 1e6:.2f}M parameters, {dist.world_size()} rank(s)")
+    if args.eval_first and tr.step == 0:
+        _evaluate(model, tok, args.eval_n, logger, 0)
     pbar = _progress(args.steps, tr.step, "sft")
     while tr.step < args.steps:
         t0 = time.perf_counter()
@@ -191,7 +214,7 @@ def run_sft(argv) -> int:
 def run_grpo(argv) -> int:
     from h1r_ops.model import FalconH1ForCausalLM
 
-    from .grpo import GRPOConfig, GRPOTrainer, ModelRolloutBackend
+    from .grpo import EngineRolloutBackend, GRPOConfig, GRPOTrainer, ModelRolloutBackend
     from .verifier import boxed_reward
 
     ap = argparse.ArgumentParser(prog="h1r train grpo", description="GRPO with \\boxed{} rewards on the demo task")
@@ -210,6 +233,10 @@ def run_grpo(argv) -> int:
     ap.add_argument("--entropy-coef", type=float, default=0.0)
     ap.add_argument("--ppo-epochs", type=int, default=1)
     ap.add_argument("--minibatches", type=int, default=1)
+    ap.add_argument("--rollout", choices=["engine", "model"], default="engine",
+                    help="rollouts from the paged inference engine (its own weights, pushed after every step) or "
+                    "from the trainer's module with a plain sampler")
+    ap.add_argument("--rollout-dtype", choices=["fp32", "bf16"], default="fp32", help="the engine's weight dtype")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -217,10 +244,11 @@ def run_grpo(argv) -> int:
     tok = CharTokenizer()
     model = FalconH1ForCausalLM.from_pretrained(args.init) if args.init else tiny_model(tok.vocab_size, args.seed)
     ref = None
-    if args.kl_coef:
+    if args.kl_coef:  # the frozen reference policy (a full copy on every rank)
         import copy
 
         ref = copy.deepcopy(model).eval().requires_grad_(False)
+    model = _setup(args, model)
     cfg = GRPOConfig(lr=args.lr or 2e-4, warmup_steps=args.warmup if args.warmup is not None else 5,
                      total_steps=args.steps, bf16=args.bf16, group_size=args.group_size,
                      prompts_per_step=args.prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -228,14 +256,20 @@ def run_grpo(argv) -> int:
                      tis_cap=args.tis_cap if args.tis_cap > 0 else None, kl_coef=args.kl_coef,
                      entropy_coef=args.entropy_coef, ppo_epochs=args.ppo_epochs, minibatches=args.minibatches,
                      seed=args.seed)
-    backend = ModelRolloutBackend(model, tok.eos_token_id)
+    if args.rollout == "engine":
+        # the demo's prompts are < 128 characters (= tokens)
+        backend = EngineRolloutBackend(model, tok.eos_token_id, max_num_seqs=args.prompts * args.group_size,
+                                       max_model_len=128 + args.max_new_tokens,
+                                       dtype=torch.bfloat16 if args.rollout_dtype == "bf16" else None)
+    else:
+        backend = ModelRolloutBackend(model, tok.eos_token_id)
     tr = GRPOTrainer(model, cfg, backend, lambda toks, gold: boxed_reward(tok.decode(toks), gold), ref_model=ref)
     stream = ProblemStream(args.seed + 1, dist.rank(), dist.world_size())
     ckpt = os.path.join(args.out, "ckpt")
     if args.resume and os.path.exists(os.path.join(ckpt, "trainer.pt")):
         stream.pos = tr.load(ckpt)["pos"]
     logger = Logger(args.out, args.resume)
-    if dist.rank() == 0 and tr.step == 0:
+    if tr.step == 0:
         _evaluate(model, tok, args.eval_n, logger, 0)
     pbar = _progress(args.steps, tr.step, "grpo")
     while tr.step < args.steps:
@@ -252,9 +286,11 @@ def run_grpo(argv) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    cmds = {"sft": run_sft, "grpo": run_grpo}
+    from .demo import main as run_demo
+
+    cmds = {"sft": run_sft, "grpo": run_grpo, "demo": run_demo}
     if not argv or argv[0] not in cmds:
-        print("usage: h1r train {sft,grpo} [options]   (h1r train sft --help)")
+        print("usage: h1r train {sft,grpo,demo} [options]   (h1r train sft --help)")
         return 2
     return cmds[argv[0]](argv[1:])
 

@@ -83,3 +83,63 @@ def all_reduce_grads(params) -> None:
             n = p.grad.numel()
             p.grad.copy_(flat[off:off + n].view_as(p.grad))
             off += n
+
+
+# ----------------------------------------------------------------------------------------------------
+# FSDP2 (torch.distributed.fsdp.fully_shard)
+# ----------------------------------------------------------------------------------------------------
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether ``module`` was wrapped by :func:`shard_model` (its parameters are DTensors)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def shard_model(model: torch.nn.Module, reshard_after_forward: bool = True) -> torch.nn.Module:
+    """Data parallelism with FSDP2: every decoder layer, then the root (embedding, final norm, lm head), is
+    wrapped by ``fully_shard`` over all ranks, so each rank holds 1/world of every parameter, gradient and
+    AdamW state; parameters are all-gathered per layer for forward/backward and gradients reduce-scattered.
+
+    The trainers' losses are normalized by the GLOBAL token count, so gradients must be SUMMED over ranks:
+    the reduce-scatter is a plain SUM with divide factor 1 (FSDP's default averages). ``hidden_states`` (the method
+    the trainers call instead of ``forward``) is registered as a forward method so the root's parameters
+    are gathered for it; the root is not resharded after forward (FSDP2's own default for the root), so
+    the lm head weight that the fused loss reads after ``hidden_states`` is the gathered one, and its
+    gradient is reduce-scattered with the root's in the backward. Rank 0's initial weights are broadcast first. Every rank must run
+    the same number of forward/backward passes per step (the CLI gives every rank equal batches).
+    Works on CPU with gloo (tested) and on GPUs with nccl."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    if not is_dist():
+        raise RuntimeError("shard_model: FSDP needs an initialized process group (torchrun, or init_process_group)")
+    broadcast_params(model)
+    for layer in model.model.layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=False)
+    register_fsdp_forward_method(model, "hidden_states")
+    for m in [*model.model.layers, model]:   # each FSDP module has its own reduce-scatter settings
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)   # plain SUM (gloo has no PREMUL_SUM)
+    return model
+
+
+def full_state_dict(module: torch.nn.Module) -> dict:
+    """The module's state dict with every DTensor gathered into a plain full tensor (a collective under
+    FSDP: every rank must call it); plain modules return their state dict (detached tensors)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for k, v in module.state_dict().items():
+        out[k] = (v.full_tensor() if isinstance(v, DTensor) else v).detach()
+    return out
+
+
+def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` itself when it is not sharded, else a plain copy with the full weights on every rank (a
+    collective): for evaluation and HF export on one rank."""
+    if not is_sharded(model):
+        return model
+    sd = full_state_dict(model)
+    copy = type(model)(model.config)
+    copy.load_state_dict(sd)
+    return copy.to(next(iter(sd.values())).device)

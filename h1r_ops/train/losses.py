@@ -15,7 +15,9 @@ GRPO (per group of G rollouts of one prompt, token-level PPO-clip, no KL / entro
                  between the trainer's recompute of the sampling policy (logp_old) and the rollout
                  engine's own sampler log-probs (logp_rollout), which differ by kernels/precision (Yao et
                  al., "Your efficient RL framework secretly brings you off-policy RL training"; verl
-                 ``tis_imp_ratio_cap``, C = 2 by default; C = None disables it).
+                 ``tis_imp_ratio_cap``, C = 2 by default; C = None disables it). When the engine reports
+                 log-probs at another temperature than the sampling one (h1r's engine reports raw,
+                 temperature-1 log-probs), logp_old in w_t is the trainer's recompute at THAT temperature.
     token loss   L_t = w_t pg_t + kl_coef KL_t - entropy_coef H_t, with KL_t the k3 estimator
                  exp(ref_t - logp_t) - (ref_t - logp_t) - 1 against a frozen reference policy.
     aggregation  token-mean over the global batch: sum_t L_t / N, N = global response-token count.
@@ -56,14 +58,16 @@ def ppo_clip_token_loss(logp, old_logp, adv, eps_low: float = 0.2, eps_high: flo
 
 
 def grpo_token_losses(logp, old_logp, rollout_logp, adv, mask, *, eps_low=0.2, eps_high=0.2, tis_cap=2.0,
-                      kl_coef=0.0, ref_logp=None, entropy_coef=0.0, entropy=None):
+                      kl_coef=0.0, ref_logp=None, entropy_coef=0.0, entropy=None, tis_old_logp=None):
     """Per-token GRPO losses L_t (zero outside ``mask``) and their statistics (sums over the mask).
 
     All tensors share one shape (e.g. (b, t)); adv is already broadcast over each rollout's tokens.
+    ``tis_old_logp``: the trainer's log-probs of the sampling policy at the temperature of ``rollout_logp``
+    when it differs from the training temperature (default: ``old_logp``).
     Divide ``L.sum()`` by the global token count for the token-mean (see the module docstring)."""
     m = mask.to(logp.dtype)
     pg, clipped = ppo_clip_token_loss(logp, old_logp, adv, eps_low, eps_high)
-    w = truncated_is_weights(old_logp, rollout_logp, tis_cap)
+    w = truncated_is_weights(old_logp if tis_old_logp is None else tis_old_logp, rollout_logp, tis_cap)
     loss = w * pg
     stats = {"clip_frac": (clipped.float() * m).sum().detach(), "tis_weight": (w * m).sum().detach()}
     if kl_coef:

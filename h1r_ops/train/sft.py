@@ -71,7 +71,9 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig):
         self.model, self.cfg = model, cfg
         self.device = next(model.parameters()).device
-        dist.broadcast_params(model)
+        self.sharded = dist.is_sharded(model)
+        if not self.sharded:  # (shard_model broadcasts before sharding)
+            dist.broadcast_params(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                      betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
@@ -83,12 +85,13 @@ class Trainer:
         return autocast_ctx(self.cfg.bf16, self.device)
 
     def _apply_grads(self) -> float:
-        """All-reduce, clip, step, schedule; returns the (pre-clip) global grad norm."""
-        dist.all_reduce_grads(self.params)
-        if self.cfg.grad_clip:
-            gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        else:
-            gn = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+        """All-reduce (FSDP has already reduce-scattered), clip, step, schedule; returns the (pre-clip)
+        global grad norm."""
+        if not self.sharded:
+            dist.all_reduce_grads(self.params)
+        gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or float("inf"))
+        if hasattr(gn, "full_tensor"):  # a DTensor under FSDP
+            gn = gn.full_tensor()
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -96,12 +99,21 @@ class Trainer:
         return float(gn)
 
     # -- checkpoints --------------------------------------------------------------------------------------
+    def _states(self):
+        """(model, optimizer) state dicts; under FSDP gathered into full tensors (a collective)."""
+        if not self.sharded:
+            return self.model.state_dict(), self.opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(self.model, self.opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def save(self, path: str, data_state: dict | None = None) -> None:
-        """Rank 0 writes ``path/trainer.pt`` (model, optimizer, scheduler, step, config); every rank writes
-        ``path/rank{r}.pt`` (its RNG states and ``data_state``)."""
+        """Rank 0 writes ``path/trainer.pt`` (model, optimizer, scheduler, step, config; full tensors also
+        under FSDP); every rank writes ``path/rank{r}.pt`` (its RNG states and ``data_state``)."""
         os.makedirs(path, exist_ok=True)
+        model_sd, opt_sd = self._states()
         if dist.rank() == 0:
-            torch.save({"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+            torch.save({"model": model_sd, "opt": opt_sd,
                         "sched": self.sched.state_dict(), "step": self.step, "cfg": asdict(self.cfg)},
                        os.path.join(path, "trainer.pt"))
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -115,8 +127,14 @@ class Trainer:
     def load(self, path: str) -> dict | None:
         """Restore a :meth:`save` and return this rank's ``data_state``."""
         st = torch.load(os.path.join(path, "trainer.pt"), map_location=self.device, weights_only=False)
-        self.model.load_state_dict(st["model"])
-        self.opt.load_state_dict(st["opt"])
+        if self.sharded:  # every rank reads the full tensors and keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.model, self.opt, model_state_dict=st["model"], optim_state_dict=st["opt"],
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(st["model"])
+            self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
         self.step = st["step"]
         rk = torch.load(os.path.join(path, f"rank{dist.rank()}.pt"), weights_only=False)
@@ -153,7 +171,9 @@ class SFTTrainer(Trainer):
         local = sum(response_token_count(mb["labels"]) for mb in micro_batches)
         n = dist.all_reduce_sum(torch.tensor(float(local), dtype=torch.float64)).item()
         total = torch.zeros((), dtype=torch.float64)
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
+            if self.sharded:  # FSDP: reduce-scatter once, in the last micro-batch's backward
+                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             mb = {k: v.to(self.device) for k, v in mb.items()}
             with self.autocast():
                 s = sft_token_loss_sum(self.model, mb)
@@ -171,25 +191,38 @@ class SFTTrainer(Trainer):
 
 
 @torch.no_grad()
-def evaluate_greedy(model, tok, problems, max_new_tokens: int = 64, batch: int = 64) -> dict:
-    """Greedy-decode each problem's prompt (grouped by prompt length, as the model decodes equal-length
-    batches) and score the last \\boxed{} against the answer. Returns accuracy and mean response length."""
+def evaluate_greedy(model, tok, problems, max_new_tokens: int = 64, batch: int = 64, engine: bool = True) -> dict:
+    """Greedy-decode each problem's prompt and score the last \\boxed{} against the answer. Returns accuracy
+    and mean response length (tokens, EOS included).
+
+    ``engine=True``: all prompts go through the paged continuous-batching engine (h1r_ops.infer.Engine,
+    temperature 0, ``batch`` traces at a time, each stops at EOS); else the model's own equal-length batched
+    decode (prompts grouped by length, always ``max_new_tokens`` steps). Both take the argmax."""
     from .verifier import boxed_reward
 
+    was_training = model.training
     model.eval()
-    by_len: dict[int, list] = {}
-    for p in problems:
-        by_len.setdefault(len(tok.encode(p.prompt, bos=True)), []).append(p)
-    correct, lengths = 0.0, []
-    dev = next(model.parameters()).device
-    for L, ps in by_len.items():
-        for i in range(0, len(ps), batch):
-            chunk = ps[i:i + batch]
-            ids = torch.tensor([tok.encode(p.prompt, bos=True) for p in chunk], device=dev)
-            out = model.generate_greedy(ids, max_new_tokens)[:, L:].tolist()
-            for p, o in zip(chunk, out):
-                if tok.eos_token_id in o:
-                    o = o[:o.index(tok.eos_token_id) + 1]
-                lengths.append(len(o))
-                correct += boxed_reward(tok.decode(o), p.answer)
-    return {"accuracy": correct / max(1, len(problems)), "response_len": sum(lengths) / max(1, len(lengths))}
+    prompts = [tok.encode(p.prompt, bos=True) for p in problems]
+    outs: list[list[int]] = [None] * len(problems)
+    if engine:
+        from h1r_ops.infer import Engine, SamplingParams
+
+        eng = Engine(model, None, max_num_seqs=batch, max_model_len=max(map(len, prompts), default=1) + max_new_tokens)
+        eng.eos_ids = {tok.eos_token_id}
+        res = eng.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens, logprobs=0))
+        outs = [list(r[0].token_ids) for r in res]
+    else:
+        dev = next(model.parameters()).device
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_len.setdefault(len(p), []).append(i)
+        for L, idx in by_len.items():
+            for s in range(0, len(idx), batch):
+                chunk = idx[s:s + batch]
+                ids = torch.tensor([prompts[i] for i in chunk], device=dev)
+                for i, o in zip(chunk, model.generate_greedy(ids, max_new_tokens)[:, L:].tolist()):
+                    outs[i] = o[:o.index(tok.eos_token_id) + 1] if tok.eos_token_id in o else o
+    model.train(was_training)
+    correct = sum(boxed_reward(tok.decode(o), p.answer) for o, p in zip(outs, problems))
+    n = max(1, len(problems))
+    return {"accuracy": correct / n, "response_len": sum(map(len, outs)) / n}
