@@ -21,32 +21,14 @@
 #include <type_traits>
 
 #include "cpu/cross_entropy_params.h"
+#include "cpu/float_io.h"
 
 namespace h1r::cpu::H1R_ISA {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kW = Vec::size();
-
-template <typename T>
-inline Vec load_f(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
-  } else {
-    Vec v;
-    at::vec::load_to_float(p, v);
-    return v;
-  }
-}
-
-template <typename T>
-inline void store_f(T* p, const Vec& v) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(p);
-  } else {
-    at::vec::convert_from_float<T>(v, v).store(p, kW);
-  }
-}
+// fp32 lanes and their widening loads / narrowing stores (load_f, store_f) are float_io.h's.
+using Vec = VF;
+constexpr int64_t kW = kLanes;
 
 inline float reduce_max(const Vec& v) {
   float b[kW];
