@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import h1r_ops  # noqa: E402
 from h1r_ops import reference as R  # noqa: E402
-from common import memcpy_bandwidth, print_table, timeit  # noqa: E402
+from common import memory_bandwidths, print_table, ratio_row, timeit  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,10 +80,7 @@ def main():
     shapes = [(a.rows, a.hidden)] if a.rows else parse_shapes(a.shapes)
     if a.quick:
         shapes, a.iters = [(2048, a.hidden)], 5
-    bw, bw_fresh = memcpy_bandwidth(), memcpy_bandwidth(fresh=True)
-    print(f"threads {torch.get_num_threads()}, cpu isa {torch.ops.h1r.cpu_isa()}, THP_MEM_ALLOC_ENABLE="
-          f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; memory copy {bw / 1e9:.1f} GB/s (read + write), "
-          f"into a fresh tensor (clone) {bw_fresh / 1e9:.1f} GB/s")
+    bw, bw_fresh = memory_bandwidths()
     compiled = {"rms_norm": torch.compile(R.rms_norm), "gated": torch.compile(R.gated_rms_norm)}
     rows = []
     for op in a.ops.split(","):
@@ -119,16 +116,8 @@ def bench_case(op, n_rows, hidden, dtype, name, a, compiled_ref, bw, bw_fresh):
         times[impl_name] = {"fwd": timeit(fwd, 2, a.iters), "fwd+bwd": timeit(fwd_bwd, 2, a.iters)}
     rows = []
     for mode in ("fwd", "fwd+bwd"):
-        t = times["h1r"][mode]
-        gbs = streams[mode] * n_bytes / t
-        row = {"case": f"{label} {mode}", "h1r ms": f"{t * 1e3:.2f}", "eager ms": f"{times['eager'][mode] * 1e3:.1f}",
-               "vs eager": f"{times['eager'][mode] / t:.2f}x"}
-        if "compile" in times:
-            row["compile ms"] = f"{times['compile'][mode] * 1e3:.2f}"
-            row["vs compile"] = f"{times['compile'][mode] / t:.2f}x"
-        row["h1r GB/s"] = f"{gbs / 1e9:.1f}"
-        row["% memcpy"] = f"{100 * gbs / bw:.0f}%"
-        row["% clone"] = f"{100 * gbs / bw_fresh:.0f}%"
+        anchors = {k: times[k][mode] for k in ("eager", "compile") if k in times}
+        row = ratio_row(f"{label} {mode}", times["h1r"][mode], anchors, streams[mode] * n_bytes, bw, bw_fresh)
         rows.append(row)
         print(row, flush=True)
     return rows

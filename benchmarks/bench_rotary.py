@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import h1r_ops  # noqa: E402
-from common import memcpy_bandwidth, print_table, timeit  # noqa: E402
+from common import memory_bandwidths, print_table, ratio_row, timeit  # noqa: E402
 from transformers.models.falcon_h1.modeling_falcon_h1 import apply_rotary_pos_emb  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,10 +42,7 @@ def main():
     a = p.parse_args()
     if a.quick:
         a.seqlen, a.iters = min(a.seqlen, 1024), 5
-    bw, bw_fresh = memcpy_bandwidth(), memcpy_bandwidth(fresh=True)
-    print(f"threads {torch.get_num_threads()}, cpu isa {torch.ops.h1r.cpu_isa()}, THP_MEM_ALLOC_ENABLE="
-          f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; memory copy {bw / 1e9:.1f} GB/s (read + write), "
-          f"into a fresh tensor (clone) {bw_fresh / 1e9:.1f} GB/s")
+    bw, bw_fresh = memory_bandwidths()
     compiled_hf = torch.compile(apply_rotary_pos_emb)
     rows = []
     b, s, hd = a.batch, a.seqlen, a.head_dim
@@ -79,19 +76,10 @@ def main():
         qi, ki = q.detach().clone(), k.detach().clone()
         times["h1r"]["in-place fwd"] = timeit(lambda: h1r_ops.rotary_(qi, ki, cos, sin), 2, a.iters)
         for mode, streams in (("fwd", 2), ("fwd+bwd", 4), ("in-place fwd", 2)):
-            t = times["h1r"][mode]
-            gbs = streams * n_bytes / t
-            row = {"case": f"q{tuple(q.shape)} k{tuple(k.shape)} {name} {mode}", "h1r ms": f"{t * 1e3:.2f}"}
             ref_mode = "fwd" if mode == "in-place fwd" else mode
-            row["eager ms"] = f"{times['eager'][ref_mode] * 1e3:.2f}"
-            row["vs eager"] = f"{times['eager'][ref_mode] / t:.2f}x"
-            if "compile" in times:
-                row["compile ms"] = f"{times['compile'][ref_mode] * 1e3:.2f}"
-                row["vs compile"] = f"{times['compile'][ref_mode] / t:.2f}x"
-            row["h1r GB/s"] = f"{gbs / 1e9:.1f}"
-            row["% memcpy"] = f"{100 * gbs / bw:.0f}%"
-            row["% clone"] = f"{100 * gbs / bw_fresh:.0f}%"
-            rows.append(row)
+            anchors = {k: times[k][ref_mode] for k in ("eager", "compile") if k in times}
+            rows.append(ratio_row(f"q{tuple(q.shape)} k{tuple(k.shape)} {name} {mode}", times["h1r"][mode], anchors,
+                                  streams * n_bytes, bw, bw_fresh))
     print_table(rows)
 
 

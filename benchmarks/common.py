@@ -7,6 +7,7 @@ prints ratios, because absolute times drift between machines (and the machine ma
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable, Sequence
@@ -81,3 +82,28 @@ def print_table(rows: Sequence, headers: Sequence[str] | None = None, title: str
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
         if j == 0 and headers:
             print("  ".join("-" * w for w in widths))
+
+
+def ratio_row(case: str, seconds: float, anchors: dict, nbytes: float, bw: float, bw_fresh: float) -> dict:
+    """One table row of a case: our time, each anchor's time and ``anchor / ours`` (``anchors`` maps a name
+    such as 'eager' or 'compile' to its seconds, in column order), and the achieved GB/s (``nbytes`` moved
+    in ``seconds``) as a share of the memcpy bandwidth ``bw`` and of the fresh-buffer (clone) one ``bw_fresh``."""
+    row = {"case": case, "h1r ms": f"{seconds * 1e3:.2f}"}
+    for name, t in anchors.items():
+        row[f"{name} ms"] = f"{t * 1e3:.2f}"
+        row[f"vs {name}"] = f"{t / seconds:.2f}x"
+    achieved = nbytes / seconds
+    row["h1r GB/s"] = f"{achieved / 1e9:.1f}"
+    row["% memcpy"] = f"{100 * achieved / bw:.0f}%"
+    row["% clone"] = f"{100 * achieved / bw_fresh:.0f}%"
+    return row
+
+
+def memory_bandwidths() -> tuple[float, float]:
+    """Measure and print (with the thread count, h1r's CPU ISA and THP_MEM_ALLOC_ENABLE) the memcpy
+    bandwidth and the copy-into-a-fresh-tensor (clone) one; returns both, bytes / s."""
+    bw, bw_fresh = memcpy_bandwidth(), memcpy_bandwidth(fresh=True)
+    print(f"threads {torch.get_num_threads()}, cpu isa {torch.ops.h1r.cpu_isa()}, THP_MEM_ALLOC_ENABLE="
+          f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; memory copy {bw / 1e9:.1f} GB/s (read + write), "
+          f"into a fresh tensor (clone) {bw_fresh / 1e9:.1f} GB/s")
+    return bw, bw_fresh

@@ -3,11 +3,15 @@ test file under another CPU ISA in a subprocess."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
+
+from _triton_interp import run_interpreted, triton_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,8 +30,33 @@ def assert_close(actual, expected, dtype, what="", factor=1.0):
     assert err <= TOL[dtype] * factor * scale, f"{what}: max abs error {err:.3g} > {TOL[dtype] * factor:.3g} * {scale:.3g}"
 
 
+class KernelOps:
+    """The kernels of a family under test, by op name: with no ``triton_module``, the C++ ops
+    (``torch.ops.h1r.<name>``, for CPU tensors); else that module's Triton launchers, called directly
+    (imported on first use: on CPU tensors only in the TRITON_INTERPRET=1 subprocess)."""
+
+    def __init__(self, device, triton_module: str | None = None):
+        self.device, self.triton_module = device, triton_module
+
+    def __getattr__(self, name):
+        if self.triton_module is None:
+            return getattr(torch.ops.h1r, name)
+        return getattr(importlib.import_module(self.triton_module), name)
+
+
+def run_triton_subset_interpreted(test_file: str, keyword: str):
+    """The Triton tests `keyword` of test_file, in a TRITON_INTERPRET=1 subprocess (skipped when they
+    already run in this process, on a GPU or under the interpreter)."""
+    if triton_device() is not None:
+        pytest.skip("the Triton tests run in this process")
+    run_interpreted(test_file, keyword)
+
+
 def run_subset_under_isa(test_file: str, keyword: str, isa: str):
-    """Run `pytest test_file -k keyword` with H1R_CPU_ISA=isa (read when h1r_ops._C loads)."""
+    """Run `pytest test_file -k keyword` with H1R_CPU_ISA=isa (read when h1r_ops._C loads); skipped when the
+    machine's best ISA is not avx512 (the lower ISA is then the one in use: the main run tests it)."""
+    if isa_in_use() != "avx512":
+        pytest.skip("the lower ISA is the one in use")
     env = dict(os.environ, H1R_CPU_ISA=isa)
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file, "-k", keyword],

@@ -12,7 +12,6 @@ truncation where GPUs round to nearest even, one more reason why bf16 / fp16 are
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
@@ -20,8 +19,9 @@ import torch.nn.functional as F
 
 import h1r_ops
 from h1r_ops import reference as R
-from _norm_helpers import DTYPE_IDS, DTYPES, assert_close, run_subset_under_isa
-from _triton_interp import run_interpreted, triton_device
+from _norm_helpers import (DTYPE_IDS, DTYPES, KernelOps, assert_close, run_subset_under_isa,
+                           run_triton_subset_interpreted)
+from _triton_interp import triton_device
 
 EPS = 1e-6
 TRITON_DEVICE = triton_device()
@@ -86,23 +86,8 @@ def test_reference_gated_matches_transformers(dtype, norm_before_gate):
 # ---- kernels (CPU C++ and Triton) against the reference ------------------------------------------------------
 
 
-class CpuOps:
-    """The C++ kernels, through torch.ops.h1r on CPU tensors."""
-
-    device = "cpu"
-    rms_norm_fwd = staticmethod(lambda *a: torch.ops.h1r.rms_norm_fwd(*a))
-    rms_norm_bwd = staticmethod(lambda *a: torch.ops.h1r.rms_norm_bwd(*a))
-    gated_rms_norm_fwd = staticmethod(lambda *a: torch.ops.h1r.gated_rms_norm_fwd(*a))
-    gated_rms_norm_bwd = staticmethod(lambda *a: torch.ops.h1r.gated_rms_norm_bwd(*a))
-
-
-class TritonOps:
-    """The Triton launchers, called directly (on CPU tensors in the interpreter)."""
-
-    device = TRITON_DEVICE
-
-    def __getattr__(self, name):
-        return getattr(importlib.import_module("h1r_ops.triton_kernels.rms_norm"), name)
+CPU_OPS = KernelOps("cpu")
+TRITON_OPS = KernelOps(TRITON_DEVICE, "h1r_ops.triton_kernels.rms_norm")
 
 
 def check_rms_norm(ops, dtype, rows, d, fused, wdtype=None):
@@ -161,12 +146,12 @@ GATED_SHAPES = [(1, 1, 1), (9, 7, 7), (1, 12, 4), (9, 12, 3), (4, 3072, 1536), (
 @pytest.mark.parametrize("rows,d", RMS_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cpu_rms_norm(dtype, rows, d, fused):
-    check_rms_norm(CpuOps, dtype, rows, d, fused)
+    check_rms_norm(CPU_OPS, dtype, rows, d, fused)
 
 
 @pytest.mark.parametrize("xdtype,wdtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
 def test_cpu_rms_norm_mixed_weight_dtype(xdtype, wdtype):
-    check_rms_norm(CpuOps, xdtype, 11, 70, True, wdtype)
+    check_rms_norm(CPU_OPS, xdtype, 11, 70, True, wdtype)
 
 
 @pytest.mark.parametrize("norm_before_gate", [True, False])
@@ -174,7 +159,7 @@ def test_cpu_rms_norm_mixed_weight_dtype(xdtype, wdtype):
 @pytest.mark.parametrize("rows,d,group_size", GATED_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cpu_gated(dtype, rows, d, group_size, has_z, norm_before_gate):
-    check_gated(CpuOps, dtype, rows, d, group_size, has_z, norm_before_gate)
+    check_gated(CPU_OPS, dtype, rows, d, group_size, has_z, norm_before_gate)
 
 
 @needs_triton
@@ -182,7 +167,7 @@ def test_cpu_gated(dtype, rows, d, group_size, has_z, norm_before_gate):
 @pytest.mark.parametrize("rows,d", [(1, 1), (5, 7), (3, 3072), (2, 8191), (37, 96)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_triton_rms_norm(dtype, rows, d, fused):
-    check_rms_norm(TritonOps(), dtype, rows, d, fused)
+    check_rms_norm(TRITON_OPS, dtype, rows, d, fused)
 
 
 @needs_triton
@@ -191,19 +176,15 @@ def test_triton_rms_norm(dtype, rows, d, fused):
 @pytest.mark.parametrize("rows,d,group_size", [(1, 1, 1), (6, 7, 7), (5, 12, 3), (2, 3072, 1536), (1, 8191, 8191)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_triton_gated(dtype, rows, d, group_size, has_z, norm_before_gate):
-    check_gated(TritonOps(), dtype, rows, d, group_size, has_z, norm_before_gate)
+    check_gated(TRITON_OPS, dtype, rows, d, group_size, has_z, norm_before_gate)
 
 
 def test_interpreted_triton_kernels():
-    if TRITON_DEVICE is not None:
-        pytest.skip("the Triton tests run in this process")
-    run_interpreted("tests/test_rms_norm.py", "test_triton_rms_norm or test_triton_gated")
+    run_triton_subset_interpreted("tests/test_rms_norm.py", "test_triton_rms_norm or test_triton_gated")
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 def test_cpu_isa_variants(isa):
-    if h1r_ops.backends()["cpu"]["isa"] != "avx512":
-        pytest.skip("the lower ISA is the one in use")
     run_subset_under_isa("tests/test_rms_norm.py",
                          "(test_cpu_rms_norm or test_cpu_gated) and (f32 or bf16) and not 3072 and not 8191", isa)
 

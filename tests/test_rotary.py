@@ -10,7 +10,6 @@ a subprocess (test_interpreted_triton_kernels).
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -18,8 +17,9 @@ import torch
 
 import h1r_ops
 from h1r_ops import reference as R
-from _norm_helpers import DTYPE_IDS, DTYPES, assert_close, run_subset_under_isa
-from _triton_interp import run_interpreted, triton_device
+from _norm_helpers import (DTYPE_IDS, DTYPES, KernelOps, assert_close, run_subset_under_isa,
+                           run_triton_subset_interpreted)
+from _triton_interp import triton_device
 
 TRITON_DEVICE = triton_device()
 needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="runs in the TRITON_INTERPRET=1 subprocess")
@@ -94,17 +94,8 @@ def test_cos_sin_matches_transformers_and_fp64_accuracy():
 # ---- kernels (CPU C++ and Triton) against the reference ------------------------------------------------------
 
 
-class CpuOps:
-    device = "cpu"
-    rotary = staticmethod(lambda *a: torch.ops.h1r.rotary(*a))
-    rotary_ = staticmethod(lambda *a: torch.ops.h1r.rotary_(*a))
-
-
-class TritonOps:
-    device = TRITON_DEVICE
-
-    def __getattr__(self, name):
-        return getattr(importlib.import_module("h1r_ops.triton_kernels.rotary"), name)
+CPU_OPS = KernelOps("cpu")
+TRITON_OPS = KernelOps(TRITON_DEVICE, "h1r_ops.triton_kernels.rotary")
 
 
 def check_rotary(ops, dtype, b, hq, hk, s, hd, rd, layout, cos_form, cos_dtype):
@@ -158,12 +149,12 @@ FORMS = [("contiguous", "shared"), ("hf", "batch"), ("hf", "table"), ("contiguou
 @pytest.mark.parametrize("b,hq,hk,s,hd,rd", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cpu_rotary(dtype, b, hq, hk, s, hd, rd, layout, cos_form):
-    check_rotary(CpuOps, dtype, b, hq, hk, s, hd, rd, layout, cos_form, dtype)
+    check_rotary(CPU_OPS, dtype, b, hq, hk, s, hd, rd, layout, cos_form, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS[1:])
 def test_cpu_rotary_fp32_cos(dtype):
-    check_rotary(CpuOps, dtype, 2, 3, 1, 9, 16, 16, "hf", "table", torch.float32)
+    check_rotary(CPU_OPS, dtype, 2, 3, 1, 9, 16, 16, "hf", "table", torch.float32)
 
 
 @needs_triton
@@ -171,24 +162,20 @@ def test_cpu_rotary_fp32_cos(dtype):
 @pytest.mark.parametrize("b,hq,hk,s,hd,rd", SHAPES[:2] + [(2, 4, 2, 5, 64, 32), (1, 12, 2, 3, 128, 128), SHAPES[4]])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_triton_rotary(dtype, b, hq, hk, s, hd, rd, layout, cos_form):
-    check_rotary(TritonOps(), dtype, b, hq, hk, s, hd, rd, layout, cos_form, dtype)
+    check_rotary(TRITON_OPS, dtype, b, hq, hk, s, hd, rd, layout, cos_form, dtype)
 
 
 @needs_triton
 def test_triton_rotary_fp32_cos():
-    check_rotary(TritonOps(), torch.bfloat16, 2, 3, 1, 9, 16, 16, "hf", "table", torch.float32)
+    check_rotary(TRITON_OPS, torch.bfloat16, 2, 3, 1, 9, 16, 16, "hf", "table", torch.float32)
 
 
 def test_interpreted_triton_kernels():
-    if TRITON_DEVICE is not None:
-        pytest.skip("the Triton tests run in this process")
-    run_interpreted("tests/test_rotary.py", "test_triton_rotary")
+    run_triton_subset_interpreted("tests/test_rotary.py", "test_triton_rotary")
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 def test_cpu_isa_variants(isa):
-    if h1r_ops.backends()["cpu"]["isa"] != "avx512":
-        pytest.skip("the lower ISA is the one in use")
     run_subset_under_isa("tests/test_rotary.py", "test_cpu_rotary and (f32 or bf16) and not 128", isa)
 
 

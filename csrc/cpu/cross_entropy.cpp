@@ -148,6 +148,18 @@ std::tuple<Tensor, Tensor, Tensor> finish_grads(Grads& g, const Tensor& hidden, 
   return {g.hidden, g.weight, gb};
 }
 
+// The row kernels' parameters common to all chunks (the log-probs ops have no smoothing and no z-loss).
+CeRowsParams rows_params(int64_t ignore_index, double scale, bool write_grad, double label_smoothing = 0.0,
+                         double z_loss_scale = 0.0) {
+  CeRowsParams p;
+  p.ignore_index = ignore_index;
+  p.scale = static_cast<float>(scale);
+  p.label_smoothing = static_cast<float>(label_smoothing);
+  p.z_loss_scale = static_cast<float>(z_loss_scale);
+  p.write_grad = write_grad;
+  return p;
+}
+
 // ---------------------------------------------------------------------------------------------------
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_linear_cross_entropy_fwd(
     const Tensor& hidden, const Tensor& weight, const Tensor& target, const OptTensor& bias, int64_t ignore_index,
@@ -167,12 +179,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_linear_cross_en
     weight_of_row = 1.0 / std::max<int64_t>(n_valid, 1);
   }
 
-  CeRowsParams base;
-  base.ignore_index = ignore_index;
-  base.scale = static_cast<float>(logit_scale);
-  base.label_smoothing = static_cast<float>(label_smoothing);
-  base.z_loss_scale = static_cast<float>(z_loss_scale);
-  base.write_grad = compute_grad;
+  CeRowsParams base = rows_params(ignore_index, logit_scale, compute_grad, label_smoothing, z_loss_scale);
   base.grad_scale = static_cast<float>(weight_of_row);
 
   std::optional<Grads> grads;
@@ -203,12 +210,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_linear_cross_entropy_bwd(
   check_dtype(grad_loss, "grad_loss", at::kFloat);
   check_input(lse, "lse", {T}, hidden, "hidden");
   check_dtype(lse, "lse", at::kFloat);
-  CeRowsParams base;
-  base.ignore_index = ignore_index;
-  base.scale = static_cast<float>(logit_scale);
-  base.label_smoothing = static_cast<float>(label_smoothing);
-  base.z_loss_scale = static_cast<float>(z_loss_scale);
-  base.write_grad = true;
+  const CeRowsParams base = rows_params(ignore_index, logit_scale, true, label_smoothing, z_loss_scale);
   Grads grads = make_grads(hidden, weight, bias);
   for_each_chunk(hidden, weight, bias, target, base, &grads, [&](CeRowsParams& p, int64_t s) {
     p.grad_rows = grad_loss.data_ptr<float>() + s;
@@ -230,9 +232,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_linear_logprobs_fwd(const Tensor& hidde
   check_temperature(temperature);
   const auto f32 = hidden.options().dtype(at::kFloat);
   Tensor logprobs = at::empty({T}, f32), entropy = at::empty({T}, f32), lse = at::empty({T}, f32);
-  CeRowsParams base;
-  base.ignore_index = ignore_index;
-  base.scale = static_cast<float>(logit_scale / temperature);
+  const CeRowsParams base = rows_params(ignore_index, logit_scale / temperature, false);
   for_each_chunk(hidden, weight, bias, target, base, nullptr, [&](CeRowsParams& p, int64_t s) {
     p.logprobs = logprobs.data_ptr<float>() + s;
     p.entropy = entropy.data_ptr<float>() + s;
@@ -257,10 +257,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_linear_logprobs_bwd(const OptTensor& dl
   }
   check_input(lse, "lse", {T}, hidden, "hidden");
   check_dtype(lse, "lse", at::kFloat);
-  CeRowsParams base;
-  base.ignore_index = ignore_index;
-  base.scale = static_cast<float>(logit_scale / temperature);
-  base.write_grad = true;
+  const CeRowsParams base = rows_params(ignore_index, logit_scale / temperature, true);
   Grads grads = make_grads(hidden, weight, bias);
   for_each_chunk(hidden, weight, bias, target, base, &grads, [&](CeRowsParams& p, int64_t s) {
     p.grad_rows = dlogprobs ? dlogprobs->data_ptr<float>() + s : nullptr;

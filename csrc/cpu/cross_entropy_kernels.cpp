@@ -21,32 +21,14 @@
 #include <type_traits>
 
 #include "cpu/cross_entropy_params.h"
+#include "cpu/float_io.h"
 
 namespace h1r::cpu::H1R_ISA {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kW = Vec::size();
-
-template <typename T>
-inline Vec load_f(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
-  } else {
-    Vec v;
-    at::vec::load_to_float(p, v);
-    return v;
-  }
-}
-
-template <typename T>
-inline void store_f(T* p, const Vec& v) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(p);
-  } else {
-    at::vec::convert_from_float<T>(v, v).store(p, kW);
-  }
-}
+// fp32 lanes and their widening loads / narrowing stores (load_f, store_f) are float_io.h's.
+using Vec = VF;
+constexpr int64_t kW = kLanes;
 
 inline float reduce_max(const Vec& v) {
   float b[kW];
@@ -128,6 +110,15 @@ void row_zero(T* x, int64_t V) {
   for (int64_t j = 0; j < V; ++j) x[j] = static_cast<T>(0.f);
 }
 
+// Each row of the logits block, rows in parallel: body(r, x, y) with x the row's V logits (of type T) and
+// y its target.
+template <typename T, typename Body>
+void for_each_row(const CeRowsParams& p, Body&& body) {
+  T* logits = static_cast<T*>(p.logits);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < p.rows; ++r) body(r, logits + r * p.V, p.target[r]);
+}
+
 inline bool ignored(const CeRowsParams& p, int64_t y) { return y == p.ignore_index || y < 0 || y >= p.V; }
 
 // Cross-entropy coefficients of sweep 3 for a row of loss weight g:
@@ -141,17 +132,13 @@ void ce_row_grad(const CeRowsParams& p, T* x, int64_t y, float lse, float u_y, f
 
 template <typename T>
 void ce_fwd(const CeRowsParams& p) {
-  T* logits = static_cast<T*>(p.logits);
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < p.rows; ++r) {
-    T* x = logits + r * p.V;
-    const int64_t y = p.target[r];
+  for_each_row<T>(p, [&](int64_t r, T* x, int64_t y) {
     if (ignored(p, y)) {
       if (p.loss) p.loss[r] = 0.f;
       if (p.z_loss) p.z_loss[r] = 0.f;
       if (p.lse) p.lse[r] = 0.f;
       if (p.write_grad) row_zero(x, p.V);
-      continue;
+      return;
     }
     const float eps = p.label_smoothing;
     const RowStats st = row_stats(x, p.V, p.scale, eps != 0.f, false);
@@ -163,63 +150,51 @@ void ce_fwd(const CeRowsParams& p) {
     if (p.z_loss) p.z_loss[r] = zl;
     if (p.lse) p.lse[r] = st.lse;
     if (p.write_grad) ce_row_grad(p, x, y, st.lse, u_y, p.grad_scale);
-  }
+  });
 }
 
 template <typename T>
 void ce_bwd(const CeRowsParams& p) {
-  T* logits = static_cast<T*>(p.logits);
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < p.rows; ++r) {
-    T* x = logits + r * p.V;
-    const int64_t y = p.target[r];
+  for_each_row<T>(p, [&](int64_t r, T* x, int64_t y) {
     const float g = p.grad_rows ? p.grad_rows[r] * p.grad_scale : p.grad_scale;
     if (ignored(p, y) || g == 0.f) {
       row_zero(x, p.V);
-      continue;
+      return;
     }
     ce_row_grad(p, x, y, p.lse_in[r], static_cast<float>(x[y]) * p.scale, g);
-  }
+  });
 }
 
 template <typename T>
 void logprobs_fwd(const CeRowsParams& p) {
-  const T* logits = static_cast<const T*>(p.logits);
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < p.rows; ++r) {
-    const T* x = logits + r * p.V;
-    const int64_t y = p.target[r];
+  for_each_row<T>(p, [&](int64_t r, const T* x, int64_t y) {
     if (ignored(p, y)) {
       p.logprobs[r] = p.entropy[r] = p.lse[r] = 0.f;
-      continue;
+      return;
     }
     const RowStats st = row_stats(x, p.V, p.scale, false, true);
     p.logprobs[r] = static_cast<float>(x[y]) * p.scale - st.lse;
     p.entropy[r] = -st.mean_pu;
     p.lse[r] = st.lse;
-  }
+  });
 }
 
 // dL/du_j = a ([j == y] - p_j) - b p_j (log p_j + H)   (a = dL/dlogprob, b = dL/dentropy, H the entropy)
 //         = p_j (-a - b (H - lse) - b u_j) + a [j == y]
 template <typename T>
 void logprobs_bwd(const CeRowsParams& p) {
-  T* logits = static_cast<T*>(p.logits);
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < p.rows; ++r) {
-    T* x = logits + r * p.V;
-    const int64_t y = p.target[r];
+  for_each_row<T>(p, [&](int64_t r, T* x, int64_t y) {
     const float a = p.grad_rows ? p.grad_rows[r] : 0.f;
     const float b = p.grad_entropy ? p.grad_entropy[r] : 0.f;
     if (ignored(p, y) || (a == 0.f && b == 0.f)) {
       row_zero(x, p.V);
-      continue;
+      return;
     }
     const float lse = p.lse_in[r];
     // The entropy is recomputed (one more sweep) only when its gradient is needed.
     const float H = b != 0.f ? -row_stats(x, p.V, p.scale, false, true).mean_pu : 0.f;
     row_write_grad(x, p.V, p.scale, lse, -a - b * (H - lse), -b, 0.f, a, y, static_cast<float>(x[y]) * p.scale);
-  }
+  });
 }
 
 

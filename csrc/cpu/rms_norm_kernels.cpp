@@ -66,6 +66,28 @@ void reduce_dweight(const float* partial, float* dweight, int64_t nblocks, int64
 
 // ---- RMSNorm (+ residual) ----------------------------------------------------------------------
 
+// The backward's loop over rows: the rows are cut into p.nblocks blocks (handed out one at a time); each
+// block accumulates its dweight into its own fp32 partial row, and the partial rows are summed in block
+// order at the end (deterministic, no atomics). Per thread: the weight as fp32 and three fp32 scratch
+// buffers of `scratch_len` (kept in L1 across a row's sweeps); row(row, w, dw, s0, s1, s2) does one row.
+template <typename W, typename P, typename Row>
+void bwd_row_blocks(const P& p, int64_t scratch_len, Row&& row) {
+  const int64_t d = p.d;
+#pragma omp parallel
+  {
+    std::vector<float> wbuf, s0(scratch_len), s1(scratch_len), s2(scratch_len);
+    const float* w = weight_f32(static_cast<const W*>(p.weight), d, wbuf);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < p.nblocks; ++blk) {
+      float* dw = p.dweight_partial + blk * d;
+      std::fill(dw, dw + d, 0.f);
+      const auto [begin, end] = block_rows(blk, p.rows, p.nblocks);
+      for (int64_t r = begin; r < end; ++r) row(r, w, dw, s0.data(), s1.data(), s2.data());
+    }
+  }
+  reduce_dweight(p.dweight_partial, p.dweight, p.nblocks, d);
+}
+
 template <typename T, typename W>
 void rms_norm_fwd_impl(const RmsNormFwdParams& p) {
   const T* x = static_cast<const T*>(p.x);
@@ -118,44 +140,33 @@ void rms_norm_bwd_impl(const RmsNormBwdParams& p) {
   const T* h = static_cast<const T*>(p.h);
   T* dh = static_cast<T*>(p.dh);
   const int64_t d = p.d;
-#pragma omp parallel
-  {
-    std::vector<float> wbuf, g(d), xn(d);  // g and xn of the current row, fp32, kept in L1 between the sweeps
-    const float* w = weight_f32(static_cast<const W*>(p.weight), d, wbuf);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t blk = 0; blk < p.nblocks; ++blk) {
-      float* dw = p.dweight_partial + blk * d;
-      std::fill(dw, dw + d, 0.f);
-      const auto [begin, end] = block_rows(blk, p.rows, p.nblocks);
-      for (int64_t row = begin; row < end; ++row) {
-        const T* dyr = dout + row * d;
-        const T* hr = h + row * d;
-        const VF vrstd(p.rstd[row]);
-        // 1. One pass over the row's inputs: g = dout * w, the gradient w.r.t. the normalized row
-        //    xn = h * rstd; c = mean(g * xn); dweight += dout * T(xn). g and xn are kept for sweep 2.
-        VF acc(0.f);
-        for_lanes(d, [&](int64_t i, int64_t n) {
-          const VF dy = load_n(dyr + i, n);
-          const VF gv = dy * load_n(w + i, n);
-          const VF xv = load_n(hr + i, n) * vrstd;
-          acc = at::vec::fmadd(gv, xv, acc);
-          store_n(dw + i, at::vec::fmadd(dy, round_to<T>(xv), load_n(dw + i, n)), n);
-          store_n(g.data() + i, gv, n);
-          store_n(xn.data() + i, xv, n);
-        });
-        const VF c(sum_lanes(acc) / static_cast<float>(d));
-        // 2. dh = rstd * (g - xn * c) (+ dresidual_out).
-        T* dhr = dh + row * d;
-        const T* drr = dres ? dres + row * d : nullptr;
-        for_lanes(d, [&](int64_t i, int64_t n) {
-          VF dhv = vrstd * (load_n(g.data() + i, n) - load_n(xn.data() + i, n) * c);
-          if (drr) dhv = dhv + load_n(drr + i, n);
-          store_n(dhr + i, dhv, n);
-        });
-      }
-    }
-  }
-  reduce_dweight(p.dweight_partial, p.dweight, p.nblocks, d);
+  // g and xn of the current row, fp32, kept in L1 between the sweeps.
+  bwd_row_blocks<W>(p, d, [&](int64_t row, const float* w, float* dw, float* g, float* xn, float*) {
+    const T* dyr = dout + row * d;
+    const T* hr = h + row * d;
+    const VF vrstd(p.rstd[row]);
+    // 1. One pass over the row's inputs: g = dout * w, the gradient w.r.t. the normalized row
+    //    xn = h * rstd; c = mean(g * xn); dweight += dout * T(xn). g and xn are kept for sweep 2.
+    VF acc(0.f);
+    for_lanes(d, [&](int64_t i, int64_t n) {
+      const VF dy = load_n(dyr + i, n);
+      const VF gv = dy * load_n(w + i, n);
+      const VF xv = load_n(hr + i, n) * vrstd;
+      acc = at::vec::fmadd(gv, xv, acc);
+      store_n(dw + i, at::vec::fmadd(dy, round_to<T>(xv), load_n(dw + i, n)), n);
+      store_n(g + i, gv, n);
+      store_n(xn + i, xv, n);
+    });
+    const VF c(sum_lanes(acc) / static_cast<float>(d));
+    // 2. dh = rstd * (g - xn * c) (+ dresidual_out).
+    T* dhr = dh + row * d;
+    const T* drr = dres ? dres + row * d : nullptr;
+    for_lanes(d, [&](int64_t i, int64_t n) {
+      VF dhv = vrstd * (load_n(g + i, n) - load_n(xn + i, n) * c);
+      if (drr) dhv = dhv + load_n(drr + i, n);
+      store_n(dhr + i, dhv, n);
+    });
+  });
 }
 
 // ---- gated RMSNorm (Mamba2) --------------------------------------------------------------------
@@ -213,68 +224,56 @@ void gated_rms_norm_bwd_impl(const GatedRmsNormBwdParams& p) {
   T* dz = static_cast<T*>(p.dz);
   const int64_t d = p.d, gs = p.group_size, ngroups = d / gs;
   const bool gate_before = z && !p.norm_before_gate;
-#pragma omp parallel
-  {
-    // Per group: xh the normalized input (xn = x * rstd, or un = x * silu(z) * rstd), g the gradient
-    // w.r.t. xh, sig = sigmoid(z).
-    std::vector<float> xh(gs), g(gs), sig(gs), wbuf;
-    const float* w = weight_f32(static_cast<const W*>(p.weight), d, wbuf);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t blk = 0; blk < p.nblocks; ++blk) {
-      float* dw = p.dweight_partial + blk * d;
-      std::fill(dw, dw + d, 0.f);
-      const auto [begin, end] = block_rows(blk, p.rows, p.nblocks);
-      for (int64_t row = begin; row < end; ++row) {
-        for (int64_t grp = 0; grp < ngroups; ++grp) {
-          const int64_t off = row * d + grp * gs;
-          const float* wg = w + grp * gs;
-          float* dwg = dw + grp * gs;
-          const VF vrstd(p.rstd[row * ngroups + grp]);
-          // 1. xh, g and c = mean(g * xh); dz when the gate comes after the norm (it needs no c);
-          //    dweight += (gradient reaching w * xh) * xh.
-          VF acc(0.f);
-          for_lanes(gs, [&](int64_t i, int64_t n) {
-            VF dy = load_n(dout + off + i, n);
-            VF xv = load_n(x + off + i, n);
-            VF xhv;
-            if (z) {
-              const VF zv = load_n(z + off + i, n);
-              const VF sg = sigmoid(zv);
-              store_n(sig.data() + i, sg, n);
-              if (gate_before) {
-                xhv = xv * zv * sg * vrstd;
-              } else {  // out = xn * w * silu(z)
-                xhv = xv * vrstd;
-                store_n(dz + off + i, dy * xhv * load_n(wg + i, n) * dsilu(zv, sg), n);
-                dy = dy * zv * sg;
-              }
-            } else {
-              xhv = xv * vrstd;
-            }
-            const VF gv = dy * load_n(wg + i, n);
-            store_n(dwg + i, at::vec::fmadd(dy, xhv, load_n(dwg + i, n)), n);
-            store_n(xh.data() + i, xhv, n);
-            store_n(g.data() + i, gv, n);
-            acc = at::vec::fmadd(gv, xhv, acc);
-          });
-          const VF c(sum_lanes(acc) / static_cast<float>(gs));
-          // 2. d(pre-norm) = rstd * (g - xh * c); through the gate when it came first.
-          for_lanes(gs, [&](int64_t i, int64_t n) {
-            const VF du = vrstd * (load_n(g.data() + i, n) - load_n(xh.data() + i, n) * c);
-            if (gate_before) {
-              const VF zv = load_n(z + off + i, n);
-              const VF sg = load_n(sig.data() + i, n);
-              store_n(dx + off + i, du * zv * sg, n);
-              store_n(dz + off + i, du * load_n(x + off + i, n) * dsilu(zv, sg), n);
-            } else {
-              store_n(dx + off + i, du, n);
-            }
-          });
+  // Per group: xh the normalized input (xn = x * rstd, or un = x * silu(z) * rstd), g the gradient
+  // w.r.t. xh, sig = sigmoid(z).
+  bwd_row_blocks<W>(p, gs, [&](int64_t row, const float* w, float* dw, float* xh, float* g, float* sig) {
+    for (int64_t grp = 0; grp < ngroups; ++grp) {
+      const int64_t off = row * d + grp * gs;
+      const float* wg = w + grp * gs;
+      float* dwg = dw + grp * gs;
+      const VF vrstd(p.rstd[row * ngroups + grp]);
+      // 1. xh, g and c = mean(g * xh); dz when the gate comes after the norm (it needs no c);
+      //    dweight += (gradient reaching w * xh) * xh.
+      VF acc(0.f);
+      for_lanes(gs, [&](int64_t i, int64_t n) {
+        VF dy = load_n(dout + off + i, n);
+        VF xv = load_n(x + off + i, n);
+        VF xhv;
+        if (z) {
+          const VF zv = load_n(z + off + i, n);
+          const VF sg = sigmoid(zv);
+          store_n(sig + i, sg, n);
+          if (gate_before) {
+            xhv = xv * zv * sg * vrstd;
+          } else {  // out = xn * w * silu(z)
+            xhv = xv * vrstd;
+            store_n(dz + off + i, dy * xhv * load_n(wg + i, n) * dsilu(zv, sg), n);
+            dy = dy * zv * sg;
+          }
+        } else {
+          xhv = xv * vrstd;
         }
-      }
+        const VF gv = dy * load_n(wg + i, n);
+        store_n(dwg + i, at::vec::fmadd(dy, xhv, load_n(dwg + i, n)), n);
+        store_n(xh + i, xhv, n);
+        store_n(g + i, gv, n);
+        acc = at::vec::fmadd(gv, xhv, acc);
+      });
+      const VF c(sum_lanes(acc) / static_cast<float>(gs));
+      // 2. d(pre-norm) = rstd * (g - xh * c); through the gate when it came first.
+      for_lanes(gs, [&](int64_t i, int64_t n) {
+        const VF du = vrstd * (load_n(g + i, n) - load_n(xh + i, n) * c);
+        if (gate_before) {
+          const VF zv = load_n(z + off + i, n);
+          const VF sg = load_n(sig + i, n);
+          store_n(dx + off + i, du * zv * sg, n);
+          store_n(dz + off + i, du * load_n(x + off + i, n) * dsilu(zv, sg), n);
+        } else {
+          store_n(dx + off + i, du, n);
+        }
+      });
     }
-  }
-  reduce_dweight(p.dweight_partial, p.dweight, p.nblocks, d);
+  });
 }
 
 // Instantiate body<T, W> for the runtime types (x and weight types are independent).

@@ -45,8 +45,6 @@ def _normalize(op: str, hidden, weight, target, bias):
     return h2, weight.contiguous(), t1, None if bias is None else bias.contiguous()
 
 
-
-
 def _check_float(op: str, name: str, value, lo=None, hi=None, positive=False):
     if not isinstance(value, (int, float)) or value != value:
         raise ValueError(f"{op}: argument '{name}': expected a number, got {value!r}")
@@ -55,6 +53,18 @@ def _check_float(op: str, name: str, value, lo=None, hi=None, positive=False):
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"{op}: argument '{name}': expected a value in [{lo}, {hi}], got {value!r}")
     return float(value)
+
+
+def _prepare(op: str, hidden, weight, target, bias, logit_scale, ignore_index):
+    """The checks and normalization both public ops share: returns (target's shape, logit_scale as a float,
+    the normalized (hidden, weight, target, bias)), having checked that ``<op>_fwd`` has a kernel on the device."""
+    logit_scale = _check_float(op, "logit_scale", logit_scale)
+    if not isinstance(ignore_index, int):
+        raise ValueError(f"{op}: argument 'ignore_index': expected an int, got {ignore_index!r}")
+    shape = target.shape if isinstance(target, torch.Tensor) else None
+    h, w, t, b = _normalize(op, hidden, weight, target, bias)
+    _registry.require_kernel(f"{op}_fwd", h.device)
+    return shape, logit_scale, (h, w, t, b)
 
 
 # ------------------------------------------------------------------------------------- cross entropy
@@ -95,12 +105,7 @@ def fused_linear_cross_entropy(
     check_choice(op, "reduction", reduction, tuple(_REDUCTIONS))
     label_smoothing = _check_float(op, "label_smoothing", label_smoothing, 0.0, 1.0)
     z_loss = _check_float(op, "z_loss", z_loss, 0.0)
-    logit_scale = _check_float(op, "logit_scale", logit_scale)
-    if not isinstance(ignore_index, int):
-        raise ValueError(f"{op}: argument 'ignore_index': expected an int, got {ignore_index!r}")
-    shape = target.shape if isinstance(target, torch.Tensor) else None
-    h, w, t, b = _normalize(op, hidden, weight, target, bias)
-    _registry.require_kernel("fused_linear_cross_entropy_fwd", h.device)
+    shape, logit_scale, (h, w, t, b) = _prepare(op, hidden, weight, target, bias, logit_scale, ignore_index)
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
     compute_grad = needs_grad and reduction != "none"
     loss, zl, *_ = torch.ops.h1r.fused_linear_cross_entropy_fwd(
@@ -224,12 +229,7 @@ def fused_linear_logprobs(
     """
     op = "fused_linear_logprobs"
     temperature = _check_float(op, "temperature", temperature, positive=True)
-    logit_scale = _check_float(op, "logit_scale", logit_scale)
-    if not isinstance(ignore_index, int):
-        raise ValueError(f"{op}: argument 'ignore_index': expected an int, got {ignore_index!r}")
-    shape = target.shape if isinstance(target, torch.Tensor) else None
-    h, w, t, b = _normalize(op, hidden, weight, target, bias)
-    _registry.require_kernel("fused_linear_logprobs_fwd", h.device)
+    shape, logit_scale, (h, w, t, b) = _prepare(op, hidden, weight, target, bias, logit_scale, ignore_index)
     lp, ent, _ = torch.ops.h1r.fused_linear_logprobs_fwd(h, w, t, b, temperature, logit_scale, ignore_index)
     return lp.view(shape), ent.view(shape)
 

@@ -70,15 +70,34 @@ def _write_zero(x_ptr, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def _this_row(x_ptr, stride, target_ptr):
+    """The program's row (one per token): its index, the pointer to its logits and its target."""
+    row = tl.program_id(0).to(tl.int64)
+    return row, x_ptr + row * stride, tl.load(target_ptr + row)
+
+
+@triton.jit
+def _ignored(y, ignore_index, V):
+    """A row without loss or gradient: its target is ignore_index or out of [0, V)."""
+    return (y == ignore_index) | (y < 0) | (y >= V)
+
+
+@triton.jit
+def _ce_write_grad(x_ptr, V, scale, lse, g, eps, z_loss_scale, y, BLOCK_V: tl.constexpr):
+    """The cross-entropy gradient of a row of loss weight g, written over its logits:
+    dloss/du_j = p_j (1 + 2 zl lse) - (1 - eps) [j == y] - eps / V."""
+    _write_grad(x_ptr, V, scale, lse, g * (1.0 + 2.0 * z_loss_scale * lse), 0.0, -g * eps / V, -g * (1.0 - eps), y,
+                BLOCK_V)
+
+
+@triton.jit
 def _ce_fwd_kernel(x_ptr, stride, target_ptr, loss_ptr, zloss_ptr, lse_ptr, V, ignore_index, scale, eps,
                    z_loss_scale, grad_scale, WRITE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                    BLOCK_V: tl.constexpr):
     """Cross entropy of one row; with WRITE_GRAD its gradient (weighted by grad_scale) over the row:
     dloss/du_j = p_j (1 + 2 zl lse) - (1 - eps) [j == y] - eps / V."""
-    row = tl.program_id(0).to(tl.int64)
-    x_ptr += row * stride
-    y = tl.load(target_ptr + row)
-    if (y == ignore_index) | (y < 0) | (y >= V):
+    row, x_ptr, y = _this_row(x_ptr, stride, target_ptr)
+    if _ignored(y, ignore_index, V):
         tl.store(loss_ptr + row, 0.0)
         tl.store(zloss_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
@@ -95,33 +114,27 @@ def _ce_fwd_kernel(x_ptr, stride, target_ptr, loss_ptr, zloss_ptr, lse_ptr, V, i
         tl.store(zloss_ptr + row, zl)
         tl.store(lse_ptr + row, lse)
         if WRITE_GRAD:
-            _write_grad(x_ptr, V, scale, lse, grad_scale * (1.0 + 2.0 * z_loss_scale * lse), 0.0,
-                        -grad_scale * eps / V, -grad_scale * (1.0 - eps), y, BLOCK_V)
+            _ce_write_grad(x_ptr, V, scale, lse, grad_scale, eps, z_loss_scale, y, BLOCK_V)
 
 
 @triton.jit
 def _ce_bwd_kernel(x_ptr, stride, target_ptr, lse_ptr, grad_ptr, V, ignore_index, scale, eps, z_loss_scale,
                    BLOCK_V: tl.constexpr):
     """The cross-entropy gradient of one row for the saved lse and an upstream gradient g_row."""
-    row = tl.program_id(0).to(tl.int64)
-    x_ptr += row * stride
-    y = tl.load(target_ptr + row)
+    row, x_ptr, y = _this_row(x_ptr, stride, target_ptr)
     g = tl.load(grad_ptr + row)
-    if (y == ignore_index) | (y < 0) | (y >= V) | (g == 0.0):
+    if _ignored(y, ignore_index, V) | (g == 0.0):
         _write_zero(x_ptr, V, BLOCK_V)
     else:
         lse = tl.load(lse_ptr + row)
-        _write_grad(x_ptr, V, scale, lse, g * (1.0 + 2.0 * z_loss_scale * lse), 0.0, -g * eps / V,
-                    -g * (1.0 - eps), y, BLOCK_V)
+        _ce_write_grad(x_ptr, V, scale, lse, g, eps, z_loss_scale, y, BLOCK_V)
 
 
 @triton.jit
 def _logprobs_fwd_kernel(x_ptr, stride, target_ptr, logprobs_ptr, entropy_ptr, lse_ptr, V, ignore_index, scale,
                          BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_ptr += row * stride
-    y = tl.load(target_ptr + row)
-    if (y == ignore_index) | (y < 0) | (y >= V):
+    row, x_ptr, y = _this_row(x_ptr, stride, target_ptr)
+    if _ignored(y, ignore_index, V):
         tl.store(logprobs_ptr + row, 0.0)
         tl.store(entropy_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
@@ -136,16 +149,14 @@ def _logprobs_fwd_kernel(x_ptr, stride, target_ptr, logprobs_ptr, entropy_ptr, l
 def _logprobs_bwd_kernel(x_ptr, stride, target_ptr, lse_ptr, dlp_ptr, dent_ptr, V, ignore_index, scale,
                          HAS_DLP: tl.constexpr, HAS_DENT: tl.constexpr, BLOCK_V: tl.constexpr):
     """dL/du_j = a ([j == y] - p_j) - b p_j (log p_j + H) = p_j (-a - b (H - lse) - b u_j) + a [j == y]."""
-    row = tl.program_id(0).to(tl.int64)
-    x_ptr += row * stride
-    y = tl.load(target_ptr + row)
+    row, x_ptr, y = _this_row(x_ptr, stride, target_ptr)
     a = 0.0
     b = 0.0
     if HAS_DLP:
         a = tl.load(dlp_ptr + row)
     if HAS_DENT:
         b = tl.load(dent_ptr + row)
-    if (y == ignore_index) | (y < 0) | (y >= V) | ((a == 0.0) & (b == 0.0)):
+    if _ignored(y, ignore_index, V) | ((a == 0.0) & (b == 0.0)):
         _write_zero(x_ptr, V, BLOCK_V)
     else:
         lse = tl.load(lse_ptr + row)
