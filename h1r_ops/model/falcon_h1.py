@@ -278,15 +278,20 @@ class Mixer(nn.Module):
         return self._gate_out(y.reshape(b, self.d_ssm), z)
 
     # -- fused inference path: torch.ops.h1r.* on known-good arguments ----------------------------------
-    def scan_constants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A = -exp(A_log) (h,), D (h, p) and dt_bias (h,), fp32 contiguous as the kernels take them; cached
-        until one of the parameters changes (in place or by reassignment)."""
-        key = tuple((t.data_ptr(), t._version) for t in (self.A_log, self.D, self.dt_bias))
+    def scan_constants(self) -> tuple[torch.Tensor, ...]:
+        """A = -exp(A_log) (h,), D (h, p), dt_bias (h,), the conv weight (conv_dim, d_conv) and bias, fp32
+        contiguous as the kernels take them (no per-call conversion); cached until one of the parameters
+        changes (in place or by reassignment)."""
+        params = [self.A_log, self.D, self.dt_bias, self.conv1d.weight] + (
+            [] if self.conv1d.bias is None else [self.conv1d.bias])
+        key = tuple((t.data_ptr(), t._version) for t in params)
         if getattr(self, "_consts_key", None) != key:
             A = -torch.exp(self.A_log.detach().float())
             D = self.D.detach().float()
             D = (D[:, None].expand(self.H, self.P) if D.dim() == 1 else D).contiguous()
-            self._consts = (A, D, self.dt_bias.detach().float().contiguous())
+            conv_b = None if self.conv1d.bias is None else self.conv1d.bias.detach().float().contiguous()
+            self._consts = (A, D, self.dt_bias.detach().float().contiguous(),
+                            self.conv1d.weight.detach().squeeze(1).float().contiguous(), conv_b)
             self._consts_key = key
         return self._consts
 
@@ -304,9 +309,8 @@ class Mixer(nn.Module):
         row stride), conv_state (S, conv_dim, d_conv-1) and ssm_state (S, h, p, n) fp32 updated in place
         (rows ``state_indices`` (b,) int32, else the first b). Returns y (b, d_ssm), before out_proj."""
         b = xBC.shape[0]
-        A, D, dt_bias = self.scan_constants()
-        xBC = torch.ops.h1r.causal_conv1d_update(xBC, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                                 True, state_indices)
+        A, D, dt_bias, conv_w, conv_b = self.scan_constants()
+        xBC = torch.ops.h1r.causal_conv1d_update(xBC, conv_state, conv_w, conv_b, True, state_indices)
         x, B, C = xBC.split([self.d_ssm, self.G * self.N, self.G * self.N], dim=-1)
         y = torch.ops.h1r.selective_state_update(
             ssm_state, x.view(b, self.H, self.P), dt, A, B.view(b, self.G, self.N), C.view(b, self.G, self.N), D,
@@ -317,11 +321,11 @@ class Mixer(nn.Module):
         """Full-sequence core on the fused projection's output: z (b*l, d_ssm), xBC (b*l, conv_dim),
         dt (b*l, h) (any row stride); with ``cache`` the final conv / SSM states are written into it.
         Returns y (b*l, d_ssm), before out_proj."""
-        A, D, dt_bias = self.scan_constants()
+        A, D, dt_bias, conv_w, conv_b = self.scan_constants()
         # (b, l, conv_dim) seen as (b, conv_dim, l): the conv's channel-last layout, no copy
         xBC_t = xBC.view(b, l, self.conv_dim).transpose(1, 2)
-        xBC_t, conv_final = torch.ops.h1r.causal_conv1d_fwd(xBC_t, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                                            seq_idx, None, cache is not None, True)
+        xBC_t, conv_final = torch.ops.h1r.causal_conv1d_fwd(xBC_t, conv_w, conv_b, seq_idx, None, cache is not None,
+                                                            True)
         x, B, C = xBC_t.transpose(1, 2).split([self.d_ssm, self.G * self.N, self.G * self.N], dim=-1)
         lo, hi = self.cfg.time_step_limit
         y, ssm_final = torch.ops.h1r.selective_scan_fwd(
@@ -390,8 +394,9 @@ class DecoderLayer(nn.Module):
                                torch.full((at.k_proj.out_features,), float(km)), torch.ones(at.v_proj.out_features)])
         in_scale = torch.cat([torch.full((mx.in_proj.out_features,), float(c.ssm_in_multiplier)),
                               torch.full((self.fused_in.weight.shape[0] - mx.in_proj.out_features,), float(ai))])
-        self.in_scale = (in_scale * out_scale).to(dev)        # fp32: the product rounds once into the output
-        self.in_bias_scale = out_scale.to(dev)
+        # in the weights' dtype, as HF's bf16 model multiplies by its bf16 mup_vector
+        self.in_scale = (in_scale * out_scale).to(device=dev, dtype=self.fused_in.weight.dtype)
+        self.in_bias_scale = out_scale.to(device=dev, dtype=self.fused_in.weight.dtype)
 
     def fused_valid(self) -> bool:
         return (getattr(self, "fused_in", None) is not None and self.fused_in.valid()
@@ -407,7 +412,7 @@ class DecoderLayer(nn.Module):
         h = torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
         f = self.fused_in
         p = torch.mm(h, f.weight.t())
-        torch.mul(p, self.in_scale, out=p)   # fp32 scale, one rounding to the model dtype
+        p.mul_(self.in_scale)
         if f.bias is not None:
             p.add_(f.bias * self.in_bias_scale)
         mx, at = self.mamba, self.self_attn
@@ -452,9 +457,9 @@ class DecoderLayer(nn.Module):
         torch.ops.h1r.rotary_(q4.transpose(1, 2), k4.transpose(1, 2), rope[0], rope[1], pos_ids, False)
         q4, k4, v4 = q4.transpose(1, 2), k4.transpose(1, 2), v.view(b, l, at.n_kv, at.head_dim).transpose(1, 2)
         if cache is not None:
-            cache.key[:, :, start : start + l] = k4
-            cache.value[:, :, start : start + l] = v4
-            k4, v4 = cache.key[:, :, : start + l], cache.value[:, :, : start + l]
+            cache.key.narrow(2, start, l).copy_(k4)
+            cache.value.narrow(2, start, l).copy_(v4)
+            k4, v4 = cache.key.narrow(2, 0, start + l), cache.value.narrow(2, 0, start + l)
         if mask is None and l > 1:
             if start == 0:
                 o = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=at.scale, enable_gqa=True)
