@@ -160,7 +160,7 @@ def main(argv=None):
                 rows.append((f"decode {n_new}", dname, batch, batch / step["hf"], batch / step["mod"],
                              batch / step["us"], step["hf"] / step["us"], step["mod"] / step["us"], bound,
                              100 * batch / step["us"] / bound))
-            del hf, ours
+            hf = ours = None  # free both before the next dtype loads
     print_table(rows, ("path", "dtype", "batch", "transformers tok/s", "h1r module tok/s", "h1r fused tok/s",
                        "x transformers", "x module", "bound tok/s", "% of bound"),
                 title=f"Falcon-H1 {layers}-layer model (hidden 1024, 16x64 mamba heads, d_state 128, vocab 32k), "

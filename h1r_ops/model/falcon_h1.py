@@ -121,6 +121,19 @@ class FusedRows:
         return True
 
 
+def linear_nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (m, k) @ w (n, k)^T. One row goes through the matrix-vector kernel: for a 16-bit w it streams the
+    weights faster than a 1-row GEMM (oneDNN's bf16 GEMM at m = 1 is compute-bound on the conversions)."""
+    return torch.mv(w, x[0])[None] if x.shape[0] == 1 else torch.mm(x, w.t())
+
+
+def addlinear_nt(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """r + alpha * x @ w^T (r (m, n), x (m, k), w (n, k)), the one-row case as a matrix-vector product."""
+    if x.shape[0] == 1:
+        return torch.addmv(r[0], w, x[0], alpha=alpha)[None]
+    return torch.addmm(r, x, w.t(), alpha=alpha)
+
+
 def rope_table(inv_freq: torch.Tensor, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables (n, head_dim) for positions 0..n-1: angles in fp32 then cast (as HF's rotary)."""
     freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=inv_freq.device), inv_freq.float())
@@ -411,7 +424,7 @@ class DecoderLayer(nn.Module):
         ln = self.input_layernorm
         h = torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
         f = self.fused_in
-        p = torch.mm(h, f.weight.t())
+        p = linear_nt(h, f.weight)
         p.mul_(self.in_scale)
         if f.bias is not None:
             p.add_(f.bias * self.in_bias_scale)
@@ -427,21 +440,23 @@ class DecoderLayer(nn.Module):
         accumulate into the residual with their muP multipliers as addmm's alpha, then the SwiGLU MLP on
         the fused [gate | up] GEMM, its down projection accumulated the same way."""
         c, mx, at, ff = self.cfg, self.mamba, self.self_attn, self.feed_forward
-        x = torch.addmm(x, y, mx.out_proj.weight.t(), alpha=c.ssm_out_multiplier)
+        x = addlinear_nt(x, y, mx.out_proj.weight, c.ssm_out_multiplier)
         if mx.out_proj.bias is not None:
             x.add_(mx.out_proj.bias, alpha=c.ssm_out_multiplier)
-        x = torch.addmm(x, o, at.o_proj.weight.t(), alpha=c.attention_out_multiplier)
+        x = addlinear_nt(x, o, at.o_proj.weight, c.attention_out_multiplier)
         if at.o_proj.bias is not None:
             x.add_(at.o_proj.bias, alpha=c.attention_out_multiplier)
         ln = self.pre_ff_layernorm
         h = torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
         f = self.fused_gate_up
-        gu = torch.mm(h, f.weight.t()) if f.bias is None else torch.addmm(f.bias, h, f.weight.t())
+        gu = linear_nt(h, f.weight)
+        if f.bias is not None:
+            gu.add_(f.bias)
         g, u = gu.split(f.sizes, dim=-1)
         g.mul_(ff.gate_multiplier)
         F.silu(g, inplace=True)
         g.mul_(u)
-        x = torch.addmm(x, g, ff.down_proj.weight.t(), alpha=ff.down_multiplier)
+        x = addlinear_nt(x, g, ff.down_proj.weight, ff.down_multiplier)
         if ff.down_proj.bias is not None:
             x.add_(ff.down_proj.bias, alpha=ff.down_multiplier)
         return x
@@ -671,7 +686,7 @@ class FalconH1ForCausalLM(nn.Module):
     def prefill(self, input_ids, cache: HybridCache) -> torch.Tensor:
         """Run the prompt (b, l) through the model, filling ``cache``; returns the last logits (b, vocab)."""
         h = self.hidden_states(input_ids, cache=cache)
-        return self.logits(h[:, -1])
+        return linear_nt(h[:, -1], self.lm_head_weight).mul_(self.config.lm_head_multiplier)
 
     @torch.no_grad()
     def step(self, input_ids, cache: HybridCache) -> torch.Tensor:
@@ -682,7 +697,8 @@ class FalconH1ForCausalLM(nn.Module):
         x = self._embed(input_ids)
         position_ids = torch.full((input_ids.shape[0], 1), pos, device=input_ids.device)
         if self.fused_ready(input_ids.device):
-            return self.logits(self._run_fused(x[:, None], position_ids, pos + 1, cache=cache, decode=True)[:, 0])
+            h = self._run_fused(x[:, None], position_ids, pos + 1, cache=cache, decode=True)[:, 0]
+            return linear_nt(h, self.lm_head_weight).mul_(self.config.lm_head_multiplier)
         cos, sin = self.rotary_cos_sin(position_ids, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer.step(x, cos, sin, cache.layers[i], pos)
