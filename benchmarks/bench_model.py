@@ -10,7 +10,8 @@ projection, the public validated ops; what the model ran before the fused path) 
 
 The limits printed beside them, from this run's own measurements:
 - decode: every step reads all the weights but the embedding table, plus the Mamba / conv states (read
-  and written) and the KV cache: bound = batch / (those bytes / memory-copy bandwidth);
+  and written) and the KV cache: bound = batch / (those bytes / memory-copy bandwidth), the bandwidth
+  measured by a 256 MiB copy interleaved with the decode runs;
 - prefill: the GEMMs' FLOPs (2 x non-embedding parameters per token) at the rate of one large GEMM in
   this dtype (attention and the scan not counted, so it is optimistic).
 
@@ -109,6 +110,8 @@ def main(argv=None):
     from h1r_ops.model import FalconH1ForCausalLM
 
     bw = memcpy_bandwidth()
+    src = torch.ones(1 << 26)   # 256 MiB, copied between the decode runs to measure the bandwidth of the moment
+    dst = torch.empty_like(src)
     rows = []
     with tempfile.TemporaryDirectory() as d:
         build(d, layers)
@@ -153,10 +156,12 @@ def main(argv=None):
 
                 with torch.no_grad():
                     t = interleaved({"hf1": hf_gen(1), "hfn": hf_gen(n_new + 1), "mod1": module(our_gen(1)),
-                                     "modn": module(our_gen(n_new + 1)), "us1": our_gen(1), "usn": our_gen(n_new + 1)},
-                                    rounds)
+                                     "modn": module(our_gen(n_new + 1)), "us1": our_gen(1), "usn": our_gen(n_new + 1),
+                                     "memcpy": lambda: dst.copy_(src)}, rounds)
                 step = {k: max(t[k + "n"] - t[k + "1"], 1e-9) / n_new for k in ("hf", "mod", "us")}
-                bound = batch * bw / decode_bytes(ours, batch, 16 + n_new // 2)
+                # the bandwidth of the same moments (the machine's load drifts between the cases)
+                bw_now = 2 * src.numel() * src.element_size() / t["memcpy"]
+                bound = batch * bw_now / decode_bytes(ours, batch, 16 + n_new // 2)
                 rows.append((f"decode {n_new}", dname, batch, batch / step["hf"], batch / step["mod"],
                              batch / step["us"], step["hf"] / step["us"], step["mod"] / step["us"], bound,
                              100 * batch / step["us"] / bound))
