@@ -177,3 +177,112 @@ def test_missing_and_misshaped_tensors(pair, tmp_path):
     save_file(bad, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mamba.dt_bias': expected shape \(8,\), got \(5,\)"):
         FalconH1ForCausalLM.from_pretrained(tmp_path)
+
+
+# -- the fused inference path (one GEMM for [in_proj | q | k | v], one for [gate | up]) -----------------
+def _module_path(model):
+    """A context in which ``model`` runs inference on its module path (the unfused reference)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        model.use_fused = False
+        try:
+            yield
+        finally:
+            model.use_fused = True
+
+    return ctx()
+
+
+def test_fused_path_is_taken_and_weights_are_views(pair):
+    _, ours, path = pair
+    assert ours.fused_ready(torch.device("cpu")) is False  # autograd records here
+    with torch.no_grad():
+        assert ours.fused_ready(torch.device("cpu"))
+    layer = ours.model.layers[0]
+    w = layer.fused_in.weight
+    assert layer.mamba.in_proj.weight.data_ptr() == w.data_ptr()
+    assert layer.self_attn.v_proj.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+    # fusing moves storage, never values: the state dict is the checkpoint's, tensor for tensor
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(path, "model.safetensors"))
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_path_matches_module_path(pair, batch):
+    _, ours, _ = pair
+    torch.manual_seed(10 + batch)
+    ids = torch.randint(3, 97, (batch, 13))
+    with torch.no_grad():
+        fused = ours(ids, return_logits=True)["logits"]
+        c1 = ours.new_cache(batch, 20)
+        f_steps = [ours.prefill(ids, c1)] + [ours.step(ids[:, i], c1) for i in range(5)]
+        with _module_path(ours):
+            ref = ours(ids, return_logits=True)["logits"]
+            c2 = ours.new_cache(batch, 20)
+            r_steps = [ours.prefill(ids, c2)] + [ours.step(ids[:, i], c2) for i in range(5)]
+    torch.testing.assert_close(fused, ref, atol=2e-5, rtol=2e-5)
+    for a, b in zip(f_steps, r_steps):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    for l1, l2 in zip(c1.layers, c2.layers):
+        torch.testing.assert_close(l1.ssm_state, l2.ssm_state, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(l1.key[:, :, :18], l2.key[:, :, :18], atol=2e-5, rtol=2e-5)
+
+
+def test_fused_path_packed_sequences_and_positions(pair):
+    _, ours, _ = pair
+    torch.manual_seed(4)
+    ids = torch.randint(3, 97, (2, 17))
+    seq_idx = torch.tensor([[0] * 6 + [1] * 11, [0] * 17], dtype=torch.int32)
+    pos = torch.arange(5, 22)[None].expand(2, 17)
+    with torch.no_grad():
+        got = [ours(ids, seq_idx=seq_idx, return_logits=True)["logits"],
+               ours(ids, position_ids=pos, return_logits=True)["logits"]]
+        with _module_path(ours):
+            ref = [ours(ids, seq_idx=seq_idx, return_logits=True)["logits"],
+                   ours(ids, position_ids=pos, return_logits=True)["logits"]]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_fused_path_sees_training_updates_and_refuses_after_new_storage(tmp_path):
+    # one variant (the one with biases in the fused groups) is enough for the storage bookkeeping
+    path = tmp_path / "ckpt"
+    _hf_model("no_norm_theta1e11").save_pretrained(path)
+    m = FalconH1ForCausalLM.from_pretrained(path)
+    ids = torch.randint(3, 97, (1, 9))
+    # an optimizer-style in-place update of the parameters reaches the fused weights (shared storage)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.01)
+        got = m(ids, return_logits=True)["logits"]
+        with _module_path(m):
+            ref = m(ids, return_logits=True)["logits"]
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+    # new storage for the parameters: the fused path stands aside until fused again
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    m.load_state_dict(sd, assign=True)
+    with torch.no_grad():
+        assert not m.fused_ready(torch.device("cpu"))
+        torch.testing.assert_close(m(ids, return_logits=True)["logits"], ref, atol=2e-5, rtol=2e-5)
+        m.fuse_projections()
+        assert m.fused_ready(torch.device("cpu"))
+        torch.testing.assert_close(m(ids, return_logits=True)["logits"], ref, atol=2e-5, rtol=2e-5)
+    # what a fused model saves is what transformers reads
+    m.save_pretrained(tmp_path / "saved")
+    back = transformers.FalconH1ForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ref, atol=2e-4, rtol=2e-4)
+    # .to(dtype) re-fuses by itself
+    m16 = m.to(torch.bfloat16)
+    with torch.no_grad():
+        assert m16.fused_ready(torch.device("cpu"))
+        assert m16.model.layers[0].fused_in.weight.dtype == torch.bfloat16
+        a = m16(ids, return_logits=True)["logits"].float()
+        with _module_path(m16):
+            b = m16(ids, return_logits=True)["logits"].float()
+    assert (a - b).abs().max() < 0.05 * b.abs().max() + 0.02

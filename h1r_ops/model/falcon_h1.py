@@ -7,6 +7,21 @@ their outputs (each with its muP multiplier) into the residual, then a SwiGLU ML
 
 Numerics follow transformers: RMSNorm statistics in fp32, rotary angles in fp32 (cast to the model dtype
 like HF's cos/sin), the scan in fp32 with outputs in the model dtype.
+
+Two paths compute the same function:
+
+- the module path (``nn.Linear`` per projection, public ``h1r_ops`` ops with full validation), used
+  whenever autograd records (training) and by the engine's per-piece calls;
+- the fused inference path, used under ``torch.no_grad()`` / ``torch.inference_mode()`` once
+  :meth:`FalconH1ForCausalLM.fuse_projections` has run (``from_pretrained`` does it): every layer reads
+  its normed input with ONE GEMM over the concatenated rows [mamba in_proj | q | k | v] and its MLP input
+  with one GEMM over [gate | up]; the muP multipliers are applied as one per-channel scale of the GEMM
+  output (weights are never rescaled, so they stay bit-identical to the checkpoint) or as the ``alpha`` of
+  the residual ``addmm``; the ops are called as ``torch.ops.h1r.*`` directly (arguments are known-good,
+  validated once per forward), rotary runs in place on the GEMM output through a cached cos/sin table.
+  The fused weight tensors *are* the parameters' storage (each ``nn.Linear`` weight is a row-slice view of
+  its group), so fusing costs no memory, optimizer updates stay visible to the fused path, and
+  ``state_dict`` / ``save_pretrained`` still hold the original per-projection tensors.
 """
 
 from __future__ import annotations
@@ -61,6 +76,74 @@ def mup_vector(cfg: FalconH1Config) -> torch.Tensor:
 def rope_inv_freq(cfg: FalconH1Config) -> torch.Tensor:
     """1 / theta^(2i / head_dim) in fp32, as HF's default RoPE."""
     return 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+
+
+# ----------------------------------------------------------------------------------------------------
+# fused projections (inference path)
+# ----------------------------------------------------------------------------------------------------
+class FusedRows:
+    """Several ``nn.Linear`` layers reading the same input, fused into one weight ``(sum of outs, in)``.
+
+    The group tensor becomes the storage of the layers' parameters (each ``weight`` / ``bias`` is re-pointed
+    to its row-slice view), so one GEMM computes all the outputs and nothing is duplicated. ``valid()`` says
+    whether the parameters still live there (``load_state_dict(assign=True)``, ``.to()`` or FSDP flattening
+    give them new storage; the model then falls back to its module path or re-fuses)."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        ws = [lin.weight for lin in linears]
+        self.sizes = [w.shape[0] for w in ws]
+        self.weight = torch.cat([w.detach() for w in ws])
+        self.bias = None
+        if any(lin.bias is not None for lin in linears):
+            # absent biases read as zero rows (only the present ones become views)
+            self.bias = self.weight.new_zeros(self.weight.shape[0])
+        # (module, parameter name, address of its rows): the module is asked each time, since
+        # load_state_dict(assign=True) replaces the Parameter objects themselves
+        self._views: list[tuple[nn.Module, str, int]] = []
+        off = 0
+        for lin, n in zip(linears, self.sizes):
+            self._repoint(lin, "weight", self.weight[off : off + n])
+            if lin.bias is not None:
+                self.bias[off : off + n].copy_(lin.bias.detach())
+                self._repoint(lin, "bias", self.bias[off : off + n])
+            off += n
+
+    def _repoint(self, module: nn.Module, name: str, view: torch.Tensor) -> None:
+        getattr(module, name).data = view
+        self._views.append((module, name, view.data_ptr()))
+
+    def valid(self) -> bool:
+        dtype = self.weight.dtype
+        for module, name, ptr in self._views:
+            p = getattr(module, name)
+            if p.data_ptr() != ptr or p.dtype != dtype:
+                return False
+        return True
+
+
+def linear_nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (m, k) @ w (n, k)^T. One row goes through the matrix-vector kernel: for a 16-bit w it streams the
+    weights faster than a 1-row GEMM (oneDNN's bf16 GEMM at m = 1 is compute-bound on the conversions)."""
+    return torch.mv(w, x[0])[None] if x.shape[0] == 1 else torch.mm(x, w.t())
+
+
+def addlinear_nt(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """r + alpha * x @ w^T (r (m, n), x (m, k), w (n, k)), the one-row case as a matrix-vector product."""
+    if x.shape[0] == 1:
+        return torch.addmv(r[0], w, x[0], alpha=alpha)[None]
+    return torch.addmm(r, x, w.t(), alpha=alpha)
+
+
+def rope_table(inv_freq: torch.Tensor, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables (n, head_dim) for positions 0..n-1: angles in fp32 then cast (as HF's rotary)."""
+    freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=inv_freq.device), inv_freq.float())
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+_FAST_DEVICES: dict[str, bool] = {}  # device type -> every op of the fused path has a kernel there
+_FAST_OPS = ("rms_norm_fwd", "gated_rms_norm_fwd", "rotary_", "causal_conv1d_fwd", "causal_conv1d_update",
+             "selective_scan_fwd", "selective_state_update")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,6 +290,67 @@ class Mixer(nn.Module):
             dt_bias=self.dt_bias, dt_softplus=True)
         return self._gate_out(y.reshape(b, self.d_ssm), z)
 
+    # -- fused inference path: torch.ops.h1r.* on known-good arguments ----------------------------------
+    def scan_constants(self) -> tuple[torch.Tensor, ...]:
+        """A = -exp(A_log) (h,), D (h, p), dt_bias (h,), the conv weight (conv_dim, d_conv) and bias, fp32
+        contiguous as the kernels take them (no per-call conversion); cached until one of the parameters
+        changes (in place or by reassignment)."""
+        params = [self.A_log, self.D, self.dt_bias, self.conv1d.weight] + (
+            [] if self.conv1d.bias is None else [self.conv1d.bias])
+        key = tuple((t.data_ptr(), t._version) for t in params)
+        if getattr(self, "_consts_key", None) != key:
+            A = -torch.exp(self.A_log.detach().float())
+            D = self.D.detach().float()
+            D = (D[:, None].expand(self.H, self.P) if D.dim() == 1 else D).contiguous()
+            conv_b = None if self.conv1d.bias is None else self.conv1d.bias.detach().float().contiguous()
+            self._consts = (A, D, self.dt_bias.detach().float().contiguous(),
+                            self.conv1d.weight.detach().squeeze(1).float().contiguous(), conv_b)
+            self._consts_key = key
+        return self._consts
+
+    def _gate_out_fast(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y, z (n, d_ssm) -> the gated norm's output (n, d_ssm) (or y when the mixer has no norm: the
+        silu(z) gate was applied by the scan)."""
+        if self.norm is None:
+            return y
+        n = self.norm
+        return torch.ops.h1r.gated_rms_norm_fwd(y, z.contiguous(), n.weight, n.eps, n.group_size,
+                                                n.norm_before_gate)[0]
+
+    def step_fused(self, z, xBC, dt, conv_state, ssm_state, state_indices=None) -> torch.Tensor:
+        """Decode core on the fused projection's output: z (b, d_ssm), xBC (b, conv_dim), dt (b, h) (any
+        row stride), conv_state (S, conv_dim, d_conv-1) and ssm_state (S, h, p, n) fp32 updated in place
+        (rows ``state_indices`` (b,) int32, else the first b). Returns y (b, d_ssm), before out_proj."""
+        b = xBC.shape[0]
+        A, D, dt_bias, conv_w, conv_b = self.scan_constants()
+        xBC = torch.ops.h1r.causal_conv1d_update(xBC, conv_state, conv_w, conv_b, True, state_indices)
+        x, B, C = xBC.split([self.d_ssm, self.G * self.N, self.G * self.N], dim=-1)
+        y = torch.ops.h1r.selective_state_update(
+            ssm_state, x.view(b, self.H, self.P), dt, A, B.view(b, self.G, self.N), C.view(b, self.G, self.N), D,
+            None if self.norm is not None else z.reshape(b, self.H, self.P), dt_bias, True, state_indices)
+        return self._gate_out_fast(y.view(b, self.d_ssm), z)
+
+    def forward_fused(self, z, xBC, dt, b: int, l: int, seq_idx=None, cache: LayerCache | None = None):
+        """Full-sequence core on the fused projection's output: z (b*l, d_ssm), xBC (b*l, conv_dim),
+        dt (b*l, h) (any row stride); with ``cache`` the final conv / SSM states are written into it.
+        Returns y (b*l, d_ssm), before out_proj."""
+        A, D, dt_bias, conv_w, conv_b = self.scan_constants()
+        # (b, l, conv_dim) seen as (b, conv_dim, l): the conv's channel-last layout, no copy
+        xBC_t = xBC.view(b, l, self.conv_dim).transpose(1, 2)
+        xBC_t, conv_final = torch.ops.h1r.causal_conv1d_fwd(xBC_t, conv_w, conv_b, seq_idx, None, cache is not None,
+                                                            True)
+        x, B, C = xBC_t.transpose(1, 2).split([self.d_ssm, self.G * self.N, self.G * self.N], dim=-1)
+        lo, hi = self.cfg.time_step_limit
+        y, ssm_final = torch.ops.h1r.selective_scan_fwd(
+            x.reshape(b, l, self.H, self.P), dt.view(b, l, self.H), A, B.reshape(b, l, self.G, self.N),
+            C.reshape(b, l, self.G, self.N), self.cfg.mamba_chunk_size, D,
+            None if self.norm is not None else z.reshape(b, l, self.H, self.P), dt_bias, None, seq_idx, True,
+            float(lo), float(hi))
+        if cache is not None:
+            cache.conv_state.copy_(conv_final)
+            cache.ssm_state.copy_(ssm_final)
+        return self._gate_out_fast(y.view(b * l, self.d_ssm), z)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: FalconH1Config):
@@ -248,6 +392,104 @@ class DecoderLayer(nn.Module):
         a = self.self_attn(h[:, None] * self.cfg.attention_in_multiplier, cos, sin, cache=cache, start=pos)[:, 0]
         return self._mix(x, m, a)
 
+    # -- fused inference path ---------------------------------------------------------------------------
+    def fuse(self) -> None:
+        """Fuse [mamba.in_proj | q | k | v] and [gate | up] (see :class:`FusedRows`) and build the
+        per-channel muP scale of the fused input projection."""
+        c, at, mx = self.cfg, self.self_attn, self.mamba
+        self.fused_in = FusedRows([mx.in_proj, at.q_proj, at.k_proj, at.v_proj])
+        self.fused_gate_up = FusedRows([self.feed_forward.gate_proj, self.feed_forward.up_proj])
+        dev = self.fused_in.weight.device
+        ai, km = c.attention_in_multiplier, c.key_multiplier
+        # HF: in_proj(h * ssm_in) * mup; q_proj(h * ai); k_proj(h * ai) * km; v_proj(h * ai). A scale of
+        # the GEMM output equals a scale of its input; a bias is scaled by the output factors only.
+        out_scale = torch.cat([mx.mup_vector.float().cpu(), torch.ones(at.q_proj.out_features),
+                               torch.full((at.k_proj.out_features,), float(km)), torch.ones(at.v_proj.out_features)])
+        in_scale = torch.cat([torch.full((mx.in_proj.out_features,), float(c.ssm_in_multiplier)),
+                              torch.full((self.fused_in.weight.shape[0] - mx.in_proj.out_features,), float(ai))])
+        # in the weights' dtype, as HF's bf16 model multiplies by its bf16 mup_vector
+        self.in_scale = (in_scale * out_scale).to(device=dev, dtype=self.fused_in.weight.dtype)
+        self.in_bias_scale = out_scale.to(device=dev, dtype=self.fused_in.weight.dtype)
+
+    def fused_valid(self) -> bool:
+        return (getattr(self, "fused_in", None) is not None and self.fused_in.valid()
+                and self.fused_gate_up.valid())
+
+    def project_fused(self, x: torch.Tensor):
+        """The layer's input side in one GEMM. x (n, hidden) residual stream ->
+        (z (n, d_ssm), xBC (n, conv_dim), dt (n, h), q (n, heads, hd), k (n, kv, hd), v (n, kv, hd)): the
+        muP-scaled mixer inputs and the attention projections (key_multiplier and attention_in_multiplier
+        applied, RoPE not yet), all views of one (n, in_proj + q + k + v) buffer."""
+        n = x.shape[0]
+        ln = self.input_layernorm
+        h = torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
+        f = self.fused_in
+        p = linear_nt(h, f.weight)
+        p.mul_(self.in_scale)
+        if f.bias is not None:
+            p.add_(f.bias * self.in_bias_scale)
+        mx, at = self.mamba, self.self_attn
+        z, xBC, dt, q, k, v = p.split([mx.d_ssm, mx.conv_dim, mx.H, at.n_heads * at.head_dim,
+                                       at.n_kv * at.head_dim, at.n_kv * at.head_dim], dim=-1)
+        return (z, xBC, dt, q.view(n, at.n_heads, at.head_dim), k.view(n, at.n_kv, at.head_dim),
+                v.view(n, at.n_kv, at.head_dim))
+
+    def output_fused(self, x: torch.Tensor, y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The layer's output side: x (n, hidden) residual, y (n, d_ssm) the mixer's gated output, o (n,
+        heads * hd) the attention output -> the layer's output (n, hidden): the two output projections
+        accumulate into the residual with their muP multipliers as addmm's alpha, then the SwiGLU MLP on
+        the fused [gate | up] GEMM, its down projection accumulated the same way."""
+        c, mx, at, ff = self.cfg, self.mamba, self.self_attn, self.feed_forward
+        x = addlinear_nt(x, y, mx.out_proj.weight, c.ssm_out_multiplier)
+        if mx.out_proj.bias is not None:
+            x.add_(mx.out_proj.bias, alpha=c.ssm_out_multiplier)
+        x = addlinear_nt(x, o, at.o_proj.weight, c.attention_out_multiplier)
+        if at.o_proj.bias is not None:
+            x.add_(at.o_proj.bias, alpha=c.attention_out_multiplier)
+        ln = self.pre_ff_layernorm
+        h = torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
+        f = self.fused_gate_up
+        gu = linear_nt(h, f.weight)
+        if f.bias is not None:
+            gu.add_(f.bias)
+        g, u = gu.split(f.sizes, dim=-1)
+        g.mul_(ff.gate_multiplier)
+        F.silu(g, inplace=True)
+        g.mul_(u)
+        x = addlinear_nt(x, g, ff.down_proj.weight, ff.down_multiplier)
+        if ff.down_proj.bias is not None:
+            x.add_(ff.down_proj.bias, alpha=ff.down_multiplier)
+        return x
+
+    def forward_fused(self, x, b: int, l: int, rope, pos_ids, mask=None, seq_idx=None,
+                      cache: LayerCache | None = None, start: int = 0, decode: bool = False) -> torch.Tensor:
+        """The whole layer on the fused path: x (b*l, hidden); rope = (cos, sin) tables (max_pos, head_dim);
+        pos_ids (b, l) int64. ``decode`` (l == 1, with ``cache``) steps the mixer's cached states;
+        otherwise the full-sequence mixer runs (with ``cache``: from position 0, final states written)."""
+        at = self.self_attn
+        z, xBC, dt, q, k, v = self.project_fused(x)
+        q4, k4 = q.view(b, l, at.n_heads, at.head_dim), k.view(b, l, at.n_kv, at.head_dim)
+        torch.ops.h1r.rotary_(q4.transpose(1, 2), k4.transpose(1, 2), rope[0], rope[1], pos_ids, False)
+        q4, k4, v4 = q4.transpose(1, 2), k4.transpose(1, 2), v.view(b, l, at.n_kv, at.head_dim).transpose(1, 2)
+        if cache is not None:
+            cache.key.narrow(2, start, l).copy_(k4)
+            cache.value.narrow(2, start, l).copy_(v4)
+            k4, v4 = cache.key.narrow(2, 0, start + l), cache.value.narrow(2, 0, start + l)
+        if mask is None and l > 1:
+            if start == 0:
+                o = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=at.scale, enable_gqa=True)
+            else:  # chunked prefill on top of a cache: query i sits at position start + i
+                pos_q = torch.arange(start, start + l, device=x.device)[:, None]
+                mask = pos_q >= torch.arange(start + l, device=x.device)[None, :]
+        if mask is not None or l == 1:  # a decode query attends to every cached position
+            o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=at.scale, enable_gqa=True)
+        o = o.transpose(1, 2).reshape(b * l, at.n_heads * at.head_dim)
+        if decode:
+            y = self.mamba.step_fused(z, xBC, dt, cache.conv_state, cache.ssm_state)
+        else:
+            y = self.mamba.forward_fused(z, xBC, dt, b, l, seq_idx=seq_idx, cache=cache)
+        return self.output_fused(x, y, o)
+
 
 class FalconH1Model(nn.Module):
     def __init__(self, cfg: FalconH1Config):
@@ -285,6 +527,46 @@ class FalconH1ForCausalLM(nn.Module):
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    use_fused: bool = True  # set False to run inference on the module path (e.g. to compare the two)
+
+    def fuse_projections(self) -> "FalconH1ForCausalLM":
+        """Enable the fused inference path (module docstring): every layer's input projections and MLP
+        gate/up become one weight tensor each, the parameters views into it. Free in memory; the weights
+        and ``state_dict`` are unchanged. ``from_pretrained`` calls it; call it again after giving the
+        parameters new storage outside ``.to()`` (e.g. ``load_state_dict(assign=True)``)."""
+        for layer in self.model.layers:
+            if not layer.fused_valid():
+                layer.fuse()
+        self._rope = None
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .float() / .cuda() give the parameters new storage: fuse again if the model was fused
+        fused = any(getattr(layer, "fused_in", None) is not None for layer in self.model.layers)
+        out = super()._apply(fn, recurse)
+        if fused:
+            self.fuse_projections()
+        return out
+
+    def fused_ready(self, device: torch.device) -> bool:
+        """Whether the fused inference path serves a call now: autograd not recording, not tracing, the
+        projections fused (and still so) and every op it calls has a kernel for ``device``."""
+        if torch.is_grad_enabled() or not self.use_fused or torch.compiler.is_compiling():
+            return False
+        if device.type not in _FAST_DEVICES:
+            from h1r_ops import _registry
+
+            _FAST_DEVICES[device.type] = all(_registry.has_kernel(op, device.type) for op in _FAST_OPS)
+        return _FAST_DEVICES[device.type] and all(layer.fused_valid() for layer in self.model.layers)
+
+    def rope_tables(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin tables (>= n, head_dim) in ``dtype``, grown by doubling and kept between calls."""
+        t = getattr(self, "_rope", None)
+        if t is None or t[0].shape[0] < n or t[0].dtype != dtype or t[0].device != self.inv_freq.device:
+            size = max(n, 2 * t[0].shape[0] if t is not None and t[0].dtype == dtype else 256)
+            t = self._rope = rope_table(self.inv_freq, size, dtype)
+        return t
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "FalconH1ForCausalLM":
@@ -342,8 +624,10 @@ class FalconH1ForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = (positions_from_seq_idx(seq_idx) if seq_idx is not None
                             else torch.arange(l, device=input_ids.device).expand(b, l))
+            max_pos = l
+        else:
+            max_pos = int(position_ids.max()) + 1 if position_ids.numel() else 1
         x = self._embed(input_ids)
-        cos, sin = self.rotary_cos_sin(position_ids, x.dtype)
         mask = None
         if seq_idx is not None:
             same = seq_idx[:, :, None] == seq_idx[:, None, :]
@@ -351,11 +635,33 @@ class FalconH1ForCausalLM(nn.Module):
         if cache is not None:
             if l > cache.max_len:
                 raise ValueError(f"prefill: argument 'input_ids': {l} tokens exceed the cache's max_len {cache.max_len}")
+        if self.fused_ready(input_ids.device):
+            return self._run_fused(x, position_ids, max_pos, mask=mask, seq_idx=seq_idx, cache=cache)
+        cos, sin = self.rotary_cos_sin(position_ids, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask=mask, seq_idx=seq_idx, cache=None if cache is None else cache.layers[i])
         if cache is not None:
             cache.length = l
         return self.model.final_layernorm(x)
+
+    def _run_fused(self, x, position_ids, max_pos: int, mask=None, seq_idx=None, cache: HybridCache | None = None,
+                   decode: bool = False) -> torch.Tensor:
+        """All layers on the fused path: x (b, l, hidden) embedded input, position_ids (b, l) all below
+        ``max_pos``. Returns the
+        final-normed hidden states (b, l, hidden); with ``cache`` (prefill from 0, or one decode step at
+        cache.length) fills it."""
+        b, l, d = x.shape
+        start = cache.length if decode else 0
+        pos = position_ids.to(torch.int64).expand(b, l).contiguous()
+        rope = self.rope_tables(max_pos, x.dtype)
+        x = x.reshape(b * l, d)
+        for i, layer in enumerate(self.model.layers):
+            x = layer.forward_fused(x, b, l, rope, pos, mask=mask, seq_idx=seq_idx,
+                                    cache=None if cache is None else cache.layers[i], start=start, decode=decode)
+        if cache is not None:
+            cache.length = start + l
+        ln = self.model.final_layernorm
+        return torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0].view(b, l, d)
 
     def forward(self, input_ids, labels=None, position_ids=None, seq_idx=None, return_logits: bool = False,
                 ignore_index: int = -100):
@@ -380,7 +686,7 @@ class FalconH1ForCausalLM(nn.Module):
     def prefill(self, input_ids, cache: HybridCache) -> torch.Tensor:
         """Run the prompt (b, l) through the model, filling ``cache``; returns the last logits (b, vocab)."""
         h = self.hidden_states(input_ids, cache=cache)
-        return self.logits(h[:, -1])
+        return linear_nt(h[:, -1], self.lm_head_weight).mul_(self.config.lm_head_multiplier)
 
     @torch.no_grad()
     def step(self, input_ids, cache: HybridCache) -> torch.Tensor:
@@ -390,6 +696,9 @@ class FalconH1ForCausalLM(nn.Module):
             raise ValueError(f"step: the cache is full ({cache.max_len} tokens)")
         x = self._embed(input_ids)
         position_ids = torch.full((input_ids.shape[0], 1), pos, device=input_ids.device)
+        if self.fused_ready(input_ids.device):
+            h = self._run_fused(x[:, None], position_ids, pos + 1, cache=cache, decode=True)[:, 0]
+            return linear_nt(h, self.lm_head_weight).mul_(self.config.lm_head_multiplier)
         cos, sin = self.rotary_cos_sin(position_ids, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer.step(x, cos, sin, cache.layers[i], pos)

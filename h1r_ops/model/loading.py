@@ -74,14 +74,20 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu"):
     model.inv_freq = rope_inv_freq(cfg).to(device)
     for layer in model.model.layers:
         layer.mamba.mup_vector = mup_vector(cfg).to(device)
-    return model.eval()
+    return model.fuse_projections().eval()
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
 def save_pretrained(model, path, max_shard_bytes: int = 5 << 30) -> None:
     """Write ``model`` to ``path`` as config.json + safetensors (sharded with an index when larger than
     ``max_shard_bytes``). Tied embeddings are written once, as transformers does."""
     os.makedirs(path, exist_ok=True)
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    # fused projections are row views of one tensor: safetensors wants each tensor in its own storage
+    sd = {k: _own_storage(v.detach()) for k, v in model.state_dict().items()}
     dtype = next(iter(sd.values())).dtype
     model.config.save_pretrained(path, torch_dtype=str(dtype).replace("torch.", ""))
     shards: list[dict[str, torch.Tensor]] = [{}]
