@@ -15,6 +15,32 @@ from typing import Callable, Sequence
 import torch
 
 
+def _keep_freed_memory() -> str:
+    """Stop glibc from handing large freed blocks back to the OS after every op.
+
+    By default glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh mmap and
+    unmaps it on free, so a 100 MB activation costs a page fault and a zeroing per 4 KiB page on EVERY call:
+    at the Falcon-H1-7B sizes that halves the bandwidth of any op returning a new tensor (eager, torch.compile
+    and h1r alike). A training or serving process reaches a steady state where the heap already holds those
+    pages (as CUDA's caching allocator does on the GPU); raising the mmap and trim thresholds gives the
+    benchmark that steady state for every path it times. Set H1R_BENCH_DEFAULT_MALLOC=1 to keep glibc's
+    defaults. Returns what it did, for the header line."""
+    if os.environ.get("H1R_BENCH_DEFAULT_MALLOC") == "1":
+        return "glibc defaults"
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 34)
+        return "freed memory kept (mallopt)" if ok else "glibc defaults (mallopt refused)"
+    except OSError:
+        return "allocator defaults (not glibc)"
+
+
+MALLOC_MODE = _keep_freed_memory()
+
+
 def timeit(fn: Callable[[], object], warmup: int = 2, iters: int = 5, min_time: float = 0.0,
            max_seconds: float | None = None, stat: str = "median") -> float:
     """Wall time of ``fn()`` in seconds (the median, or the minimum with ``stat="min"``, which is steadier on
@@ -100,10 +126,10 @@ def ratio_row(case: str, seconds: float, anchors: dict, nbytes: float, bw: float
 
 
 def memory_bandwidths() -> tuple[float, float]:
-    """Measure and print (with the thread count, h1r's CPU ISA and THP_MEM_ALLOC_ENABLE) the memcpy
+    """Measure and print (with the thread count, h1r's CPU ISA, THP_MEM_ALLOC_ENABLE and the malloc mode) the memcpy
     bandwidth and the copy-into-a-fresh-tensor (clone) one; returns both, bytes / s."""
     bw, bw_fresh = memcpy_bandwidth(), memcpy_bandwidth(fresh=True)
     print(f"threads {torch.get_num_threads()}, cpu isa {torch.ops.h1r.cpu_isa()}, THP_MEM_ALLOC_ENABLE="
-          f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; memory copy {bw / 1e9:.1f} GB/s (read + write), "
+          f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, malloc: {MALLOC_MODE}; memory copy {bw / 1e9:.1f} GB/s (read + write), "
           f"into a fresh tensor (clone) {bw_fresh / 1e9:.1f} GB/s")
     return bw, bw_fresh
