@@ -71,6 +71,33 @@ def test_greedy_matches_model_many_sequences(model):
     _no_leak(eng)
 
 
+@pytest.mark.parametrize("ssm_dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_equals_module_path(ssm_dtype, monkeypatch):
+    """A fused model (fuse_projections) decodes on the fused path (one input GEMM per layer, in-place RoPE,
+    step_fused, output_fused); with the fuse state toggled off the engine falls back to the module path:
+    identical greedy tokens, and both equal the model's own step-by-step decoding."""
+    m = tiny_model(seed=3).fuse_projections()
+    calls = []
+    real = Engine._decode_fused
+    monkeypatch.setattr(Engine, "_decode_fused", lambda self, *a: calls.append(1) or real(self, *a))
+    prompts = _prompts(6, seed=4)
+    new = [7, 1, 12, 5, 9, 3]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in new]
+    outs = {}
+    for fused in (True, False):
+        m.use_fused = fused
+        n0 = len(calls)
+        eng = Engine(m, max_num_seqs=4, block_size=4, max_model_len=64, ssm_state_dtype=ssm_dtype)
+        outs[fused] = [o[0].token_ids for o in eng.generate(prompts, params)]
+        assert (len(calls) > n0) == fused   # the fused path ran exactly when the model was fused
+        _no_leak(eng)
+    m.use_fused = True
+    assert outs[True] == outs[False]
+    if ssm_dtype == torch.float32:
+        for p, n, o in zip(prompts, new, outs[True]):
+            assert o == m.generate_greedy(torch.tensor([p]), n)[0, len(p):].tolist()
+
+
 def test_bf16_ssm_states(model):
     """ssm_state_dtype=bf16: the pool holds bf16 states and decoding stays close to the fp32-state engine."""
     prompts = _prompts(3, seed=9)

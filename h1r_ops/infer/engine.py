@@ -6,7 +6,8 @@ Every live trace owns a block table (its KV pages) and a state slot (its conv an
      copies the prompt's Mamba state into its own slot and samples its first token from the prompt's
      last logits with its own generator), then prefills the next waiting prompt if there is room;
   2. runs one decode step of every live trace together through the batched ops (paged attention,
-     causal_conv1d_update / selective_state_update over the slot pool);
+     causal_conv1d_update / selective_state_update over the slot pool), on the model's fused inference
+     path when the model is fused (``fuse_projections``; ``from_pretrained`` does it), else its modules;
   3. samples, records confidences, and retires the traces that hit EOS, a stop token or string,
      max_tokens, or DeepConf's confidence threshold; their pages and slot are freed at once.
 The per-step host work is kept small: the block tables live on the device (one row per state slot, a
@@ -259,6 +260,8 @@ class Engine:
         seq_lens = (ints[0] + 1).to(torch.int32)
         slot_mapping = ints[1]
         x = m._embed(ints[3])
+        if m.fused_ready(dev):
+            return self._logits(self._decode_fused(x, ints[0], max(pos) + 1, slot_mapping, state_idx, bt, seq_lens))
         cos, sin = m.rotary_cos_sin(ints[0][:, None], x.dtype)
         for i, layer in enumerate(m.model.layers):
             h = layer.input_layernorm(x)
@@ -270,6 +273,28 @@ class Engine:
             o = h1r_ops.paged_attention_decode(q[:, :, 0].contiguous(), kc, vc, bt, seq_lens, scale=attn.scale)
             x = layer._mix(x, mx, attn.o_proj(o.reshape(b, -1)))
         return self._logits(m.model.final_layernorm(x))
+
+    def _decode_fused(self, x, pos, max_pos: int, slot_mapping, state_idx, bt, seq_lens) -> torch.Tensor:
+        """The decode step's layers on the model's fused inference path (``fuse_projections``): per layer one
+        GEMM for [mixer in | q | k | v], RoPE in place through the cached cos/sin tables, the paged K/V
+        write and attention, the mixer's state step over the slot pool, and the output projections + MLP
+        accumulated into the residual. x (b, hidden) embedded tokens at positions ``pos`` (b,) int64, all
+        below ``max_pos``; returns the final-normed hidden states (b, hidden)."""
+        m, b = self.model, x.shape[0]
+        cos, sin = m.rope_tables(max_pos, x.dtype)
+        pos_ids = pos[:, None].contiguous()
+        for i, layer in enumerate(m.model.layers):
+            attn = layer.self_attn
+            z, xBC, dt, q, k, v = layer.project_fused(x)   # q (b, heads, d), k, v (b, kv_heads, d): row views
+            # (b, 1, heads, d) seen as (b, heads, 1, d): rotary's layout, rotated in place in the GEMM output
+            torch.ops.h1r.rotary_(q[:, None].transpose(1, 2), k[:, None].transpose(1, 2), cos, sin, pos_ids, False)
+            kc, vc = self.kv[i, 0], self.kv[i, 1]
+            h1r_ops.reshape_and_cache(k, v, kc, vc, slot_mapping)
+            o = h1r_ops.paged_attention_decode(q.contiguous(), kc, vc, bt, seq_lens, scale=attn.scale)
+            y = layer.mamba.step_fused(z, xBC, dt, self.states.conv[i], self.states.ssm[i], state_idx)
+            x = layer.output_fused(x, y, o.view(b, -1))
+        ln = m.model.final_layernorm
+        return torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits (b, vocab) of final hidden states h (b, hidden), written into workspace memory: the
