@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -52,34 +51,15 @@ def transformers_decode(conv_state, x, weight, bias):
 
 
 def timeit(fn, warmup, iters):
-    if CPU_TIME:
-        return timeit_cpu(fn, warmup, iters)
-    return common.timeit(fn, warmup=warmup, iters=iters, stat=STAT)
+    return common.timeit(fn, warmup=warmup, iters=iters, stat=STAT, clock=_clock())
 
 
-def timeit_cpu(fn, warmup, iters):
-    """Median (or minimum, --stat min) process CPU time of fn() in seconds (single-threaded runs only)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return min(times) if STAT == "min" else statistics.median(times)
+def _clock():
+    return time.process_time if CPU_TIME else time.perf_counter
 
 
 CPU_TIME = False
 STAT = "median"
-
-
-def memcpy_bandwidth_cpu(nbytes=1 << 30):
-    """common.memcpy_bandwidth, timed in process CPU time on one thread."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    t = timeit_cpu(lambda: dst.copy_(src), 1, 5)
-    del src, dst
-    return 2 * nbytes / t
 
 
 def maybe_compile(fn, enabled):
@@ -207,7 +187,7 @@ def main():
 
     torch.manual_seed(0)
     torch._dynamo.config.recompile_limit = 64  # one compiled anchor per case and dtype
-    bw = memcpy_bandwidth(stat=STAT) if not CPU_TIME else memcpy_bandwidth_cpu()
+    bw = memcpy_bandwidth(stat=STAT, clock=_clock())
     print(f"h1r causal_conv1d benchmark ({'process CPU time' if CPU_TIME else 'wall time'}): "
           f"{torch.get_num_threads()} threads, CPU ISA {torch.ops.h1r.cpu_isa()}, "
           f"memcpy {bw / 1e9:.1f} GB/s (read + write), conv_dim {args.dim}, width {args.width}", flush=True)

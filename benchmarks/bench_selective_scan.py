@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -41,16 +40,11 @@ CPU_TIME = False  # --cpu-time: one thread everywhere, process CPU time instead 
 
 def timeit(fn, warmup=2, iters=5):
     """Median wall time of fn() (common.timeit), or with --cpu-time its median process CPU time."""
-    if not CPU_TIME:
-        return common.timeit(fn, warmup=warmup, iters=iters)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
+    return common.timeit(fn, warmup=warmup, iters=iters, clock=_clock())
+
+
+def _clock():
+    return time.process_time if CPU_TIME else time.perf_counter
 
 
 def inputs(b, l, dtype, requires_grad=False):
@@ -181,12 +175,6 @@ def bench_decode(batches, dtypes, compile_ref, bw, iters):
     print_table(rows, title="selective_state_update (decode, fp32 state (b, 24, 128, 256), x/dt/B/C/z in dtype)")
 
 
-def _copy_1gib():
-    src = torch.ones(1 << 28)
-    dst = torch.empty_like(src)
-    return lambda: dst.copy_(src)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="L in {512, 2048} only")
@@ -207,7 +195,7 @@ def main():
     CPU_TIME = a.cpu_time
     if CPU_TIME:
         torch.set_num_threads(1)
-    bw = memcpy_bandwidth() if not CPU_TIME else 2 * (1 << 30) / timeit(_copy_1gib(), 1, 3)
+    bw = memcpy_bandwidth(clock=_clock())
     print(f"{'process CPU time' if CPU_TIME else 'wall time'}, threads {torch.get_num_threads()}, CPU ISA {torch.ops.h1r.cpu_isa()}, memcpy {bw / 1e9:.1f} GB/s "
           "(read + write)")
     if not a.no_fwd:

@@ -42,18 +42,20 @@ MALLOC_MODE = _keep_freed_memory()
 
 
 def timeit(fn: Callable[[], object], warmup: int = 2, iters: int = 5, min_time: float = 0.0,
-           max_seconds: float | None = None, stat: str = "median") -> float:
+           max_seconds: float | None = None, stat: str = "median",
+           clock: Callable[[], float] = time.perf_counter) -> float:
     """Wall time of ``fn()`` in seconds (the median, or the minimum with ``stat="min"``, which is steadier on
     a shared machine), after ``warmup`` calls: at least ``iters`` runs and, if ``min_time`` is set, until
-    that many seconds have been spent; stops early past ``max_seconds``."""
+    that many seconds have been spent; stops early past ``max_seconds``. ``clock=time.process_time`` times
+    the process CPU time instead (meaningful for single-threaded runs on a loaded machine)."""
     for _ in range(warmup):
         fn()
     times = []
     spent = 0.0
     while len(times) < iters or spent < min_time:
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
         times.append(dt)
         spent += dt
         if max_seconds is not None and spent > max_seconds:
@@ -64,17 +66,18 @@ def timeit(fn: Callable[[], object], warmup: int = 2, iters: int = 5, min_time: 
 _BANDWIDTH: dict[tuple, float] = {}
 
 
-def memcpy_bandwidth(nbytes: int = 1 << 30, iters: int = 5, fresh: bool = False, stat: str = "median") -> float:
+def memcpy_bandwidth(nbytes: int = 1 << 30, iters: int = 5, fresh: bool = False, stat: str = "median",
+                     clock: Callable[[], float] = time.perf_counter) -> float:
     """Bytes / s of copying an ``nbytes`` fp32 tensor (read + write counted); measured once per process.
 
     fresh=True copies into a newly allocated tensor each time (``src.clone()``), as any op returning a new
     tensor must: on CPU the OS then maps and zeroes the pages first, which can cost as much as the copy
     (PyTorch's THP_MEM_ALLOC_ENABLE=1 makes that cheaper with huge pages)."""
-    key = (nbytes, fresh, stat)
+    key = (nbytes, fresh, stat, clock)
     if key not in _BANDWIDTH:
         src = torch.ones(nbytes // 4, dtype=torch.float32)
         dst = torch.empty_like(src)
-        t = timeit(src.clone if fresh else (lambda: dst.copy_(src)), warmup=1, iters=iters, stat=stat)
+        t = timeit(src.clone if fresh else (lambda: dst.copy_(src)), warmup=1, iters=iters, stat=stat, clock=clock)
         _BANDWIDTH[key] = 2 * nbytes / t
         del src, dst
     return _BANDWIDTH[key]
