@@ -58,6 +58,17 @@ def has_kernel(op: str, device_type: str) -> bool:
     )
 
 
+def op_overload(op: str):
+    """``torch.ops.h1r.<op>.default`` (skips the overload-packet lookup in hot decode paths), or None when
+    the compiled library is not loaded, so that the caller's checked path raises the clear error."""
+    if _LOAD_ERROR is not None:
+        return None
+    try:
+        return getattr(torch.ops.h1r, op).default
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def require_kernel(op: str, device: torch.device) -> None:
     """Raise ``NotImplementedError`` naming the op and device when no kernel serves it.
 

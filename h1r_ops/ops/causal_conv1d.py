@@ -111,14 +111,7 @@ def causal_conv1d(
 causal_conv1d_fn = causal_conv1d  # causal-conv1d's name
 
 
-def _resolve_update_op():
-    try:
-        return torch.ops.h1r.causal_conv1d_update.default
-    except (AttributeError, RuntimeError):  # the compiled library is not loaded: the checked path says so
-        return None
-
-
-_UPDATE_OP = _resolve_update_op()
+_UPDATE_OP = _registry.op_overload("causal_conv1d_update")
 
 
 def causal_conv1d_update(

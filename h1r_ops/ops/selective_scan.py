@@ -91,14 +91,7 @@ def _per_head(s: Shapes, name: str, t, tied_dims: tuple[int, ...]):
     return t[idx]
 
 
-def _resolve_state_update_op():
-    try:
-        return torch.ops.h1r.selective_state_update.default
-    except (AttributeError, RuntimeError):  # the compiled library is not loaded: the checked path says so
-        return None
-
-
-_STATE_UPDATE_OP = _resolve_state_update_op()
+_STATE_UPDATE_OP = _registry.op_overload("selective_state_update")
 
 
 def selective_state_update(
