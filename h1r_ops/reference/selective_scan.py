@@ -128,14 +128,21 @@ def selective_scan_ref(
     Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, prev, e)
 
     Y = (Y_diag + Y_off).reshape(b, nc * Q, h, p)[:, :l]
-    Dh = _per_head_D(D, h, p, cdt)
+    return _skip_gate_out(Y, xs[:, :l], x.dtype, D, z, S, return_final_states)
+
+
+def _skip_gate_out(Y, xs, out_dtype, D, z, S, return_final_states):
+    """The scan's epilogue, shared by both formulations: the D skip (y += D x), the z gate (y *= silu(z)),
+    the cast to x's dtype, and the final state (fp32 when computed in fp32)."""
+    b, l, h, p = Y.shape
+    Dh = _per_head_D(D, h, p, Y.dtype)
     if Dh is not None:
-        Y = Y + xs[:, :l] * Dh
+        Y = Y + xs * Dh
     if z is not None:
-        Y = Y * F.silu(z.to(cdt))
-    out = Y.to(x.dtype)
+        Y = Y * F.silu(z.to(Y.dtype))
+    out = Y.to(out_dtype)
     if return_final_states:
-        return out, S.float() if cdt == torch.float32 else S
+        return out, S.float() if Y.dtype == torch.float32 else S
     return out
 
 
@@ -162,15 +169,7 @@ def selective_scan_sequential_ref(
         S = decay[..., None, None] * S + (dtp[:, t, :, None] * xs[:, t])[..., None] * Bh[:, t, :, None, :]
         ys.append(torch.einsum("bhpn,bhn->bhp", S, Ch[:, t]))
     Y = torch.stack(ys, dim=1)
-    Dh = _per_head_D(D, h, p, cdt)
-    if Dh is not None:
-        Y = Y + xs * Dh
-    if z is not None:
-        Y = Y * F.silu(z.to(cdt))
-    out = Y.to(x.dtype)
-    if return_final_states:
-        return out, S.float() if cdt == torch.float32 else S
-    return out
+    return _skip_gate_out(Y, xs, x.dtype, D, z, S, return_final_states)
 
 
 def selective_state_update_ref(
