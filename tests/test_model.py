@@ -10,16 +10,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from h1r_ops.model import FalconH1Config, FalconH1ForCausalLM  # noqa: E402
+from _engine_helpers import TINY  # noqa: E402
 
-BASE = dict(
-    vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2,
-    mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=16, max_position_embeddings=512,
-    lm_head_multiplier=0.37, embedding_multiplier=3.1, mlp_multipliers=[0.8, 0.6], key_multiplier=0.45,
-    attention_out_multiplier=0.9, attention_in_multiplier=1.2, ssm_multipliers=[0.35, 0.25, 0.4, 0.5, 0.3],
-    ssm_in_multiplier=1.25, ssm_out_multiplier=0.24, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1,
-    eos_token_id=2,
-)
+# The engine tests' tiny config, without its Mamba-norm choice: every variant below sets its own.
+BASE = {k: v for k, v in TINY.items() if k not in ("mamba_rms_norm", "mamba_norm_before_gate")}
 
 VARIANTS = {
     "norm_after_gate_untied": dict(mamba_rms_norm=True, mamba_norm_before_gate=False, tie_word_embeddings=False),
