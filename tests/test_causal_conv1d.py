@@ -155,7 +155,6 @@ def test_reference_update_token_by_token(w, extra):
 # Kernels vs the reference
 # ------------------------------------------------------------------------------------------------
 
-import h1r_ops  # noqa: E402
 from h1r_ops import causal_conv1d, causal_conv1d_update  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.falcon_h1 import modeling_falcon_h1 as hf  # noqa: E402

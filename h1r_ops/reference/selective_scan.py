@@ -63,7 +63,7 @@ def selective_scan_ref(
     """Chunked SSD (Mamba2 paper, minimal listing, generalized). Returns out (b, l, h, p) in x's dtype,
     and final_states (b, h, p, n) in fp32 when ``return_final_states``."""
     b, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
+    n = B.shape[3]
     cdt = _compute_dtype(x)
     Q = chunk_size
     nc = max(1, -(-l // Q))
