@@ -31,8 +31,14 @@ def _keep_freed_memory() -> str:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
+        # mallopt(int, int): the thresholds must fit a C int. An unchecked ctypes call masks a Python int to
+        # 32 bits, so a trim threshold of 1 << 34 became 0 = trim the heap top on EVERY free: whichever output
+        # happened to border the top of the heap (it depends on the process's allocation history) was then
+        # unmapped and faulted back in on every call, which made the timings bimodal between processes.
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 34)
+        int_max = 2**31 - 1  # 2 GiB: far above any single output of the benchmarks
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, int_max)
         return "freed memory kept (mallopt)" if ok else "glibc defaults (mallopt refused)"
     except OSError:
         return "allocator defaults (not glibc)"

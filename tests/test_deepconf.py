@@ -88,11 +88,17 @@ def test_all_voting_methods_hand_computed():
     ("\\boxed{}", None),
     ("\\boxed{ 12 }", "12"),
     ("\\fbox{3}", "3"),
+    ("\\boxed {5}", "5"),
     ("", None),
     (None, None),
 ])
 def test_extract_answer(text, want):
     assert extract_answer(text) == want
+
+
+def test_extract_answer_braced_only():
+    assert extract_answer("$\\boxed 7$", braced_only=True) is None
+    assert extract_answer("\\boxed 7 \\boxed{8}", braced_only=True) == "8"
 
 
 @pytest.mark.parametrize("a,b,eq", [

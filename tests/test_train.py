@@ -19,6 +19,7 @@ from h1r_ops.train.losses import grpo_advantages, grpo_token_losses, ppo_clip_to
 from h1r_ops.train.sft import OptimConfig, SFTTrainer, sft_token_loss_sum, warmup_cosine
 from h1r_ops.train.tasks import (BOS, EOS, PAD, CharTokenizer, PackedBatcher, ProblemStream,
                                  heldout_problems, is_heldout, make_problem, pack_documents)
+from h1r_ops.infer.answers import extract_answer
 from h1r_ops.train.verifier import answers_match, boxed_reward, extract_boxed
 
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -115,9 +116,12 @@ def test_packed_batcher_loses_no_document():
 
 @pytest.mark.parametrize("text,box", [("so \\boxed{12}", "12"), ("\\boxed{1} then \\boxed{-3}", "-3"),
                                       ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"), ("no box", None),
-                                      ("\\boxed{12", None), ("\\boxed 7", None)])
+                                      ("\\boxed{12", None), ("\\boxed 7", None), ("\\boxed {5}", "5"),
+                                      ("\\boxed{ 12 }", "12"), ("\\boxed{}", None), ("", None)])
 def test_extract_boxed(text, box):
+    # the reward's rule is the voting's extract_answer with braced_only (one implementation)
     assert extract_boxed(text) == box
+    assert extract_boxed(text) == extract_answer(text, braced_only=True)
 
 
 def test_answers_match():
@@ -547,6 +551,33 @@ def test_cli_demo_quick(tmp_path):
     assert res["grpo"]["steps"] == 2 and 0 <= res["sft"]["accuracy"] <= 1
     stages = {json.loads(line)["stage"] for line in open(out / "demo_metrics.jsonl")}
     assert stages == {"sft", "grpo", "deepconf"}
-    assert (out / "demo_results.md").read_text().startswith("# h1r train demo")
+    md = (out / "demo_results.md").read_text()
+    assert md.startswith("# h1r train demo") and "DeepConf-high online" in md and "DeepConf-low online" in md
+    dc = res["deepconf"]
+    assert [v["name"] for v in dc["variants"]] == ["DeepConf-high", "DeepConf-low"]
+    for v in dc["variants"]:
+        for mode in ("offline", "online"):
+            pr = v[mode]["paired"]
+            assert sum(pr[k] for k in ("deepconf_right_majority_wrong", "majority_right_deepconf_wrong", "both_right",
+                                       "both_wrong")) == dc["problems"] and 0 <= pr["sign_test_p"] <= 1
+    assert "not the demo's tuned defaults" in dc["settings_chosen_on"]   # --quick changes the budget
     pytest.importorskip("matplotlib")
     assert (out / "demo_curves.png").stat().st_size > 1000
+
+    # --model: the DeepConf stage alone on the trained model, to its own file (the demo's files untouched)
+    only = tmp_path / "only"
+    assert main(["train", "demo", "--model", str(tmp_path / "work" / "grpo" / "model"), "--out", str(only),
+                 "--dc-problems", "3", "--dc-offset", "5", "--dc-budget", "4", "--dc-warmup", "2", "--dc-eta", "50",
+                 "--threads", "1"]) == 0
+    dc = json.load(open(only / "deepconf_results.json"))["deepconf"]
+    assert dc["problems"] == 3 and dc["first_problem"] == 5 and [v["eta"] for v in dc["variants"]] == [50]
+    assert [r["problem"] for r in dc["per_problem"]] == [5, 6, 7]
+    assert sorted(os.listdir(only)) == ["deepconf_results.json"]
+
+
+def test_demo_settings_note_flags_overlap_with_the_tuning_slice():
+    from h1r_ops.train.demo import DC_TUNE, _args, _settings_note
+
+    assert "WARNING" not in _settings_note(_args([]))   # defaults: reported slice after the tuning slice
+    assert "WARNING" in _settings_note(_args(["--dc-offset", str(DC_TUNE["first"])]))
+    assert "not the demo's tuned defaults" in _settings_note(_args(["--dc-eta", "50"]))

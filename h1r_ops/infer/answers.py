@@ -10,11 +10,14 @@ from __future__ import annotations
 import re
 
 
-def extract_answer(text: str | None) -> str | None:
-    """Content of the last ``\\boxed{...}`` in ``text`` (nested braces kept), or None.
+def extract_answer(text: str | None, braced_only: bool = False) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text`` (nested braces kept, stripped),
+    or None.
 
-    ``\\boxed 5`` (no brace) reads up to the next ``$`` as the reference does. An unclosed brace (a trace
-    cut off inside its answer) and an empty box give None."""
+    ``\\boxed 5`` (no brace) reads up to the next ``$`` as the reference does, unless ``braced_only``
+    (the reward's rule, ``h1r_ops.train.verifier.extract_boxed``: only a braced box counts). Spaces between
+    ``\\boxed`` and its brace are skipped. An unclosed brace (a trace cut off inside its answer) and an
+    empty box give None."""
     if not text:
         return None
     i = text.rfind("\\boxed")
@@ -25,7 +28,8 @@ def extract_answer(text: str | None) -> str | None:
         rest = text[i + len("\\fbox"):]
     else:
         rest = text[i + len("\\boxed"):]
-    if rest.startswith("{"):
+    if rest.lstrip(" ").startswith("{"):
+        rest = rest.lstrip(" ")
         depth = 0
         for j, ch in enumerate(rest):
             if ch == "{":
@@ -35,6 +39,8 @@ def extract_answer(text: str | None) -> str | None:
                 if depth == 0:
                     ans = rest[1:j].strip()
                     return ans or None
+        return None
+    if braced_only:
         return None
     ans = rest.split("$")[0].strip()
     return ans or None

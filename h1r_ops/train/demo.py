@@ -32,6 +32,29 @@ QUICK = dict(sft_steps=4, grpo_steps=2, eval_n=8, dc_problems=2, dc_budget=4, dc
              rows=2, eval_every=2)
 
 
+# How the default DeepConf settings were chosen; written into the results file. They were picked on held-out
+# problems DC_TUNE (on the GRPO model of the default demo, with ``--model``) by the rule in DC_RULE; the
+# demo reports on the next slice, disjoint from it. docs/train_demo/deepconf_tuning.md has the sweep.
+DC_TUNE = dict(first=0, problems=400)
+DC_RULE = ("grid warm-up {4, 8} x tau {0.9, 0.95}, window 16, budget 16, T = 1; rule fixed before the sweep: the "
+           "DeepConf-high (eta 90) online setting with the fewest tokens among those whose accuracy is >= majority's "
+           "on the tuning slice, else the most accurate one")
+DC_DEFAULTS = dict(dc_budget=16, dc_warmup=8, dc_eta=[90.0, 10.0], dc_tau=0.95, dc_window=16, dc_temperature=1.0)
+
+
+def _settings_note(args) -> str:
+    """Where the DeepConf settings of this run come from (and a warning when the reported slice overlaps
+    the tuning slice)."""
+    mine = {k: getattr(args, k) for k in DC_DEFAULTS}
+    mine["dc_eta"] = [float(e) for e in mine["dc_eta"]]
+    if mine != DC_DEFAULTS:
+        return "not the demo's tuned defaults (set on the command line or by --quick)"
+    a, b = DC_TUNE["first"], DC_TUNE["first"] + DC_TUNE["problems"] - 1
+    note = f"the demo's defaults, chosen on held-out problems {a}..{b} ({DC_RULE})"
+    if args.dc_offset <= b and args.dc_offset + args.dc_problems - 1 >= a:
+        note += "; WARNING: the reported problems overlap that tuning slice"
+    return note
+
 def _args(argv):
     ap = argparse.ArgumentParser(prog="h1r train demo", description="SFT -> GRPO -> eval -> DeepConf vs majority, "
                                  "with results, metrics and a plot written to --out")
@@ -45,15 +68,22 @@ def _args(argv):
     ap.add_argument("--grpo-lr", type=float, default=7e-5)
     ap.add_argument("--eval-n", type=int, default=400, help="held-out problems of every greedy evaluation")
     ap.add_argument("--eval-every", type=int, default=250, help="SFT steps between evaluations (GRPO: a quarter)")
-    ap.add_argument("--dc-problems", type=int, default=80, help="held-out problems for DeepConf vs majority")
-    ap.add_argument("--dc-budget", type=int, default=16, help="traces per problem (majority votes all of them)")
-    ap.add_argument("--dc-offset", type=int, default=0, help="first held-out problem of the DeepConf set (tune the "
-                    "DeepConf settings on another slice than the one reported)")
-    ap.add_argument("--dc-warmup", type=int, default=8, help="DeepConf online warm-up traces")
-    ap.add_argument("--dc-eta", type=float, default=50, help="keep top eta%% (90: DeepConf-high, 10: -low)")
-    ap.add_argument("--dc-tau", type=float, default=0.95, help="online consensus that stops a problem")
-    ap.add_argument("--dc-window", type=int, default=16, help="confidence window (tokens; traces are ~20-40)")
-    ap.add_argument("--dc-temperature", type=float, default=1.0)
+    ap.add_argument("--dc-problems", type=int, default=400, help="held-out problems for DeepConf vs majority")
+    ap.add_argument("--dc-offset", type=int, default=DC_TUNE["first"] + DC_TUNE["problems"],
+                    help="first held-out problem of the DeepConf set (the default settings were chosen on problems "
+                    f"{DC_TUNE['first']}..{DC_TUNE['first'] + DC_TUNE['problems'] - 1}: report on another slice)")
+    ap.add_argument("--dc-budget", type=int, default=DC_DEFAULTS["dc_budget"],
+                    help="traces per problem (majority votes all of them)")
+    ap.add_argument("--dc-warmup", type=int, default=DC_DEFAULTS["dc_warmup"], help="DeepConf online warm-up traces")
+    ap.add_argument("--dc-eta", type=float, nargs="+", default=DC_DEFAULTS["dc_eta"],
+                    help="keep top eta%%, one DeepConf run (offline and online) per value; 90: DeepConf-high, "
+                    "10: DeepConf-low; the first is the headline")
+    ap.add_argument("--dc-tau", type=float, default=DC_DEFAULTS["dc_tau"], help="online consensus that stops a problem")
+    ap.add_argument("--dc-window", type=int, default=DC_DEFAULTS["dc_window"],
+                    help="confidence window (tokens; traces are ~20-40)")
+    ap.add_argument("--dc-temperature", type=float, default=DC_DEFAULTS["dc_temperature"])
+    ap.add_argument("--model", help="skip SFT and GRPO: run only the DeepConf stage on this model folder (e.g. "
+                    "WORK/grpo/model of an earlier run) and write OUT/deepconf_results.json (demo_results.* untouched)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the tiny model gains little from more; "
                     "on a busy machine OpenMP barriers make 2 threads several times slower than 1)")
     ap.add_argument("--seed", type=int, default=0)
@@ -73,9 +103,33 @@ def _read(path):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
+def _variant_name(eta: float) -> str:
+    return {90.0: "DeepConf-high", 10.0: "DeepConf-low"}.get(float(eta), f"DeepConf (eta {eta:g})")
+
+
+def _paired(rows, key) -> dict:
+    """Per-problem comparison of ``key`` with majority on the same problems: discordant counts and the
+    exact two-sided sign test over them (binomial, p = 1/2)."""
+    from math import comb
+
+    a = sum(r[key] and not r["majority"] for r in rows)   # DeepConf right, majority wrong
+    b = sum(r["majority"] and not r[key] for r in rows)   # majority right, DeepConf wrong
+    n, k = a + b, min(a, b)
+    p = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"deepconf_right_majority_wrong": a, "majority_right_deepconf_wrong": b,
+            "both_right": sum(r[key] and r["majority"] for r in rows),
+            "both_wrong": sum(not r[key] and not r["majority"] for r in rows), "sign_test_p": p}
+
+
 def _deepconf_stage(args, model_dir):
-    """Majority vs DeepConf offline vs DeepConf online on ``dc_problems`` held-out problems."""
-    from h1r_ops.infer import Engine, SamplingParams, deepconf
+    """Majority vs DeepConf offline vs DeepConf online, for each ``--dc-eta``, on held-out problems
+    ``dc_offset .. dc_offset + dc_problems - 1``.
+
+    Per problem: ``budget`` traces (seed of problem i: seed * 7919 + 1000 i, trace j: + j) voted by plain
+    majority and, for each eta, by DeepConf offline (top-eta% by bottom-10% window confidence, weighted vote:
+    the same traces); then, for each eta, DeepConf online from the same seeds (its warm-up traces are the
+    first ``warmup`` of those)."""
+    from h1r_ops.infer import Engine, SamplingParams, compute_all_voting_results, deepconf
     from h1r_ops.model import FalconH1ForCausalLM
 
     from .cli import _progress
@@ -85,46 +139,68 @@ def _deepconf_stage(args, model_dir):
     tok = CharTokenizer()
     model = FalconH1ForCausalLM.from_pretrained(model_dir)
     eng = Engine(model, tok, max_num_seqs=args.dc_budget, max_model_len=128 + 64)
-    eta_tag = f"{args.dc_eta:g}".replace(".", "_")
-    offline_key = f"top{eta_tag}_bottom_window_filtered"
-    rows = []
+    etas = [float(e) for e in args.dc_eta]
+    tags = [f"{e:g}".replace(".", "_") for e in etas]
+    rows, secs = [], {"offline": 0.0, **{t: 0.0 for t in tags}}
     bar = _progress(args.dc_problems, 0, "deepconf")
     probs = heldout_problems(args.dc_offset + args.dc_problems)[args.dc_offset:]
     for k, p in enumerate(probs):
         ids = tok.encode(p.prompt, bos=True)
-        sp = SamplingParams(temperature=args.dc_temperature, max_tokens=64, logprobs=20, seed=args.seed * 7919 + 1000 * k)
-        off = deepconf(eng, ids, mode="offline", budget=args.dc_budget, eta=args.dc_eta, window=args.dc_window,
-                       params=sp)
-        on = deepconf(eng, ids, mode="online", budget=args.dc_budget, warmup=args.dc_warmup, eta=args.dc_eta,
-                      window=args.dc_window, tau=args.dc_tau, params=sp)
-        rows.append({
-            "gold": p.answer,
-            "majority": off.voting["majority"]["answer"], "offline": off.voting[offline_key]["answer"],
-            "online": on.answer, "tokens_all": off.tokens_generated, "tokens_online": on.tokens_generated,
-            "traces_online": len(on.traces), "pruned_online": sum(t.finish_reason == "pruned" for t in on.traces),
-            "trace_accuracy": sum(answers_match(t.answer, p.answer) for t in off.traces) / len(off.traces),
-        })
+        sp = SamplingParams(temperature=args.dc_temperature, max_tokens=64, logprobs=20,
+                            seed=args.seed * 7919 + 1000 * (args.dc_offset + k))
+        t0 = time.perf_counter()
+        off = deepconf(eng, ids, mode="offline", budget=args.dc_budget, eta=etas[0], window=args.dc_window, params=sp)
+        secs["offline"] += time.perf_counter() - t0
+        traces = [{"answer": t.answer, "confs": t.confs} for t in off.traces]
+        row = {"problem": args.dc_offset + k, "gold": p.answer, "tokens_all": off.tokens_generated,
+               "majority": answers_match(off.voting["majority"]["answer"], p.answer),
+               "trace_accuracy": sum(answers_match(t.answer, p.answer) for t in off.traces) / len(off.traces)}
+        for eta, tag in zip(etas, tags):
+            voting = off.voting if eta == etas[0] else compute_all_voting_results(
+                traces, args.dc_window, args.dc_window, 0.1, eta)
+            row[f"offline_{tag}"] = answers_match(voting[f"top{tag}_bottom_window_filtered"]["answer"], p.answer)
+            t0 = time.perf_counter()
+            on = deepconf(eng, ids, mode="online", budget=args.dc_budget, warmup=args.dc_warmup, eta=eta,
+                          window=args.dc_window, tau=args.dc_tau, params=sp)
+            secs[tag] += time.perf_counter() - t0
+            row[f"online_{tag}"] = answers_match(on.answer, p.answer)
+            row[f"tokens_online_{tag}"] = on.tokens_generated
+            row[f"traces_online_{tag}"] = len(on.traces)
+            row[f"pruned_online_{tag}"] = sum(t.finish_reason == "pruned" for t in on.traces)
+        rows.append(row)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    n = len(rows)
+    n = max(1, len(rows))
 
     def acc(key):
-        return sum(answers_match(r[key], r["gold"]) for r in rows) / max(1, n)
+        return sum(r[key] for r in rows) / n
 
     tok_all = sum(r["tokens_all"] for r in rows)
-    tok_on = sum(r["tokens_online"] for r in rows)
+    variants = []
+    for eta, tag in zip(etas, tags):
+        tok_on = sum(r[f"tokens_online_{tag}"] for r in rows)
+        variants.append({
+            "name": _variant_name(eta), "eta": eta,
+            "offline": {"accuracy": acc(f"offline_{tag}"), "tokens": tok_all,
+                        "method": f"top{tag}_bottom_window_filtered", "paired": _paired(rows, f"offline_{tag}")},
+            "online": {"accuracy": acc(f"online_{tag}"), "tokens": tok_on,
+                       "tokens_saved_vs_majority": 1 - tok_on / max(1, tok_all),
+                       "mean_traces": sum(r[f"traces_online_{tag}"] for r in rows) / n,
+                       "pruned_traces": sum(r[f"pruned_online_{tag}"] for r in rows),
+                       "paired": _paired(rows, f"online_{tag}"), "seconds": secs[tag]},
+        })
     return {
-        "problems": n, "first_problem": args.dc_offset, "budget": args.dc_budget, "warmup": args.dc_warmup, "eta": args.dc_eta, "tau": args.dc_tau,
-        "window": args.dc_window, "temperature": args.dc_temperature,
-        "single_trace_accuracy": sum(r["trace_accuracy"] for r in rows) / max(1, n),
-        "majority": {"accuracy": acc("majority"), "tokens": tok_all},
-        "deepconf_offline": {"accuracy": acc("offline"), "tokens": tok_all, "method": offline_key},
-        "deepconf_online": {"accuracy": acc("online"), "tokens": tok_on,
-                            "tokens_saved_vs_majority": 1 - tok_on / max(1, tok_all),
-                            "mean_traces": sum(r["traces_online"] for r in rows) / max(1, n),
-                            "pruned_traces": sum(r["pruned_online"] for r in rows)},
+        "problems": len(rows), "first_problem": args.dc_offset, "budget": args.dc_budget, "warmup": args.dc_warmup,
+        "tau": args.dc_tau, "window": args.dc_window, "temperature": args.dc_temperature,
+        "settings_chosen_on": _settings_note(args),
+        "single_trace_accuracy": acc("trace_accuracy"),
+        "majority": {"accuracy": acc("majority"), "tokens": tok_all, "seconds": secs["offline"]},
+        "variants": variants,
+        # the headline variant (the first --dc-eta) under the keys of earlier results files
+        "eta": etas[0], "deepconf_offline": variants[0]["offline"], "deepconf_online": variants[0]["online"],
+        "per_problem": rows,
     }
 
 
@@ -162,51 +238,90 @@ def _plot(path, sft, grpo, dc):
     ax[1, 1].set(title="throughput (tokens/s)", xlabel="step of its stage", yscale="log")
     ax[1, 1].legend(fontsize=8)
     if dc:
-        names = ["majority", "DeepConf\noffline", "DeepConf\nonline"]
-        keys = ["majority", "deepconf_offline", "deepconf_online"]
-        accs = [100 * dc[k]["accuracy"] for k in keys]
-        toks = [dc[k]["tokens"] for k in keys]
+        names, accs, toks, colors = ["majority"], [100 * dc["majority"]["accuracy"]], [dc["majority"]["tokens"]], ["tab:gray"]
+        for v, c in zip(_variants(dc), ("tab:green", "tab:purple", "tab:olive")):
+            short = v["name"].replace("DeepConf-", "")
+            for mode in ("offline", "online"):
+                names.append(f"{short}\n{mode}")
+                accs.append(100 * v[mode]["accuracy"])
+                toks.append(v[mode]["tokens"])
+                colors.append(c)
         a2 = ax[1, 2]
-        bars = a2.bar(names, accs, color=["tab:gray", "tab:blue", "tab:green"])
+        bars = a2.bar(names, accs, color=colors, alpha=0.85)
         for b, acc, t in zip(bars, accs, toks):
-            a2.text(b.get_x() + b.get_width() / 2, b.get_height() + 1, f"{acc:.1f}%\n{t} tokens", ha="center",
-                    fontsize=9)
-        a2.set(title=f"voting, {dc['budget']} traces x {dc['problems']} held-out problems: accuracy (%)",
-               ylim=(0, 115))
+            a2.text(b.get_x() + b.get_width() / 2, b.get_height() + 1, f"{acc:.1f}%\n{t / 1000:.0f}k tok",
+                    ha="center", fontsize=7)
+        a2.set(title=f"DeepConf vs majority, {dc['budget']} traces x {dc['problems']} held-out problems: "
+               "accuracy (%), tokens", ylim=(0, 115))
         a2.title.set_fontsize(9)
+        a2.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
+def _variants(dc) -> list:
+    """The DeepConf variants of a results dict (results files before variants: the one eta they ran)."""
+    if "variants" in dc:
+        return dc["variants"]
+    return [{"name": _variant_name(dc["eta"]), "eta": dc["eta"], "offline": dc["deepconf_offline"],
+             "online": dc["deepconf_online"]}]
+
+
+def _deepconf_markdown(d) -> list:
+    """The DeepConf rows and notes of the results markdown."""
+    maj, first = d["majority"], d.get("first_problem", 0)
+    lines = [
+        f"DeepConf on held-out problems {first}..{first + d['problems'] - 1} ({d['problems']} problems, GRPO model), "
+        f"{d['budget']} sampled traces each (T = {d['temperature']:g}); online: warm-up {d['warmup']}, tau {d['tau']}, "
+        f"window {d['window']}. Paired = problems DeepConf gets right and majority wrong / the reverse "
+        "(exact two-sided sign test p over those).",
+        "",
+        "| method | accuracy | tokens generated | paired vs majority (DC right only / majority right only, p) |",
+        "|---|---|---|---|",
+        f"| one trace alone (mean over the traces) | {100 * d['single_trace_accuracy']:.1f}% | - | - |",
+        f"| majority vote over {d['budget']} traces | **{100 * maj['accuracy']:.1f}%** | {maj['tokens']:,} | - |",
+    ]
+    for v in _variants(d):
+        for mode in ("offline", "online"):
+            x = v[mode]
+            what = (f"{v['name']} offline (top {v['eta']:g}% by bottom-10% window confidence, weighted vote, same traces)"
+                    if mode == "offline" else f"{v['name']} online (eta {v['eta']:g})")
+            tokens = f"{x['tokens']:,}"
+            if mode == "online":
+                tokens += (f" (**{100 * x['tokens_saved_vs_majority']:.0f}% fewer**; {x['mean_traces']:.1f} traces per "
+                           f"problem, {x['pruned_traces']} stopped early)")
+            pr = x.get("paired")
+            paired = (f"{pr['deepconf_right_majority_wrong']} / {pr['majority_right_deepconf_wrong']}, "
+                      f"p = {pr['sign_test_p']:.2f}" if pr else "-")
+            lines.append(f"| {what} | **{100 * x['accuracy']:.1f}%** | {tokens} | {paired} |")
+    lines += [
+        "",
+        f"DeepConf settings: {d.get('settings_chosen_on', 'see the command')}. Majority and DeepConf offline vote "
+        "over the same traces; online DeepConf generates its own from the same seeds (its warm-up traces are the "
+        "first ones of those), stopping traces whose windowed confidence falls below the warm-up threshold and "
+        "stopping a problem once the confidence-weighted consensus reaches tau.",
+    ]
+    return lines
+
+
 def _markdown(r) -> str:
     s, g, d = r["sft"], r["grpo"], r["deepconf"]
-    on, off, maj = d["deepconf_online"], d["deepconf_offline"], d["majority"]
     return "\n".join([
         "# h1r train demo: results",
         "",
         f"Written by `h1r train demo` on {r['machine']} ({r['threads']} thread{'s' if r['threads'] > 1 else ''}), {r['seconds']['total'] / 60:.1f} min "
         f"in all. Tiny Falcon-H1 ({r['params_m']:.2f}M parameters), char tokenizer, the demo math task.",
         "",
-        "| stage | figure |",
+        "| stage | held-out greedy accuracy |",
         "|---|---|",
-        f"| untrained model, held-out greedy accuracy ({s['eval_n']} problems) | {100 * s['accuracy_before']:.1f}% |",
-        f"| SFT, {s['steps']} steps: held-out greedy accuracy | **{100 * s['accuracy']:.1f}%** |",
+        f"| untrained model ({s['eval_n']} problems) | {100 * s['accuracy_before']:.1f}% |",
+        f"| SFT, {s['steps']} steps | **{100 * s['accuracy']:.1f}%** |",
         f"| GRPO step 0 (= the SFT model), same {g['eval_n']} problems | {100 * g['accuracy_before']:.1f}% |",
-        f"| GRPO, {g['steps']} steps ({g['prompts']} prompts x {g['group_size']} engine rollouts): held-out greedy accuracy "
+        f"| GRPO, {g['steps']} steps ({g['prompts']} prompts x {g['group_size']} engine rollouts) "
         f"| **{100 * g['accuracy_after']:.1f}%** ({100 * g['delta']:+.1f} points) |",
-        f"| DeepConf, held-out problems {d.get('first_problem', 0)}..{d.get('first_problem', 0) + d['problems'] - 1}, "
-        f"{d['budget']} traces each (T = {d['temperature']}): one trace alone | {100 * d['single_trace_accuracy']:.1f}% |",
-        f"| majority vote over {d['budget']} traces | {100 * maj['accuracy']:.1f}%, {maj['tokens']} tokens generated |",
-        f"| DeepConf offline ({off['method']}, same traces) | {100 * off['accuracy']:.1f}%, {off['tokens']} tokens |",
-        f"| DeepConf online (warm-up {d['warmup']}, eta {d['eta']:g}, tau {d['tau']}, window {d['window']}) "
-        f"| **{100 * on['accuracy']:.1f}%, {on['tokens']} tokens ({100 * on['tokens_saved_vs_majority']:.0f}% fewer "
-        f"than majority)**, {on['mean_traces']:.1f} traces per problem, {on['pruned_traces']} stopped early |",
         "",
-        "The DeepConf settings (warm-up, eta, window) were chosen on held-out problems 100..179, not on the "
-        "problems reported here. Majority and DeepConf offline vote over the same traces; online DeepConf "
-        "generates its own (same seeds), stopping traces whose windowed confidence falls below the warm-up "
-        "threshold and stopping a problem once the confidence-weighted consensus reaches tau.",
+        *_deepconf_markdown(d),
         "",
         f"Stage times: SFT {'(reused from an earlier run) ' if s['reused_earlier_run'] else ''}{r['seconds']['sft']:.0f} s, GRPO {r['seconds']['grpo']:.0f} s, DeepConf "
         f"{r['seconds']['deepconf']:.0f} s. Curves: `demo_curves.png`; every step: `demo_metrics.jsonl`.",
@@ -214,11 +329,29 @@ def _markdown(r) -> str:
     ])
 
 
+def _deepconf_only(args) -> int:
+    """``--model``: the DeepConf stage alone on a trained model, to OUT/deepconf_results.json."""
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    dc = _deepconf_stage(args, args.model)
+    res = {"command": "h1r train demo " + " ".join(args.argv), "model": args.model, "threads": args.threads,
+           "seconds": time.perf_counter() - t0, "deepconf": dc}
+    with open(os.path.join(args.out, "deepconf_results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print("\n".join(_deepconf_markdown(dc)))
+    print(f"DeepConf stage: {res['seconds']:.0f} s")
+    return 0
+
+
 def main(argv=None) -> int:
     from .cli import run_grpo, run_sft, tiny_model
     from .tasks import CharTokenizer
 
     args = _args(argv)
+    args.argv = list(argv or [])
+    if args.model:
+        return _deepconf_only(args)
     if args.replot:
         res = json.load(open(os.path.join(args.out, "demo_results.json")))
         _plot(os.path.join(args.out, "demo_curves.png"), _read(os.path.join(args.work, "sft", "metrics.jsonl")),
@@ -270,7 +403,8 @@ def main(argv=None) -> int:
         for stage, recs in (("sft", sft), ("grpo", grpo)):
             for r in recs:
                 f.write(json.dumps({"stage": stage, **r}) + "\n")
-        f.write(json.dumps({"stage": "deepconf", **{k: v for k, v in dc.items()}}) + "\n")
+        f.write(json.dumps({"stage": "deepconf", **dc}) + "\n")
+    res["deepconf"] = {k: v for k, v in dc.items() if k != "per_problem"}   # per problem: demo_metrics.jsonl
     with open(os.path.join(args.out, "demo_results.json"), "w") as f:
         json.dump(res, f, indent=2)
     md = _markdown(res)

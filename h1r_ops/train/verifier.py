@@ -1,13 +1,15 @@
 """Verifiable rewards: the answer is the content of the last ``\\boxed{...}`` of a completion.
 
-``extract_boxed`` takes the brace-balanced content after the LAST ``\\boxed`` (as DeepConf's
-``extract_answer``); ``answers_match`` compares exactly after light normalization, then numerically
+``extract_boxed`` takes the brace-balanced content after the LAST ``\\boxed`` (``h1r_ops.infer``'s
+``extract_answer``, as DeepConf's); ``answers_match`` compares exactly after light normalization, then numerically
 (fractions and decimals), then with ``math_verify`` when it is installed (gold first, as its README says).
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
+
+from h1r_ops.infer.answers import extract_answer
 
 try:  # optional: symbolic equivalence for real math data
     from math_verify import parse as _mv_parse, verify as _mv_verify
@@ -16,25 +18,10 @@ except Exception:  # pragma: no cover - depends on the environment
 
 
 def extract_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` (nested braces balanced), or None when there is none or
-    it is not closed."""
-    i = text.rfind("\\boxed")
-    if i < 0:
-        return None
-    j = i + len("\\boxed")
-    while j < len(text) and text[j] == " ":
-        j += 1
-    if j >= len(text) or text[j] != "{":
-        return None
-    depth, start = 0, j + 1
-    for k in range(j, len(text)):
-        if text[k] == "{":
-            depth += 1
-        elif text[k] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:k]
-    return None
+    """The content of the last ``\\boxed{...}`` (nested braces balanced, stripped), or None when there is
+    none, it is not closed or it is empty: :func:`h1r_ops.infer.extract_answer` with ``braced_only=True``
+    (one extraction rule for rewards and for voting)."""
+    return extract_answer(text, braced_only=True)
 
 
 def _normalize(s: str) -> str:
