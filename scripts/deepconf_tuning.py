@@ -12,6 +12,7 @@ the next slice (400..799), which no run here touches.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -51,10 +52,13 @@ def main() -> int:
     best = (min(ok, key=lambda r: high(r[1])["tokens"]) if ok
             else max(rows, key=lambda r: (high(r[1])["accuracy"], -high(r[1])["tokens"])))
     first = DC_TUNE["first"]
+    with open(os.path.join(args.model, "model.safetensors"), "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()[:16]
     lines = [
         "# DeepConf settings of `h1r train demo`: the tuning sweep",
         "",
-        f"Written by `scripts/deepconf_tuning.py` on the GRPO model of the default demo (`{args.model}`), held-out "
+        f"Written by `scripts/deepconf_tuning.py` on the GRPO model of the default demo (`{args.model}`, "
+        f"model.safetensors sha256 {sha}...), held-out "
         f"problems {first}..{first + DC_TUNE['problems'] - 1} ({DC_TUNE['problems']} problems); the demo reports on "
         f"problems {first + DC_TUNE['problems']}.. (disjoint). Rule: {DC_RULE}.",
         "",
@@ -70,7 +74,8 @@ def main() -> int:
         lines.append(
             f"| {g['warmup']}{mark} | {g['window']} | {g['tau']} | {100 * dc['majority']['accuracy']:.1f}% "
             f"({dc['majority']['tokens']:,}) | {100 * hi['offline']['accuracy']:.1f}% | "
-            f"{100 * hi['online']['accuracy']:.1f}% ({hi['online']['tokens']:,}) | {100 * lo['offline']['accuracy']:.1f}% | "
+            f"{100 * hi['online']['accuracy']:.1f}% ({hi['online']['tokens']:,}) | "
+            f"{100 * lo['offline']['accuracy']:.1f}% | "
             f"{100 * lo['online']['accuracy']:.1f}% ({lo['online']['tokens']:,}) | "
             f"{p['deepconf_right_majority_wrong']} / {p['majority_right_deepconf_wrong']} |")
     g = best[0]

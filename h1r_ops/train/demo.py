@@ -241,7 +241,8 @@ def _plot(path, sft, grpo, dc):
     ax[1, 1].set(title="throughput (tokens/s)", xlabel="step of its stage", yscale="log")
     ax[1, 1].legend(fontsize=8)
     if dc:
-        names, accs, toks, colors = ["majority"], [100 * dc["majority"]["accuracy"]], [dc["majority"]["tokens"]], ["tab:gray"]
+        maj = dc["majority"]
+        names, accs, toks, colors = ["majority"], [100 * maj["accuracy"]], [maj["tokens"]], ["tab:gray"]
         for v, c in zip(_variants(dc), ("tab:green", "tab:purple", "tab:olive")):
             short = v["name"].replace("DeepConf-", "")
             for mode in ("offline", "online"):
@@ -288,8 +289,8 @@ def _deepconf_markdown(d) -> list:
     for v in _variants(d):
         for mode in ("offline", "online"):
             x = v[mode]
-            what = (f"{v['name']} offline (top {v['eta']:g}% by bottom-10% window confidence, weighted vote, same traces)"
-                    if mode == "offline" else f"{v['name']} online (eta {v['eta']:g})")
+            what = (f"{v['name']} offline (top {v['eta']:g}% by bottom-10% window confidence, weighted vote, "
+                    "same traces)" if mode == "offline" else f"{v['name']} online (eta {v['eta']:g})")
             tokens = f"{x['tokens']:,}"
             if mode == "online":
                 tokens += (f" (**{100 * x['tokens_saved_vs_majority']:.0f}% fewer**; {x['mean_traces']:.1f} traces per "
