@@ -25,6 +25,19 @@ from h1r_ops.train.demo import DC_DEFAULTS, DC_RULE, DC_TUNE  # noqa: E402
 GRID = [dict(warmup=w, window=16, tau=t) for w in (8, 4) for t in (0.95, 0.9)]
 
 
+def choose(rows):
+    """The rule of ``DC_RULE`` over ``rows`` = [(setting, the DeepConf stage's results dict)]: DeepConf-high
+    online, the fewest tokens among the settings at least as accurate as majority on the tuning slice, else
+    the most accurate (ties: fewer tokens)."""
+    def high(dc):
+        return next(v for v in dc["variants"] if v["eta"] == 90)["online"]
+
+    ok = [r for r in rows if high(r[1])["accuracy"] >= r[1]["majority"]["accuracy"]]
+    if ok:
+        return min(ok, key=lambda r: high(r[1])["tokens"])
+    return max(rows, key=lambda r: (high(r[1])["accuracy"], -high(r[1])["tokens"]))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="runs/train_demo/grpo/model")
@@ -43,14 +56,7 @@ def main() -> int:
                             *[f"{e:g}" for e in DC_DEFAULTS["dc_eta"]]], check=True)
         dc = json.load(open(f))["deepconf"]
         rows.append((g, dc))
-    # the rule (DC_RULE): DeepConf-high online, fewest tokens among the settings at least as accurate as
-    # majority on the tuning slice, else the most accurate (ties: fewer tokens)
-    def high(dc):
-        return next(v for v in dc["variants"] if v["eta"] == 90)["online"]
-
-    ok = [r for r in rows if high(r[1])["accuracy"] >= r[1]["majority"]["accuracy"]]
-    best = (min(ok, key=lambda r: high(r[1])["tokens"]) if ok
-            else max(rows, key=lambda r: (high(r[1])["accuracy"], -high(r[1])["tokens"])))
+    best = choose(rows)
     first = DC_TUNE["first"]
     with open(os.path.join(args.model, "model.safetensors"), "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()[:16]
