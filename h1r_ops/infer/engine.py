@@ -32,7 +32,8 @@ from h1r_ops.model.falcon_h1 import LayerCache
 
 from .block_manager import BlockAllocator, BlockTable
 from .confidence import WindowStop
-from .sampling import BatchParams, SamplingParams, Workspace, make_generator, raw_logprobs, sample_rows, token_confidence
+from .sampling import (BatchParams, SamplingParams, Workspace, draw_uniforms, make_generator, raw_logprobs, sample_rows,
+                       token_confidence)
 from .state_pool import StatePool
 
 
@@ -119,15 +120,17 @@ class Engine:
         block_size: tokens per KV page.
         num_blocks: KV pages in the pool (default: room for ``max_num_seqs`` traces of ``max_model_len``).
         max_model_len: prompt + generated tokens per trace, at most.
-        ssm_state_dtype: dtype of the Mamba SSM states (default fp32; bf16 halves the state memory and the
-            state bytes every decode step reads and writes, the largest part of a step at many traces).
+        ssm_state_dtype: dtype of the Mamba SSM states. Default (None): the model's dtype, the policy of
+            transformers' cache and vLLM's ``mamba_ssm_cache_dtype="auto"``; a bf16 model then keeps bf16
+            states, half the state memory and half the state bytes every decode step reads and writes (the
+            largest part of a step at many traces). fp32 keeps them unrounded whatever the model dtype.
     """
 
     SAMPLE_CHUNK = 16   # rows sampled together (their scratch fits in L2)
 
     def __init__(self, model, tokenizer=None, max_num_seqs: int = 64, block_size: int = 16,
                  num_blocks: int | None = None, max_model_len: int = 2048,
-                 ssm_state_dtype: torch.dtype = torch.float32):
+                 ssm_state_dtype: torch.dtype | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config
@@ -143,13 +146,14 @@ class Engine:
         # kv[layer, 0] = key cache, kv[layer, 1] = value cache: (num_blocks, block_size, kv_heads, head_dim)
         self.kv = torch.zeros(L, 2, num_blocks, block_size, kv, hd, dtype=self.dtype, device=self.device)
         # one slot per live trace, plus one per prompt held for traces not yet started
-        self.states = StatePool(cfg, max_num_seqs + 2, self.dtype, self.device, ssm_state_dtype)
+        self.states = StatePool(cfg, max_num_seqs + 2, self.dtype, self.device, ssm_state_dtype or self.dtype)
         # the block tables of the live traces, one row per state slot, kept on the device and updated in
         # place when a trace gets a page (every block_size tokens) or copies a shared one, instead of being
         # rebuilt from Python lists at every step
         self.block_tables = torch.zeros(self.states.num_slots, self.max_blocks_per_seq, dtype=torch.int32,
                                         device=self.device)
         self.ws = Workspace()   # per-step scratch of the (traces, vocab) logits and sampling
+        self._has_sampler: bool | None = None   # h1r_ops.sample_top_p has a kernel for the device
         self.eos_ids = _eos_ids(model, tokenizer)
         self._ids = itertools.count()
         self.waiting: deque[_Request] = deque()
@@ -297,16 +301,10 @@ class Engine:
         return torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 logits (b, vocab) of final hidden states h (b, hidden), written into workspace memory: the
-        model's ``logits`` (``h @ lm_head.T * lm_head_multiplier`` in the model dtype), without a fresh
-        (b, vocab) tensor per step."""
-        m, (b, V) = self.model, (h.shape[0], self.cfg.vocab_size)
-        w = m.lm_head_weight
-        out = self.ws.get("logits32", (b, V), torch.float32, h.device)
-        raw = out if w.dtype == torch.float32 else self.ws.get("logits_raw", (b, V), w.dtype, h.device)
-        torch.mm(h.to(w.dtype), w.t(), out=raw)
-        # the multiplier in the model dtype (as the model rounds it), cast to fp32 in the same pass
-        return torch.mul(raw, self.cfg.lm_head_multiplier, out=out)
+        """Logits (b, vocab) of final hidden states h (b, hidden) in the model dtype, the model's own
+        ``logits`` written into workspace memory (no fresh (b, vocab) tensor per step)."""
+        w = self.model.lm_head_weight
+        return self.model.logits(h, out=self.ws.get("logits", (h.shape[0], w.shape[0]), w.dtype, h.device))
 
     def _set_block_row(self, s: _Seq) -> None:
         """Write a trace's whole block table into its row of ``block_tables`` (a fork or a fresh prefill)."""
@@ -330,22 +328,43 @@ class Engine:
         return mix._gate_out(y.reshape(b, mix.d_ssm), z)
 
     # -- sampling and retiring ----------------------------------------------------------------------------
-    def _accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        """Sample the next token of each sequence from its logits (b, vocab) and check its stop rules."""
-        params = [s.req.params for s in seqs]
-        gens = [s.generator for s in seqs]
-        k = max(p.logprobs for p in params)
-        kk = max(1, min(k, logits.shape[-1]))
+    def _fused_sampler(self, params: list[SamplingParams]) -> bool:
+        """Whether ``h1r_ops.sample_top_p`` (one fused pass per row) serves these rows: a kernel for the device
+        and no top-k / min-p filter (greedy, temperature and top-p: DeepConf's setting)."""
+        if self._has_sampler is None:
+            self._has_sampler = h1r_ops.has_kernel("sample_top_p", self.device.type)
+        return self._has_sampler and all(p.top_k <= 0 and p.min_p == 0 for p in params)
+
+    def _sample(self, params: list[SamplingParams], gens: list[torch.Generator], logits: torch.Tensor):
+        """Tokens (b,), top-k raw log-probs (b, k) and their ids, and the drawn tokens' log-probs (b,), with k
+        the largest ``logprobs`` of the rows; one uniform per row from its own generator either way, so the
+        fused kernel and the torch sampler draw the same tokens."""
+        k = min(max(p.logprobs for p in params), logits.shape[-1])
+        u = draw_uniforms(params, gens, logits.device)
+        if self._fused_sampler(params):
+            temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=logits.device)
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=logits.device)
+            return torch.ops.h1r.sample_top_p(logits, temp, top_p, u, k)
+        if logits.dtype != torch.float32:
+            logits = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).copy_(logits)
+        kk = max(1, k)
         parts = []
         # rows in chunks: the few streaming passes of sampling and log-probs over a chunk's (rows, vocab)
         # scratch stay in cache instead of going to memory once per pass
-        for a in range(0, len(seqs), self.SAMPLE_CHUNK):
+        for a in range(0, len(params), self.SAMPLE_CHUNK):
             sl = slice(a, a + self.SAMPLE_CHUNK)
             lg = logits[sl]
             top = lg.topk(kk, dim=-1)                    # DeepConf's top-k; its first is the row max
-            t = sample_rows(lg, params[sl], gens[sl], self.ws, BatchParams(params[sl], lg.device), row_max=top[0][:, 0])
+            t = sample_rows(lg, params[sl], gens[sl], self.ws, BatchParams(params[sl], lg.device), row_max=top[0][:, 0],
+                            uniform=u[sl])
             parts.append((t, *raw_logprobs(lg, k, t, self.ws, top)))
-        toks, top_v, top_i, chosen = (torch.cat(x) if len(parts) > 1 else x[0] for x in zip(*parts))
+        return tuple(torch.cat(x) if len(parts) > 1 else x[0] for x in zip(*parts))
+
+    def _accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Sample the next token of each sequence from its logits (b, vocab) and check its stop rules."""
+        params = [s.req.params for s in seqs]
+        k = max(p.logprobs for p in params)
+        toks, top_v, top_i, chosen = self._sample(params, [s.generator for s in seqs], logits)
         same_k = all(p.logprobs == k for p in params)
         # one host transfer for the step's per-trace numbers
         toks_l = toks.tolist()
