@@ -38,6 +38,9 @@ using VecI = at::vec::Vectorized<int32_t>;
 constexpr int64_t VL = Vec::size();
 constexpr int64_t kBuckets = 1024;  // histogram buckets of the nucleus search
 constexpr int64_t kBlock = 64;      // logits per block of the top-k scan
+// The histogram is accumulated into kHists interleaved copies (element i into copy i % kHists), so that
+// neighbouring tokens falling in the same bucket do not wait on each other's read-modify-write.
+constexpr int64_t kHists = 4;
 
 inline float vmax(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
@@ -77,7 +80,7 @@ struct RowScratch {
   std::vector<float> tv;
   std::vector<int64_t> ti;
   std::vector<std::pair<float, int32_t>> cand;
-  RowScratch(int64_t V, int64_t k) : x(V), p(V), key(V), mass(kBuckets), tv(k), ti(k) {}
+  RowScratch(int64_t V, int64_t k) : x(V), p(V), key(V), mass(kHists * kBuckets), tv(k), ti(k) {}
 };
 
 template <typename T>
@@ -92,6 +95,9 @@ void sample_row(const SampleTopPParams& prm, int64_t r, RowScratch& s) {
     x = s.x.data();
   }
   // 1. max, min, top-k
+  // fewer than k finite logits leave -inf entries (id 0) at the end
+  std::fill(s.tv.begin(), s.tv.end(), -std::numeric_limits<float>::infinity());
+  std::fill(s.ti.begin(), s.ti.end(), int64_t(0));
   TopK top{kk, 0, s.tv.data(), s.ti.data()};
   Vec mx(-std::numeric_limits<float>::infinity()), mn(std::numeric_limits<float>::infinity());
   int64_t i = 0;
@@ -124,7 +130,6 @@ void sample_row(const SampleTopPParams& prm, int64_t r, RowScratch& s) {
   float* p = s.p.data();
   int32_t* key = s.key.data();
   float* mass = s.mass.data();
-  std::fill(mass, mass + kBuckets, 0.f);
   const Vec vm(m), vit(inv_t), vks(kscale), vlast(static_cast<float>(kBuckets - 1));
   Vec raw_sum(0.f);
   i = 0;
@@ -152,7 +157,13 @@ void sample_row(const SampleTopPParams& prm, int64_t r, RowScratch& s) {
   if (greedy) {
     tok = top.id[0];
   } else {
-    for (i = 0; i < V; ++i) mass[key[i]] += p[i];
+    std::fill(mass, mass + kHists * kBuckets, 0.f);
+    i = 0;
+    for (; i + kHists <= V; i += kHists)
+      for (int64_t h = 0; h < kHists; ++h) mass[h * kBuckets + key[i + h]] += p[i + h];
+    for (; i < V; ++i) mass[key[i]] += p[i];
+    for (int64_t h = 1; h < kHists; ++h)
+      for (int64_t b = 0; b < kBuckets; ++b) mass[b] += mass[h * kBuckets + b];
     // 3. the nucleus: the crossing bucket c, and the sorted cut inside it
     double total = 0.0;
     for (int64_t b = 0; b < kBuckets; ++b) total += mass[b];
