@@ -10,10 +10,12 @@ Every live trace owns a block table (its KV pages) and a state slot (its conv an
      path when the model is fused (``fuse_projections``; ``from_pretrained`` does it), else its modules;
   3. samples, records confidences, and retires the traces that hit EOS, a stop token or string,
      max_tokens, or DeepConf's confidence threshold; their pages and slot are freed at once.
-The per-step host work is kept small: the block tables live on the device (one row per state slot, a
-page written when a trace gets or copies one), the per-trace inputs go over in one transfer, the logits and
-the sampling scratch reuse workspace memory, sampling never sorts the vocabulary (see ``sampling``), and
-the step's sampled tokens, confidences and log-probs come back in one transfer.
+Prefill runs on the fused path too when the model is fused (``_prefill_fused``). The per-step host work
+is kept small: the block tables live on the device (one row per state slot, a page written when a trace
+gets or copies one), the per-trace inputs go over in one transfer, the logits (the model's own, in its
+dtype) are written into workspace memory, sampling is one fused pass per row (``h1r_ops.sample_top_p``:
+no sort of the vocabulary; the torch sampler of ``sampling`` serves top-k / min-p), and the step's sampled
+tokens, confidences and log-probs come back in one transfer.
 When the pages run out, the most recently started trace is preempted (its pages and slot freed) and
 later recomputed by one prefill of its prompt and tokens so far; its generator continues unchanged.
 """
@@ -224,6 +226,11 @@ class Engine:
         cu = torch.tensor([0, l], dtype=torch.int32, device=self.device)
         input_ids = torch.tensor([ids], device=self.device)
         x = m._embed(input_ids)
+        if m.fused_ready(self.device):
+            h = self._prefill_fused(x[0], slots, bt, seq_lens, cu, slot)
+            self.stats["prefill_tokens"] += l
+            self.stats["prefill_time"] += time.perf_counter() - t0
+            return m.logits(h)[0].float()
         cos, sin = m.rotary_cos_sin(torch.arange(l, device=self.device)[None], x.dtype)
         for i, layer in enumerate(m.model.layers):
             h = layer.input_layernorm(x)
@@ -239,6 +246,27 @@ class Engine:
         self.stats["prefill_tokens"] += l
         self.stats["prefill_time"] += time.perf_counter() - t0
         return m.logits(m.model.final_layernorm(x[:, -1]))[0].float()
+
+    def _prefill_fused(self, x, slots, bt, seq_lens, cu, slot: int) -> torch.Tensor:
+        """The prefill's layers on the model's fused inference path (as ``_decode_fused``, for one sequence of
+        l tokens from position 0): x (l, hidden) embedded prompt; the K/V go to the pages ``slots``, the final
+        conv and SSM states to state slot ``slot``. Returns the final-normed last hidden state (1, hidden)."""
+        m, l = self.model, x.shape[0]
+        cos, sin = m.rope_tables(l, x.dtype)
+        pos_ids = torch.arange(l, device=x.device)[None]
+        for i, layer in enumerate(m.model.layers):
+            attn = layer.self_attn
+            z, xBC, dt, q, k, v = layer.project_fused(x)   # q (l, heads, d), k, v (l, kv_heads, d): row views
+            # (1, l, heads, d) seen as (1, heads, l, d): rotary's layout, rotated in place in the GEMM output
+            torch.ops.h1r.rotary_(q[None].transpose(1, 2), k[None].transpose(1, 2), cos, sin, pos_ids, False)
+            kc, vc = self.kv[i, 0], self.kv[i, 1]
+            h1r_ops.reshape_and_cache(k, v, kc, vc, slots)
+            o = h1r_ops.paged_attention_prefill(q.contiguous(), kc, vc, bt, seq_lens, cu, scale=attn.scale)
+            st = LayerCache(None, None, self.states.conv[i, slot : slot + 1], self.states.ssm[i, slot : slot + 1])
+            y = layer.mamba.forward_fused(z, xBC, dt, 1, l, cache=st)
+            x = layer.output_fused(x, y, o.view(l, -1))
+        ln = m.model.final_layernorm
+        return torch.ops.h1r.rms_norm_fwd(x[-1:].contiguous(), ln.weight, ln.eps, None)[0]
 
     @torch.no_grad()
     def _decode(self, seqs: list[_Seq]) -> torch.Tensor:
