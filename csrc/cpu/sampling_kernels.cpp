@@ -173,8 +173,17 @@ void sample_row(const SampleTopPParams& prm, int64_t r, RowScratch& s) {
     if (prm.top_p[r] < 1.f) {
       c = 0;
       while (c < kBuckets - 1 && before + mass[c] < target) before += mass[c++];
+      // the crossing bucket's tokens (few): whole vectors without one are skipped by one compare
       s.cand.clear();
-      for (i = 0; i < V; ++i)
+      const VecI vcross(c);
+      constexpr int kNone = (1 << VecI::size()) - 1;  // zero_mask of a vector with no match
+      static_assert(VecI::size() == VL, "int and float vectors of one width");
+      for (i = 0; i + VL <= V; i += VL) {
+        if (at::vec::cast<float>(VecI::loadu(key + i) == vcross).zero_mask() == kNone) continue;
+        for (int64_t j = i; j < i + VL; ++j)
+          if (key[j] == c) s.cand.emplace_back(x[j], static_cast<int32_t>(j));
+      }
+      for (; i < V; ++i)
         if (key[i] == c) s.cand.emplace_back(x[i], static_cast<int32_t>(i));
       std::sort(s.cand.begin(), s.cand.end(), [](const auto& a, const auto& b) {
         return a.first > b.first || (a.first == b.first && a.second < b.second);
