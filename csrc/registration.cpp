@@ -145,6 +145,19 @@ TORCH_LIBRARY(h1r, m) {
       "paged_attention_prefill(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor seq_lens, Tensor cu_seqlens_q, float scale) -> Tensor");
 
+  // ---- token sampling (the batched decoder's per-step sampler) --------------------------------------
+  // logits (b, vocab) fp32 / bf16 / fp16 with a unit column stride (any row stride); temperature, top_p,
+  // uniform (b,) fp32. Row i: temperature 0 is greedy (the first max); otherwise the exact top-p nucleus
+  // of softmax(logits / temperature) (a token is kept iff the mass of the tokens ranked above it, ties
+  // ranked lowest id first, is below top_p of the total; top_p = 1 keeps all) and the token is the first,
+  // in vocabulary order, whose cumulative kept probability reaches uniform (in (0, 1]) times the kept
+  // total. Log-probs are those of the raw distribution log_softmax(logits) (temperature 1).
+  // Returns tokens (b,) int64, top_logprobs (b, num_logprobs) fp32 descending (ties lowest id first),
+  // top_ids (b, num_logprobs) int64 and token_logprob (b,) fp32 (the log-prob of the drawn token).
+  m.def(
+      "sample_top_p(Tensor logits, Tensor temperature, Tensor top_p, Tensor uniform, int num_logprobs) -> "
+      "(Tensor tokens, Tensor top_logprobs, Tensor top_ids, Tensor token_logprob)");
+
   // ---- build introspection -------------------------------------------------------------------------
   // The CPU ISA the kernels were dispatched for at load time ("avx512", "avx2" or "scalar").
   m.def("cpu_isa() -> str", []() -> std::string { return h1r::cpu::cpu_isa_name(); });

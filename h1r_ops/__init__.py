@@ -11,6 +11,7 @@ from .ops.cross_entropy import FusedLinearCrossEntropyLoss, fused_linear_cross_e
 from .ops.paged_attention import paged_attention_decode, paged_attention_prefill, reshape_and_cache
 from .ops.rms_norm import RMSNorm, RMSNormGated, gated_rms_norm, rms_norm
 from .ops.rotary import RotaryEmbedding, rotary, rotary_, rotary_cos_sin
+from .ops.sampling import sample_top_p
 from .ops.selective_scan import selective_scan, selective_state_update
 
 __version__ = "0.1.0"
@@ -23,4 +24,5 @@ __all__ = [
     "rotary", "rotary_", "rotary_cos_sin", "RotaryEmbedding",
     "fused_linear_cross_entropy", "fused_linear_logprobs", "FusedLinearCrossEntropyLoss",
     "reshape_and_cache", "paged_attention_decode", "paged_attention_prefill",
+    "sample_top_p",
 ]

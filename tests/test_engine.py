@@ -98,6 +98,32 @@ def test_fused_decode_equals_module_path(ssm_dtype, monkeypatch):
             assert o == m.generate_greedy(torch.tensor([p]), n)[0, len(p):].tolist()
 
 
+def test_fused_prefill_equals_module_path(monkeypatch):
+    """A fused model prefills on the fused path (one input GEMM per layer, in-place RoPE, forward_fused):
+    the same last logits, K/V pages and Mamba states as the module path (fp32, to rounding)."""
+    m = tiny_model(seed=5).fuse_projections()
+    ids = _prompts(1, seed=6, lo=20, hi=21)[0]
+    calls = []
+    real = Engine._prefill_fused
+    monkeypatch.setattr(Engine, "_prefill_fused", lambda self, *a: calls.append(1) or real(self, *a))
+    res = {}
+    for fused in (True, False):
+        m.use_fused = fused
+        n0 = len(calls)
+        eng = Engine(m, max_num_seqs=2, block_size=4, max_model_len=32)
+        table, slot = BlockTable(eng.allocator), eng.states.allocate()
+        logits = eng._prefill(ids, table, slot)
+        res[fused] = (logits, eng.kv[:, :, table.blocks].clone(), eng.states.conv[:, slot].clone(),
+                      eng.states.ssm[:, slot].clone())
+        assert (len(calls) > n0) == fused
+    m.use_fused = True
+    for a, b in zip(res[True], res[False]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(res[True][0], m.prefill(torch.tensor([ids]), m.new_cache(1, 32))[0], atol=2e-5,
+                                   rtol=2e-5)
+
+
 def test_bf16_ssm_states(model):
     """ssm_state_dtype=bf16: the pool holds bf16 states and decoding stays close to the fp32-state engine."""
     prompts = _prompts(3, seed=9)

@@ -216,6 +216,32 @@ def test_cpu_nan_stays_in_its_row(dtype):
     assert x.grad[1].isnan().all() and not x.grad[[0, 2, 3]].isnan().any()
 
 
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_cpu_gated_extreme_gate(dtype, norm_before_gate):
+    # The kernels' sigmoid uses a saturating polynomial exp and a refined hardware reciprocal: check the
+    # gate at |z| far past exp's range (silu -> 0 or z, silu' -> 0 or 1) in fwd and bwd against the
+    # reference, over a row long enough for full vectors and a tail; a NaN in z stays in its row.
+    rows, d = 4, 67
+    x, w, g = _inputs(rows, d, dtype)
+    z = torch.tensor([-1e4, -200.0, -88.0, -30.0, -0.5, 0.0, 0.5, 30.0, 88.0, 200.0, 1e4]).repeat(rows * 7)
+    z = z[: rows * d].reshape(rows, d).to(dtype)
+    check = lambda zz: R.gated_rms_norm(x.float(), zz.float(), w.float(), EPS, None, norm_before_gate)  # noqa: E731
+    out, rstd = torch.ops.h1r.gated_rms_norm_fwd(x, z, w, EPS, d, norm_before_gate)
+    assert_close(out, check(z), dtype, "out")
+    dout = torch.randn(rows, d, generator=g).to(dtype)
+    xf, zf = x.float().clone().requires_grad_(), z.float().clone().requires_grad_()
+    (R.gated_rms_norm(xf, zf, w.float(), EPS, None, norm_before_gate) * dout.float()).sum().backward()
+    dx, dz, _ = torch.ops.h1r.gated_rms_norm_bwd(dout, x, z, w, rstd, EPS, d, norm_before_gate)
+    assert_close(dx, xf.grad, dtype, "dx", factor=2)
+    assert_close(dz, zf.grad, dtype, "dz", factor=2)
+    z[2, 5] = float("nan")
+    out, rstd = torch.ops.h1r.gated_rms_norm_fwd(x, z, w, EPS, d, norm_before_gate)
+    dx, dz, _ = torch.ops.h1r.gated_rms_norm_bwd(dout, x, z, w, rstd, EPS, d, norm_before_gate)
+    for t in (out, dx):
+        assert t[2].isnan().any() and not t[[0, 1, 3]].isnan().any()
+
+
 def test_dweight_deterministic_across_thread_counts():
     x, w, g = _inputs(301, 257, torch.float32)
     dout = torch.randn(301, 257, generator=g)

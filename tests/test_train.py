@@ -575,6 +575,24 @@ def test_cli_demo_quick(tmp_path):
     assert sorted(os.listdir(only)) == ["deepconf_results.json"]
 
 
+def test_deepconf_tuning_rule():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "deepconf_tuning.py")
+    spec = importlib.util.spec_from_file_location("deepconf_tuning", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def dc(maj, acc, tokens):
+        return {"majority": {"accuracy": maj}, "variants": [{"eta": 10, "online": {"accuracy": 1.0, "tokens": 1}},
+                                                            {"eta": 90, "online": {"accuracy": acc, "tokens": tokens}}]}
+
+    rows = [("a", dc(0.7, 0.7, 90)), ("b", dc(0.7, 0.72, 80)), ("c", dc(0.7, 0.69, 10))]
+    assert mod.choose(rows)[0] == "b"                       # fewest tokens among those >= majority
+    rows = [("a", dc(0.7, 0.6, 90)), ("b", dc(0.7, 0.65, 80)), ("c", dc(0.7, 0.65, 70))]
+    assert mod.choose(rows)[0] == "c"                       # none: the most accurate, then fewer tokens
+
+
 def test_demo_settings_note_flags_overlap_with_the_tuning_slice():
     from h1r_ops.train.demo import DC_TUNE, _args, _settings_note
 

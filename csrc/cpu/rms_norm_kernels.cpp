@@ -15,6 +15,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/float_io.h"
@@ -27,9 +29,37 @@ inline float sum_lanes(const VF& v) {
   return at::vec::vec_reduce_all<float>([](const VF& a, const VF& b) { return a + b; }, v);
 }
 
-// sigmoid(z), silu(z) = z * sigmoid(z), silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z))).
-inline VF sigmoid(const VF& z) { return VF(1.f) / (VF(1.f) + z.neg().exp()); }
-inline VF dsilu(const VF& z, const VF& sig) { return sig * (VF(1.f) + z * (VF(1.f) - sig)); }
+// 1 / a: the hardware's approximate reciprocal (rel. error < 2^-14 on AVX-512, 1.5 * 2^-12 on AVX2) refined by
+// one Newton step r (2 - a r), i.e. to within an ulp or two of fp32, at a fraction of a vector division's
+// cost (a 512-bit vdivps issues once every 8-16 cycles; the gated norm does one per vector).
+inline VF reciprocal(const VF& a) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 r = _mm512_rcp14_ps(a);
+  return VF(_mm512_mul_ps(r, _mm512_fnmadd_ps(a, r, _mm512_set1_ps(2.f))));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 r = _mm256_rcp_ps(a);
+  return VF(_mm256_mul_ps(r, _mm256_fnmadd_ps(a, r, _mm256_set1_ps(2.f))));
+#else
+  return VF(1.f) / a;
+#endif
+}
+
+// The gate: sigmoid(z) = 1 / (1 + e) and 1 - sigmoid(z) = e * sigmoid(z), with e = exp(-z); silu(z) = z * sigmoid(z)
+// and silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z))). 1 - sigmoid is formed from e rather than by a
+// subtraction: silu' multiplies it by z, which would turn the last-bit error of a sigmoid near 1 into an
+// error of z ulps. exp_u20 (ATen's inline polynomial exp, <= 20 ulp; the Sleef call of exp() spills every
+// vector register and made the gated norm compute-bound) saturates to +inf below z = -88.7: e is clamped
+// to FLT_MAX so that 1 + e, its refined reciprocal (0 or a denormal) and e * sigmoid stay finite.
+struct Sigmoid {
+  VF s;            // sigmoid(z)
+  VF one_minus_s;  // 1 - sigmoid(z)
+};
+inline Sigmoid sigmoid(const VF& z) {
+  const VF e = at::vec::minimum(z.neg().exp_u20(), VF(std::numeric_limits<float>::max()));
+  const VF s = reciprocal(VF(1.f) + e);
+  return {s, e * s};
+}
+inline VF dsilu(const VF& z, const Sigmoid& sg) { return sg.s * (VF(1.f) + z * sg.one_minus_s); }
 
 // Rows [begin, end) of block `blk` when `rows` rows are cut into `nblocks` equal blocks.
 inline std::pair<int64_t, int64_t> block_rows(int64_t blk, int64_t rows, int64_t nblocks) {
@@ -68,21 +98,24 @@ void reduce_dweight(const float* partial, float* dweight, int64_t nblocks, int64
 
 // The backward's loop over rows: the rows are cut into p.nblocks blocks (handed out one at a time); each
 // block accumulates its dweight into its own fp32 partial row, and the partial rows are summed in block
-// order at the end (deterministic, no atomics). Per thread: the weight as fp32 and three fp32 scratch
-// buffers of `scratch_len` (kept in L1 across a row's sweeps); row(row, w, dw, s0, s1, s2) does one row.
+// order at the end (deterministic, no atomics). Per thread: the weight as fp32 and four fp32 scratch
+// buffers of `scratch_len` (kept in L1 / L2 across a row's sweeps); row(row, w, dw, s) does one row, s[0..3]
+// being the scratch buffers.
 template <typename W, typename P, typename Row>
 void bwd_row_blocks(const P& p, int64_t scratch_len, Row&& row) {
   const int64_t d = p.d;
 #pragma omp parallel
   {
-    std::vector<float> wbuf, s0(scratch_len), s1(scratch_len), s2(scratch_len);
+    std::vector<float> wbuf, scratch(4 * scratch_len);
+    float* const s[4] = {scratch.data(), scratch.data() + scratch_len, scratch.data() + 2 * scratch_len,
+                         scratch.data() + 3 * scratch_len};
     const float* w = weight_f32(static_cast<const W*>(p.weight), d, wbuf);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < p.nblocks; ++blk) {
       float* dw = p.dweight_partial + blk * d;
       std::fill(dw, dw + d, 0.f);
       const auto [begin, end] = block_rows(blk, p.rows, p.nblocks);
-      for (int64_t r = begin; r < end; ++r) row(r, w, dw, s0.data(), s1.data(), s2.data());
+      for (int64_t r = begin; r < end; ++r) row(r, w, dw, s);
     }
   }
   reduce_dweight(p.dweight_partial, p.dweight, p.nblocks, d);
@@ -141,7 +174,9 @@ void rms_norm_bwd_impl(const RmsNormBwdParams& p) {
   T* dh = static_cast<T*>(p.dh);
   const int64_t d = p.d;
   // g and xn of the current row, fp32, kept in L1 between the sweeps.
-  bwd_row_blocks<W>(p, d, [&](int64_t row, const float* w, float* dw, float* g, float* xn, float*) {
+  bwd_row_blocks<W>(p, d, [&](int64_t row, const float* w, float* dw, float* const* s) {
+    float* g = s[0];
+    float* xn = s[1];
     const T* dyr = dout + row * d;
     const T* hr = h + row * d;
     const VF vrstd(p.rstd[row]);
@@ -193,7 +228,7 @@ void gated_rms_norm_fwd_impl(const GatedRmsNormFwdParams& p) {
           VF uv = load_n(x + off + i, n);
           if (gate_before) {
             const VF zv = load_n(z + off + i, n);
-            uv = uv * zv * sigmoid(zv);
+            uv = uv * zv * sigmoid(zv).s;
           }
           store_n(u.data() + i, uv, n);
           sumsq = at::vec::fmadd(uv, uv, sumsq);
@@ -206,13 +241,75 @@ void gated_rms_norm_fwd_impl(const GatedRmsNormFwdParams& p) {
           VF y = load_n(u.data() + i, n) * vrstd * load_n(w + grp * gs + i, n);
           if (gate_after) {
             const VF zv = load_n(z + off + i, n);
-            y = y * zv * sigmoid(zv);
+            y = y * zv * sigmoid(zv).s;
           }
           store_n(out + off + i, y, n);
         });
       }
     }
   }
+}
+
+// Where the gate silu(z) sits: no z; before the norm (u = x * silu(z) is normalized); after it
+// (out = norm(x) * w * silu(z)). A template parameter, so that the inner loops carry no branch on it.
+enum class Gate { none, before, after };
+template <Gate G>
+using GateC = std::integral_constant<Gate, G>;
+
+// Backward of one group of gs channels (the pointers point at the group). xh is the normalized input
+// (xn = x * rstd, or un = x * silu(z) * rstd) and g the gradient w.r.t. xh; when the gate comes first,
+// also silu(z) and x * silu'(z), the factors that carry the pre-norm gradient du to dx and dz, so that
+// sweep 2 neither reloads x and z nor recomputes the sigmoid. s: four fp32 scratch rows of gs.
+// (A function of plain values: the inner loops then keep them in registers, where a lambda capturing by
+// reference would reload them after every store of bf16 data, which may alias anything.)
+template <Gate G, typename T>
+inline void gated_bwd_group(const T* dout, const T* x, const T* z, T* dx, T* dz, const float* w, float* dw,
+                            float rstd, int64_t gs, float* const* s) {
+  float* const xh = s[0];
+  float* const g = s[1];
+  float* const silu = s[2];
+  float* const xdsilu = s[3];
+  const VF vrstd(rstd);
+  // 1. xh, g and c = mean(g * xh); dz when the gate comes after the norm (it needs no c);
+  //    dweight += (gradient reaching w * xh) * xh.
+  VF acc(0.f);
+  for_lanes(gs, [&](int64_t i, int64_t n) {
+    VF dy = load_n(dout + i, n);
+    const VF xv = load_n(x + i, n);
+    VF xhv;
+    if constexpr (G == Gate::none) {
+      xhv = xv * vrstd;
+    } else {
+      const VF zv = load_n(z + i, n);
+      const Sigmoid sg = sigmoid(zv);
+      const VF sv = zv * sg.s;
+      if constexpr (G == Gate::before) {
+        xhv = xv * sv * vrstd;
+        store_n(silu + i, sv, n);
+        store_n(xdsilu + i, xv * dsilu(zv, sg), n);
+      } else {
+        xhv = xv * vrstd;
+        store_n(dz + i, dy * xhv * load_n(w + i, n) * dsilu(zv, sg), n);
+        dy = dy * sv;
+      }
+    }
+    const VF gv = dy * load_n(w + i, n);
+    store_n(dw + i, at::vec::fmadd(dy, xhv, load_n(dw + i, n)), n);
+    store_n(xh + i, xhv, n);
+    store_n(g + i, gv, n);
+    acc = at::vec::fmadd(gv, xhv, acc);
+  });
+  const VF c(sum_lanes(acc) / static_cast<float>(gs));
+  // 2. d(pre-norm) = rstd * (g - xh * c); through the gate when it came first.
+  for_lanes(gs, [&](int64_t i, int64_t n) {
+    const VF du = vrstd * (load_n(g + i, n) - load_n(xh + i, n) * c);
+    if constexpr (G == Gate::before) {
+      store_n(dx + i, du * load_n(silu + i, n), n);
+      store_n(dz + i, du * load_n(xdsilu + i, n), n);
+    } else {
+      store_n(dx + i, du, n);
+    }
+  });
 }
 
 template <typename T, typename W>
@@ -223,57 +320,19 @@ void gated_rms_norm_bwd_impl(const GatedRmsNormBwdParams& p) {
   T* dx = static_cast<T*>(p.dx);
   T* dz = static_cast<T*>(p.dz);
   const int64_t d = p.d, gs = p.group_size, ngroups = d / gs;
-  const bool gate_before = z && !p.norm_before_gate;
-  // Per group: xh the normalized input (xn = x * rstd, or un = x * silu(z) * rstd), g the gradient
-  // w.r.t. xh, sig = sigmoid(z).
-  bwd_row_blocks<W>(p, gs, [&](int64_t row, const float* w, float* dw, float* xh, float* g, float* sig) {
-    for (int64_t grp = 0; grp < ngroups; ++grp) {
-      const int64_t off = row * d + grp * gs;
-      const float* wg = w + grp * gs;
-      float* dwg = dw + grp * gs;
-      const VF vrstd(p.rstd[row * ngroups + grp]);
-      // 1. xh, g and c = mean(g * xh); dz when the gate comes after the norm (it needs no c);
-      //    dweight += (gradient reaching w * xh) * xh.
-      VF acc(0.f);
-      for_lanes(gs, [&](int64_t i, int64_t n) {
-        VF dy = load_n(dout + off + i, n);
-        VF xv = load_n(x + off + i, n);
-        VF xhv;
-        if (z) {
-          const VF zv = load_n(z + off + i, n);
-          const VF sg = sigmoid(zv);
-          store_n(sig + i, sg, n);
-          if (gate_before) {
-            xhv = xv * zv * sg * vrstd;
-          } else {  // out = xn * w * silu(z)
-            xhv = xv * vrstd;
-            store_n(dz + off + i, dy * xhv * load_n(wg + i, n) * dsilu(zv, sg), n);
-            dy = dy * zv * sg;
-          }
-        } else {
-          xhv = xv * vrstd;
-        }
-        const VF gv = dy * load_n(wg + i, n);
-        store_n(dwg + i, at::vec::fmadd(dy, xhv, load_n(dwg + i, n)), n);
-        store_n(xh + i, xhv, n);
-        store_n(g + i, gv, n);
-        acc = at::vec::fmadd(gv, xhv, acc);
-      });
-      const VF c(sum_lanes(acc) / static_cast<float>(gs));
-      // 2. d(pre-norm) = rstd * (g - xh * c); through the gate when it came first.
-      for_lanes(gs, [&](int64_t i, int64_t n) {
-        const VF du = vrstd * (load_n(g + i, n) - load_n(xh + i, n) * c);
-        if (gate_before) {
-          const VF zv = load_n(z + off + i, n);
-          const VF sg = load_n(sig + i, n);
-          store_n(dx + off + i, du * zv * sg, n);
-          store_n(dz + off + i, du * load_n(x + off + i, n) * dsilu(zv, sg), n);
-        } else {
-          store_n(dx + off + i, du, n);
-        }
-      });
-    }
-  });
+  auto run = [&](auto gate) {
+    bwd_row_blocks<W>(p, gs, [&](int64_t row, const float* w, float* dw, float* const* s) {
+      for (int64_t grp = 0; grp < ngroups; ++grp) {
+        const int64_t off = row * d + grp * gs;
+        gated_bwd_group<decltype(gate)::value>(dout + off, x + off, z ? z + off : nullptr, dx + off,
+                                               dz ? dz + off : nullptr, w + grp * gs, dw + grp * gs,
+                                               p.rstd[row * ngroups + grp], gs, s);
+      }
+    });
+  };
+  if (!z) run(GateC<Gate::none>{});
+  else if (p.norm_before_gate) run(GateC<Gate::after>{});
+  else run(GateC<Gate::before>{});
 }
 
 // Instantiate body<T, W> for the runtime types (x and weight types are independent).

@@ -27,8 +27,9 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0, help="trace i uses seed + i")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--ssm-state-dtype", default="fp32", choices=["fp32", "bf16"],
-                    help="Mamba SSM state dtype (bf16 halves the state memory per trace)")
+    ap.add_argument("--ssm-state-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="Mamba SSM state dtype (auto: the model dtype, as transformers; bf16 halves the state "
+                         "memory per trace of an fp32 model)")
 
 
 def _load(args):
@@ -51,7 +52,7 @@ def _load(args):
             raise SystemExit(f"h1r: no tokenizer.json in {args.model}: pass --prompt-ids")
         prompt = encode(tok, text)
     max_len = args.max_model_len or len(prompt) + args.max_tokens
-    ssm_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.ssm_state_dtype]
+    ssm_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.ssm_state_dtype)
     eng = Engine(model, tok, max_num_seqs=args.max_num_seqs, block_size=args.block_size, num_blocks=args.num_blocks,
                  max_model_len=max_len, ssm_state_dtype=ssm_dtype)
     sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,

@@ -10,10 +10,12 @@ Every live trace owns a block table (its KV pages) and a state slot (its conv an
      path when the model is fused (``fuse_projections``; ``from_pretrained`` does it), else its modules;
   3. samples, records confidences, and retires the traces that hit EOS, a stop token or string,
      max_tokens, or DeepConf's confidence threshold; their pages and slot are freed at once.
-The per-step host work is kept small: the block tables live on the device (one row per state slot, a
-page written when a trace gets or copies one), the per-trace inputs go over in one transfer, the logits and
-the sampling scratch reuse workspace memory, sampling never sorts the vocabulary (see ``sampling``), and
-the step's sampled tokens, confidences and log-probs come back in one transfer.
+Prefill runs on the fused path too when the model is fused (``_prefill_fused``). The per-step host work
+is kept small: the block tables live on the device (one row per state slot, a page written when a trace
+gets or copies one), the per-trace inputs go over in one transfer, the logits (the model's own, in its
+dtype) are written into workspace memory, sampling is one fused pass per row (``h1r_ops.sample_top_p``:
+no sort of the vocabulary; the torch sampler of ``sampling`` serves top-k / min-p), and the step's sampled
+tokens, confidences and log-probs come back in one transfer.
 When the pages run out, the most recently started trace is preempted (its pages and slot freed) and
 later recomputed by one prefill of its prompt and tokens so far; its generator continues unchanged.
 """
@@ -32,7 +34,8 @@ from h1r_ops.model.falcon_h1 import LayerCache
 
 from .block_manager import BlockAllocator, BlockTable
 from .confidence import WindowStop
-from .sampling import BatchParams, SamplingParams, Workspace, make_generator, raw_logprobs, sample_rows, token_confidence
+from .sampling import (BatchParams, SamplingParams, Workspace, draw_uniforms, make_generator, raw_logprobs, sample_rows,
+                       token_confidence)
 from .state_pool import StatePool
 
 
@@ -119,15 +122,17 @@ class Engine:
         block_size: tokens per KV page.
         num_blocks: KV pages in the pool (default: room for ``max_num_seqs`` traces of ``max_model_len``).
         max_model_len: prompt + generated tokens per trace, at most.
-        ssm_state_dtype: dtype of the Mamba SSM states (default fp32; bf16 halves the state memory and the
-            state bytes every decode step reads and writes, the largest part of a step at many traces).
+        ssm_state_dtype: dtype of the Mamba SSM states. Default (None): the model's dtype, the policy of
+            transformers' cache and vLLM's ``mamba_ssm_cache_dtype="auto"``; a bf16 model then keeps bf16
+            states, half the state memory and half the state bytes every decode step reads and writes (the
+            largest part of a step at many traces). fp32 keeps them unrounded whatever the model dtype.
     """
 
     SAMPLE_CHUNK = 16   # rows sampled together (their scratch fits in L2)
 
     def __init__(self, model, tokenizer=None, max_num_seqs: int = 64, block_size: int = 16,
                  num_blocks: int | None = None, max_model_len: int = 2048,
-                 ssm_state_dtype: torch.dtype = torch.float32):
+                 ssm_state_dtype: torch.dtype | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config
@@ -143,13 +148,14 @@ class Engine:
         # kv[layer, 0] = key cache, kv[layer, 1] = value cache: (num_blocks, block_size, kv_heads, head_dim)
         self.kv = torch.zeros(L, 2, num_blocks, block_size, kv, hd, dtype=self.dtype, device=self.device)
         # one slot per live trace, plus one per prompt held for traces not yet started
-        self.states = StatePool(cfg, max_num_seqs + 2, self.dtype, self.device, ssm_state_dtype)
+        self.states = StatePool(cfg, max_num_seqs + 2, self.dtype, self.device, ssm_state_dtype or self.dtype)
         # the block tables of the live traces, one row per state slot, kept on the device and updated in
         # place when a trace gets a page (every block_size tokens) or copies a shared one, instead of being
         # rebuilt from Python lists at every step
         self.block_tables = torch.zeros(self.states.num_slots, self.max_blocks_per_seq, dtype=torch.int32,
                                         device=self.device)
         self.ws = Workspace()   # per-step scratch of the (traces, vocab) logits and sampling
+        self._has_sampler: bool | None = None   # h1r_ops.sample_top_p has a kernel for the device
         self.eos_ids = _eos_ids(model, tokenizer)
         self._ids = itertools.count()
         self.waiting: deque[_Request] = deque()
@@ -220,6 +226,11 @@ class Engine:
         cu = torch.tensor([0, l], dtype=torch.int32, device=self.device)
         input_ids = torch.tensor([ids], device=self.device)
         x = m._embed(input_ids)
+        if m.fused_ready(self.device):
+            h = self._prefill_fused(x[0], slots, bt, seq_lens, cu, slot)
+            self.stats["prefill_tokens"] += l
+            self.stats["prefill_time"] += time.perf_counter() - t0
+            return m.logits(h)[0].float()
         cos, sin = m.rotary_cos_sin(torch.arange(l, device=self.device)[None], x.dtype)
         for i, layer in enumerate(m.model.layers):
             h = layer.input_layernorm(x)
@@ -235,6 +246,27 @@ class Engine:
         self.stats["prefill_tokens"] += l
         self.stats["prefill_time"] += time.perf_counter() - t0
         return m.logits(m.model.final_layernorm(x[:, -1]))[0].float()
+
+    def _prefill_fused(self, x, slots, bt, seq_lens, cu, slot: int) -> torch.Tensor:
+        """The prefill's layers on the model's fused inference path (as ``_decode_fused``, for one sequence of
+        l tokens from position 0): x (l, hidden) embedded prompt; the K/V go to the pages ``slots``, the final
+        conv and SSM states to state slot ``slot``. Returns the final-normed last hidden state (1, hidden)."""
+        m, l = self.model, x.shape[0]
+        cos, sin = m.rope_tables(l, x.dtype)
+        pos_ids = torch.arange(l, device=x.device)[None]
+        for i, layer in enumerate(m.model.layers):
+            attn = layer.self_attn
+            z, xBC, dt, q, k, v = layer.project_fused(x)   # q (l, heads, d), k, v (l, kv_heads, d): row views
+            # (1, l, heads, d) seen as (1, heads, l, d): rotary's layout, rotated in place in the GEMM output
+            torch.ops.h1r.rotary_(q[None].transpose(1, 2), k[None].transpose(1, 2), cos, sin, pos_ids, False)
+            kc, vc = self.kv[i, 0], self.kv[i, 1]
+            h1r_ops.reshape_and_cache(k, v, kc, vc, slots)
+            o = h1r_ops.paged_attention_prefill(q.contiguous(), kc, vc, bt, seq_lens, cu, scale=attn.scale)
+            st = LayerCache(None, None, self.states.conv[i, slot : slot + 1], self.states.ssm[i, slot : slot + 1])
+            y = layer.mamba.forward_fused(z, xBC, dt, 1, l, cache=st)
+            x = layer.output_fused(x, y, o.view(l, -1))
+        ln = m.model.final_layernorm
+        return torch.ops.h1r.rms_norm_fwd(x[-1:].contiguous(), ln.weight, ln.eps, None)[0]
 
     @torch.no_grad()
     def _decode(self, seqs: list[_Seq]) -> torch.Tensor:
@@ -297,16 +329,10 @@ class Engine:
         return torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 logits (b, vocab) of final hidden states h (b, hidden), written into workspace memory: the
-        model's ``logits`` (``h @ lm_head.T * lm_head_multiplier`` in the model dtype), without a fresh
-        (b, vocab) tensor per step."""
-        m, (b, V) = self.model, (h.shape[0], self.cfg.vocab_size)
-        w = m.lm_head_weight
-        out = self.ws.get("logits32", (b, V), torch.float32, h.device)
-        raw = out if w.dtype == torch.float32 else self.ws.get("logits_raw", (b, V), w.dtype, h.device)
-        torch.mm(h.to(w.dtype), w.t(), out=raw)
-        # the multiplier in the model dtype (as the model rounds it), cast to fp32 in the same pass
-        return torch.mul(raw, self.cfg.lm_head_multiplier, out=out)
+        """Logits (b, vocab) of final hidden states h (b, hidden) in the model dtype, the model's own
+        ``logits`` written into workspace memory (no fresh (b, vocab) tensor per step)."""
+        w = self.model.lm_head_weight
+        return self.model.logits(h, out=self.ws.get("logits", (h.shape[0], w.shape[0]), w.dtype, h.device))
 
     def _set_block_row(self, s: _Seq) -> None:
         """Write a trace's whole block table into its row of ``block_tables`` (a fork or a fresh prefill)."""
@@ -330,22 +356,43 @@ class Engine:
         return mix._gate_out(y.reshape(b, mix.d_ssm), z)
 
     # -- sampling and retiring ----------------------------------------------------------------------------
-    def _accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        """Sample the next token of each sequence from its logits (b, vocab) and check its stop rules."""
-        params = [s.req.params for s in seqs]
-        gens = [s.generator for s in seqs]
-        k = max(p.logprobs for p in params)
-        kk = max(1, min(k, logits.shape[-1]))
+    def _fused_sampler(self, params: list[SamplingParams]) -> bool:
+        """Whether ``h1r_ops.sample_top_p`` (one fused pass per row) serves these rows: a kernel for the device
+        and no top-k / min-p filter (greedy, temperature and top-p: DeepConf's setting)."""
+        if self._has_sampler is None:
+            self._has_sampler = h1r_ops.has_kernel("sample_top_p", self.device.type)
+        return self._has_sampler and all(p.top_k <= 0 and p.min_p == 0 for p in params)
+
+    def _sample(self, params: list[SamplingParams], gens: list[torch.Generator], logits: torch.Tensor):
+        """Tokens (b,), top-k raw log-probs (b, k) and their ids, and the drawn tokens' log-probs (b,), with k
+        the largest ``logprobs`` of the rows; one uniform per row from its own generator either way, so the
+        fused kernel and the torch sampler draw the same tokens."""
+        k = min(max(p.logprobs for p in params), logits.shape[-1])
+        u = draw_uniforms(params, gens, logits.device)
+        if self._fused_sampler(params):
+            temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=logits.device)
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=logits.device)
+            return torch.ops.h1r.sample_top_p(logits, temp, top_p, u, k)
+        if logits.dtype != torch.float32:
+            logits = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).copy_(logits)
+        kk = max(1, k)
         parts = []
         # rows in chunks: the few streaming passes of sampling and log-probs over a chunk's (rows, vocab)
         # scratch stay in cache instead of going to memory once per pass
-        for a in range(0, len(seqs), self.SAMPLE_CHUNK):
+        for a in range(0, len(params), self.SAMPLE_CHUNK):
             sl = slice(a, a + self.SAMPLE_CHUNK)
             lg = logits[sl]
             top = lg.topk(kk, dim=-1)                    # DeepConf's top-k; its first is the row max
-            t = sample_rows(lg, params[sl], gens[sl], self.ws, BatchParams(params[sl], lg.device), row_max=top[0][:, 0])
+            t = sample_rows(lg, params[sl], gens[sl], self.ws, BatchParams(params[sl], lg.device), row_max=top[0][:, 0],
+                            uniform=u[sl])
             parts.append((t, *raw_logprobs(lg, k, t, self.ws, top)))
-        toks, top_v, top_i, chosen = (torch.cat(x) if len(parts) > 1 else x[0] for x in zip(*parts))
+        return tuple(torch.cat(x) if len(parts) > 1 else x[0] for x in zip(*parts))
+
+    def _accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Sample the next token of each sequence from its logits (b, vocab) and check its stop rules."""
+        params = [s.req.params for s in seqs]
+        k = max(p.logprobs for p in params)
+        toks, top_v, top_i, chosen = self._sample(params, [s.generator for s in seqs], logits)
         same_k = all(p.logprobs == k for p in params)
         # one host transfer for the step's per-trace numbers
         toks_l = toks.tolist()

@@ -235,13 +235,21 @@ class BatchParams:
         self.nucleus_only = all(p.top_k <= 0 and p.top_p < 1 and p.min_p == 0 for p in params)
 
 
+def draw_uniforms(params: list[SamplingParams], generators: list[torch.Generator], device) -> torch.Tensor:
+    """One uniform in (0, 1] per row from the row's own generator (1 for greedy rows, which draw nothing):
+    the inverse-CDF draw of ``sample_rows`` and of the fused ``h1r_ops.sample_top_p``."""
+    return torch.stack([1.0 - torch.rand((), generator=g, device=device) if p.temperature > 0
+                        else torch.ones((), device=device) for p, g in zip(params, generators)])
+
+
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
                 ws: Workspace | None = None, batch: BatchParams | None = None,
-                row_max: torch.Tensor | None = None) -> torch.Tensor:
+                row_max: torch.Tensor | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of fp32 logits (b, V): argmax for temperature 0, else a draw from the filtered
     distribution by inverse CDF with one uniform from the row's own generator (so a trace's draws do not
     depend on which other traces share the batch). ``ws``: scratch memory reused across calls;
-    ``batch``: the tensors of ``params`` if already built; ``row_max``: each row's max logit (b,) if known."""
+    ``batch``: the tensors of ``params`` if already built; ``row_max``: each row's max logit (b,) if known;
+    ``uniform``: the rows' uniforms (b,) if already drawn (``draw_uniforms``)."""
     b, V = logits.shape
     dev = logits.device
     bp = batch or BatchParams(params, dev)
@@ -254,8 +262,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
         p = _filtered_probs(x, bp.top_k, bp.top_p, bp.min_p, ws)
     cdf = torch.cumsum(p, -1, out=_scratch(ws, "cdf", p))
     # u in (0, 1]: the first index with cdf >= u * total has a nonzero probability
-    u = torch.stack([1.0 - torch.rand((), generator=g, device=dev) if p_.temperature > 0 else torch.ones((), device=dev)
-                     for p_, g in zip(params, generators)])
+    u = draw_uniforms(params, generators, dev) if uniform is None else uniform
     j = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1).to(cdf.dtype))[:, 0].clamp_(max=V - 1)
     return torch.where(bp.greedy, logits.argmax(-1), j) if bp.any_greedy else j
 

@@ -608,9 +608,19 @@ class FalconH1ForCausalLM(nn.Module):
     def _embed(self, input_ids):
         return self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full logits for the given final hidden states (use sparingly: (..., vocab))."""
-        return F.linear(hidden, self.lm_head_weight) * self.config.lm_head_multiplier
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Full logits ``hidden @ lm_head^T * lm_head_multiplier`` in the weights' dtype for final hidden
+        states (..., hidden) -> (..., vocab) (use sparingly). ``out``: a contiguous (..., vocab) tensor of
+        the weights' dtype to write them into instead of a fresh tensor (a decoder reusing its memory; no
+        autograd through ``out``)."""
+        if out is None:
+            return F.linear(hidden, self.lm_head_weight) * self.config.lm_head_multiplier
+        w = self.lm_head_weight
+        if out.dtype != w.dtype or out.shape != (*hidden.shape[:-1], w.shape[0]) or not out.is_contiguous():
+            raise ValueError(f"logits: argument 'out': expected a contiguous {w.dtype} tensor of shape "
+                             f"{(*hidden.shape[:-1], w.shape[0])}, got {out.dtype} {tuple(out.shape)}")
+        torch.mm(hidden.reshape(-1, w.shape[1]).to(w.dtype), w.t(), out=out.view(-1, w.shape[0]))
+        return out.mul_(self.config.lm_head_multiplier)
 
     # -- forward ----------------------------------------------------------------------------------------
     def hidden_states(self, input_ids, position_ids=None, seq_idx=None, cache: HybridCache | None = None):

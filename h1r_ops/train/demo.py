@@ -2,16 +2,19 @@
 
     h1r train demo                    # SFT -> GRPO -> held-out eval -> DeepConf vs majority voting
     h1r train demo --quick            # the same pipeline with tiny step counts (a smoke run)
+    h1r train demo --model runs/train_demo/grpo/model --dc-offset 0   # the DeepConf stage alone (no training)
 
 Stages (each a normal ``h1r train`` run under ``--work``, so it can also be resumed or inspected):
   1. SFT of a fresh tiny Falcon-H1 on packed step-by-step solutions (held-out greedy accuracy before,
      during and after);
   2. GRPO from the SFT model with ``\\boxed{}`` rewards, rollouts from the paged inference engine
      (held-out greedy accuracy on the SAME problems at GRPO step 0, i.e. the SFT model, and at the end);
-  3. DeepConf on the GRPO model, on held-out problems: ``budget`` sampled traces per problem voted by
-     plain majority, DeepConf offline (top-eta% lowest-window confidence filter + weighted vote, the same
-     traces), and DeepConf online (warm-up traces set the threshold, later traces stop early below it,
-     generation stops at consensus tau): accuracy and tokens generated of each.
+  3. DeepConf on the GRPO model, on 400 held-out problems (400..799) disjoint from the ones its settings
+     were chosen on (0..399, ``scripts/deepconf_tuning.py``): ``budget`` sampled traces per problem voted
+     by plain majority and by DeepConf offline (top-eta% by bottom-10% window confidence + weighted vote,
+     the same traces), and DeepConf online (warm-up traces set the threshold, later traces stop early
+     below it, generation stops at consensus tau), for DeepConf-high (eta 90) and DeepConf-low (eta 10):
+     accuracy, tokens generated, and per-problem paired counts against majority.
 
 Writes to ``--out``: ``demo_results.json`` and ``demo_results.md`` (the figures), ``demo_metrics.jsonl``
 (every step and evaluation of every stage, with a ``stage`` field: loss, reward, accuracy, tokens/s,
@@ -39,7 +42,7 @@ DC_TUNE = dict(first=0, problems=400)
 DC_RULE = ("grid warm-up {4, 8} x tau {0.9, 0.95}, window 16, budget 16, T = 1; rule fixed before the sweep: the "
            "DeepConf-high (eta 90) online setting with the fewest tokens among those whose accuracy is >= majority's "
            "on the tuning slice, else the most accurate one")
-DC_DEFAULTS = dict(dc_budget=16, dc_warmup=8, dc_eta=[90.0, 10.0], dc_tau=0.95, dc_window=16, dc_temperature=1.0)
+DC_DEFAULTS = dict(dc_budget=16, dc_warmup=8, dc_eta=[90.0, 10.0], dc_tau=0.9, dc_window=16, dc_temperature=1.0)
 
 
 def _settings_note(args) -> str:
@@ -238,7 +241,8 @@ def _plot(path, sft, grpo, dc):
     ax[1, 1].set(title="throughput (tokens/s)", xlabel="step of its stage", yscale="log")
     ax[1, 1].legend(fontsize=8)
     if dc:
-        names, accs, toks, colors = ["majority"], [100 * dc["majority"]["accuracy"]], [dc["majority"]["tokens"]], ["tab:gray"]
+        maj = dc["majority"]
+        names, accs, toks, colors = ["majority"], [100 * maj["accuracy"]], [maj["tokens"]], ["tab:gray"]
         for v, c in zip(_variants(dc), ("tab:green", "tab:purple", "tab:olive")):
             short = v["name"].replace("DeepConf-", "")
             for mode in ("offline", "online"):
@@ -251,8 +255,8 @@ def _plot(path, sft, grpo, dc):
         for b, acc, t in zip(bars, accs, toks):
             a2.text(b.get_x() + b.get_width() / 2, b.get_height() + 1, f"{acc:.1f}%\n{t / 1000:.0f}k tok",
                     ha="center", fontsize=7)
-        a2.set(title=f"DeepConf vs majority, {dc['budget']} traces x {dc['problems']} held-out problems: "
-               "accuracy (%), tokens", ylim=(0, 115))
+        a2.set(title=f"voting {dc['budget']} traces x {dc['problems']} held-out problems: accuracy (%)",
+               ylim=(0, 115))
         a2.title.set_fontsize(9)
         a2.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
@@ -285,8 +289,8 @@ def _deepconf_markdown(d) -> list:
     for v in _variants(d):
         for mode in ("offline", "online"):
             x = v[mode]
-            what = (f"{v['name']} offline (top {v['eta']:g}% by bottom-10% window confidence, weighted vote, same traces)"
-                    if mode == "offline" else f"{v['name']} online (eta {v['eta']:g})")
+            what = (f"{v['name']} offline (top {v['eta']:g}% by bottom-10% window confidence, weighted vote, "
+                    "same traces)" if mode == "offline" else f"{v['name']} online (eta {v['eta']:g})")
             tokens = f"{x['tokens']:,}"
             if mode == "online":
                 tokens += (f" (**{100 * x['tokens_saved_vs_majority']:.0f}% fewer**; {x['mean_traces']:.1f} traces per "
