@@ -145,6 +145,15 @@ TORCH_LIBRARY(h1r, m) {
       "paged_attention_prefill(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor seq_lens, Tensor cu_seqlens_q, float scale) -> Tensor");
 
+  // ---- linear layer for a few rows (decode) ------------------------------------------------------------
+  // x (m, k); weight (n, k) in x's dtype; bias, scale (n,) any float dtype; residual (m, n_out) in x's
+  // dtype. y = x @ weight^T * scale + bias (fp32); with swiglu the weight holds [gate | up] rows and
+  // a = silu(y[:, :n/2]) * y[:, n/2:] (n_out = n/2), else a = y (n_out = n); out = alpha * a + residual,
+  // rounded once to x's dtype. Inference only (no backward op: the public API differentiates it in torch).
+  m.def(
+      "linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? scale=None, float alpha=1.0, "
+      "Tensor? residual=None, bool swiglu=False) -> Tensor");
+
   // ---- build introspection -------------------------------------------------------------------------
   // The CPU ISA the kernels were dispatched for at load time ("avx512", "avx2" or "scalar").
   m.def("cpu_isa() -> str", []() -> std::string { return h1r::cpu::cpu_isa_name(); });
