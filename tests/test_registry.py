@@ -22,6 +22,7 @@ def test_every_op_has_a_schema():
 def test_families_cover_design_ops():
     assert set(_registry.OP_FAMILIES) == {
         "selective_scan", "causal_conv1d", "rms_norm", "rotary", "cross_entropy", "paged_attention",
+        "linear",
     }
     assert len(set(_registry.ALL_OPS)) == len(_registry.ALL_OPS)
 
