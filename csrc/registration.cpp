@@ -153,6 +153,9 @@ TORCH_LIBRARY(h1r, m) {
   m.def(
       "linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? scale=None, float alpha=1.0, "
       "Tensor? residual=None, bool swiglu=False) -> Tensor");
+  // The SwiGLU of a [gate | up] GEMM output x (m, 2 * width): silu(x[:, :width] * gate_scale) *
+  // x[:, width:] (m, width) in fp32, one rounding to x's dtype (the many-row MLP, where the GEMM is the BLAS's).
+  m.def("swiglu(Tensor x, float gate_scale=1.0) -> Tensor");
 
   // ---- build introspection -------------------------------------------------------------------------
   // The CPU ISA the kernels were dispatched for at load time ("avx512", "avx2" or "scalar").

@@ -30,7 +30,7 @@ OP_FAMILIES: dict[str, tuple[str, ...]] = {
         "fused_linear_logprobs_bwd",
     ),
     "paged_attention": ("reshape_and_cache", "paged_attention_decode", "paged_attention_prefill"),
-    "linear": ("linear",),
+    "linear": ("linear", "swiglu"),
 }
 ALL_OPS: tuple[str, ...] = tuple(op for ops in OP_FAMILIES.values() for op in ops)
 

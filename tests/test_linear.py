@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import h1r_ops
-from h1r_ops.reference import linear_ref
+from h1r_ops.reference import linear_ref, swiglu_ref
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -137,6 +137,36 @@ def test_bad_input():
             fn()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,width", [(1, 1), (3, 17), (5, 64), (40, 1800)])
+def test_swiglu_vs_reference(m, width, dtype):
+    g = torch.Generator().manual_seed(1)
+    x = (3 * torch.randn(m, 2 * width + 6, generator=g)).to(dtype)[:, 3 : 3 + 2 * width]  # strided rows
+    close(torch.ops.h1r.swiglu(x, 0.8), swiglu_ref(x, 0.8), dtype)
+
+
+def test_swiglu_reference_and_public_api():
+    """swiglu_ref against silu written as x * sigmoid(x) in fp64; the public API's (..., 2w) inputs and
+    gradients against torch.autograd through the reference; opcheck; bad input."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 10, generator=g, dtype=torch.float64)
+    gate, up = x[..., :5] * 1.5, x[..., 5:]
+    torch.testing.assert_close(swiglu_ref(x, 1.5), gate * torch.sigmoid(gate) * up)
+    xf = x.float().requires_grad_(True)
+    xr = x.float().requires_grad_(True)
+    out, ref = h1r_ops.swiglu(xf, 1.5), swiglu_ref(xr, 1.5)
+    torch.testing.assert_close(out, ref)
+    dout = torch.randn(2, 3, 5, generator=g)
+    out.backward(dout)
+    ref.backward(dout)
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    torch.library.opcheck(torch.ops.h1r.swiglu, (torch.randn(3, 8, generator=g).requires_grad_(True), 0.5))
+    with pytest.raises(ValueError, match="'x'"):
+        h1r_ops.swiglu(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="'x'"):
+        torch.ops.h1r.swiglu(torch.zeros(2, 5), 1.0)
+
+
 def test_model_uses_kernel_for_few_rows():
     """The native model's projection helpers route few CPU rows through the kernel, many through the BLAS."""
     from h1r_ops.model import falcon_h1
@@ -152,7 +182,7 @@ def test_model_uses_kernel_for_few_rows():
                          ids=["scalar", "avx2", "no-avx512-bf16"])
 def test_lower_isa_levels(env):
     """Every ISA variant (and AVX-512 without its bf16 dot product): a subset of the kernel tests."""
-    sel = "kernel_vs_reference and (3-34-100 or 16-40-130 or 2-4100-40) or strided_rows"
+    sel = "kernel_vs_reference and (3-34-100 or 16-40-130 or 2-4100-40) or strided_rows or swiglu_vs_reference"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", sel],
                        env=dict(os.environ, **env), cwd=root, capture_output=True, text=True, timeout=600)

@@ -9,6 +9,7 @@
 #include "cpu/linear.h"
 
 H1R_DECLARE_CPU_KERNEL(void, linear_kernel, const h1r::cpu::LinearParams&);
+H1R_DECLARE_CPU_KERNEL(void, swiglu_kernel, const h1r::cpu::SwigluParams&);
 
 namespace h1r {
 namespace {
@@ -66,7 +67,23 @@ Tensor linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Ten
   return out;
 }
 
+Tensor swiglu_cpu(const Tensor& x, double gate_scale) {
+  check_rows(x, "x", "(m, 2 * width)");
+  TORCH_CHECK_VALUE(x.size(1) % 2 == 0, "argument 'x': expected an even number of columns [gate | up], got ",
+                    x.size(1));
+  const int64_t m = x.size(0), width = x.size(1) / 2;
+  Tensor out = at::empty({m, width}, x.options());
+  if (m == 0 || width == 0) return out;
+  cpu::SwigluParams p{x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), m, width,
+                      static_cast<float>(gate_scale), cpu::float_type(x)};
+  H1R_CPU_DISPATCH(swiglu_kernel, p);
+  return out;
+}
+
 }  // namespace
 }  // namespace h1r
 
-TORCH_LIBRARY_IMPL(h1r, CPU, m) { m.impl("linear", &h1r::linear_cpu); }
+TORCH_LIBRARY_IMPL(h1r, CPU, m) {
+  m.impl("linear", &h1r::linear_cpu);
+  m.impl("swiglu", &h1r::swiglu_cpu);
+}

@@ -31,4 +31,16 @@ struct LinearParams {
   FloatType dtype;
 };
 
+// out[i, j] = silu(x[i, j] * gate_scale) * x[i, width + j] for j < width: the SwiGLU of a [gate | up]
+// GEMM output (m, 2 * width) in fp32 with one rounding; rows may be strided.
+struct SwigluParams {
+  const void* x;
+  int64_t x_stride;
+  void* out;
+  int64_t out_stride;
+  int64_t m, width;
+  float gate_scale;
+  FloatType dtype;
+};
+
 }  // namespace h1r::cpu

@@ -153,16 +153,21 @@ _ROW_KERNEL_MAX_ROWS = {torch.bfloat16: 4, torch.float16: 16, torch.float32: 16}
 _linear_op = None
 
 
-def row_kernel(x: torch.Tensor) -> bool:
-    """Whether a projection of the rows of x (m, k) goes through ``torch.ops.h1r.linear`` (CPU, few rows)."""
+def row_kernel_op():
+    """``torch.ops.h1r.linear.default`` when this build has its CPU kernel (and ``swiglu``), else None."""
     global _linear_op
-    if x.device.type != "cpu" or x.shape[0] > _ROW_KERNEL_MAX_ROWS.get(x.dtype, 0):
-        return False
     if _linear_op is None:
         from h1r_ops import _registry
 
         _linear_op = _registry.op_overload("linear") if _registry.has_kernel("linear", "cpu") else False
-    return _linear_op is not False
+    return _linear_op or None
+
+
+def row_kernel(x: torch.Tensor) -> bool:
+    """Whether a projection of the rows of x (m, k) goes through ``torch.ops.h1r.linear`` (CPU, few rows)."""
+    if x.device.type != "cpu" or x.shape[0] > _ROW_KERNEL_MAX_ROWS.get(x.dtype, 0):
+        return False
+    return row_kernel_op() is not None
 
 
 def rope_table(inv_freq: torch.Tensor, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -490,10 +495,13 @@ class DecoderLayer(nn.Module):
             gu = linear_nt(h, f.weight)
             if f.bias is not None:
                 gu.add_(f.bias)
-            g, u = gu.split(f.sizes, dim=-1)
-            g.mul_(ff.gate_multiplier)
-            F.silu(g, inplace=True)
-            g.mul_(u)
+            if h.device.type == "cpu" and row_kernel_op() is not None:  # one pass over [gate | up]
+                g = torch.ops.h1r.swiglu.default(gu, ff.gate_multiplier)
+            else:
+                g, u = gu.split(f.sizes, dim=-1)
+                g.mul_(ff.gate_multiplier)
+                F.silu(g, inplace=True)
+                g.mul_(u)
         return addlinear_nt(x, g, ff.down_proj.weight, ff.down_multiplier, ff.down_proj.bias)
 
     def forward_fused(self, x, b: int, l: int, rope, pos_ids, mask=None, seq_idx=None,

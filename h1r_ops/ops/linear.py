@@ -7,6 +7,9 @@ once for all rows of x, which is what decoding needs (a GEMV / skinny GEMM is bo
 for many rows a BLAS GEMM (AMX for bf16) is faster: the native model switches to it (see
 ``h1r_ops.model.falcon_h1.row_kernel``). Gradients flow to x, weight, bias, scale and residual (computed
 in torch: the op serves inference, its backward is not a kernel).
+
+``swiglu(x, gate_scale)`` is the same activation on its own, for a [gate | up] product the BLAS computed
+(many rows: one pass over it instead of torch's scale, silu and product passes).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from .. import _registry
 from .._checks import Shapes
 
-__all__ = ["linear"]
+__all__ = ["linear", "swiglu"]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -59,6 +62,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     out = torch.ops.h1r.linear(x2, w, bias, scale, float(alpha), residual, bool(swiglu))
     return out.view(*lead, n_out)
+
+
+def swiglu(x: torch.Tensor, gate_scale: float = 1.0) -> torch.Tensor:
+    """``silu(gate * gate_scale) * up`` for ``x = [gate | up]`` along the last dimension.
+
+    Args:
+        x: (..., 2 * width) fp32 / bf16 / fp16 (the last dimension dense; rows may be strided).
+        gate_scale: multiplier of the gate before the silu (Falcon-H1's ``mlp_multipliers[0]``).
+
+    Returns:
+        (..., width) in x's dtype (fp32 arithmetic, one rounding).
+    """
+    s = Shapes("swiglu")
+    s.check("x", x, ("*",) * (x.dim() - 1) + ("d",) if isinstance(x, torch.Tensor) and x.dim() >= 1 else ("d",))
+    s.require(x.shape[-1] % 2 == 0, "x", f"expected an even last dimension [gate | up], got {tuple(x.shape)}")
+    s.require(isinstance(gate_scale, (int, float)), "gate_scale", f"expected a number, got {type(gate_scale).__name__}")
+    _registry.require_kernel("swiglu", x.device)
+    lead = tuple(x.shape[:-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return torch.ops.h1r.swiglu(x2, float(gate_scale)).view(*lead, x.shape[-1] // 2)
 
 
 # ---- fake (meta) implementation and autograd (in torch) ---------------------------------------------
@@ -103,3 +128,26 @@ def _linear_backward(ctx, dout):
 
 
 torch.library.register_autograd("h1r::linear", _linear_backward, setup_context=_linear_setup)
+
+
+@torch.library.register_fake("h1r::swiglu")
+def _swiglu_fake(x, gate_scale=1.0):
+    return x.new_empty((x.shape[0], x.shape[1] // 2))
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.gate_scale = inputs[1]
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_backward(ctx, dout):
+    (x,) = ctx.saved_tensors
+    gate, up = x.float().chunk(2, dim=-1)
+    g = gate * ctx.gate_scale
+    sg = torch.sigmoid(g)
+    d = dout.float()
+    dgate = d * up * sg * (1 + g * (1 - sg)) * ctx.gate_scale
+    return torch.cat([dgate, d * F.silu(g)], dim=-1).to(x.dtype), None
+
+
+torch.library.register_autograd("h1r::swiglu", _swiglu_backward, setup_context=_swiglu_setup)

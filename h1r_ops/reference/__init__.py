@@ -9,4 +9,4 @@ from .selective_scan import selective_scan_ref, selective_scan_sequential_ref, s
 from .causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref  # noqa: F401
 from .rms_norm import gated_rms_norm, rms_norm  # noqa: F401
 from .rotary import rotary, rotary_cos_sin  # noqa: F401
-from .linear import linear_ref  # noqa: F401
+from .linear import linear_ref, swiglu_ref  # noqa: F401

@@ -27,3 +27,11 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if residual is not None:
         y = y + residual.to(ct)
     return y.to(x.dtype)
+
+
+def swiglu_ref(x: torch.Tensor, gate_scale: float = 1.0) -> torch.Tensor:
+    """x (..., 2 * width) = [gate | up] -> silu(gate * gate_scale) * up (..., width), in fp32 (fp64 for fp64
+    inputs) with one rounding to x's dtype."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gate, up = x.to(ct).chunk(2, dim=-1)
+    return (F.silu(gate * gate_scale) * up).to(x.dtype)
