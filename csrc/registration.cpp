@@ -157,6 +157,17 @@ TORCH_LIBRARY(h1r, m) {
   m.def(
       "sample_top_p(Tensor logits, Tensor temperature, Tensor top_p, Tensor uniform, int num_logprobs) -> "
       "(Tensor tokens, Tensor top_logprobs, Tensor top_ids, Tensor token_logprob)");
+  // ---- linear layer for a few rows (decode) ------------------------------------------------------------
+  // x (m, k); weight (n, k) in x's dtype; bias, scale (n,) any float dtype; residual (m, n_out) in x's
+  // dtype. y = x @ weight^T * scale + bias (fp32); with swiglu the weight holds [gate | up] rows and
+  // a = silu(y[:, :n/2]) * y[:, n/2:] (n_out = n/2), else a = y (n_out = n); out = alpha * a + residual,
+  // rounded once to x's dtype. Inference only (no backward op: the public API differentiates it in torch).
+  m.def(
+      "linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? scale=None, float alpha=1.0, "
+      "Tensor? residual=None, bool swiglu=False) -> Tensor");
+  // The SwiGLU of a [gate | up] GEMM output x (m, 2 * width): silu(x[:, :width] * gate_scale) *
+  // x[:, width:] (m, width) in fp32, one rounding to x's dtype (the many-row MLP, where the GEMM is the BLAS's).
+  m.def("swiglu(Tensor x, float gate_scale=1.0) -> Tensor");
 
   // ---- build introspection -------------------------------------------------------------------------
   // The CPU ISA the kernels were dispatched for at load time ("avx512", "avx2" or "scalar").

@@ -7,6 +7,7 @@ here as drop-in functions with the same arguments as their peers (mamba_ssm, cau
 
 from ._registry import ALL_OPS, OP_FAMILIES, backends, has_kernel
 from .ops.causal_conv1d import causal_conv1d, causal_conv1d_fn, causal_conv1d_update
+from .ops.linear import linear, swiglu
 from .ops.cross_entropy import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy, fused_linear_logprobs
 from .ops.paged_attention import paged_attention_decode, paged_attention_prefill, reshape_and_cache
 from .ops.rms_norm import RMSNorm, RMSNormGated, gated_rms_norm, rms_norm
@@ -25,4 +26,5 @@ __all__ = [
     "fused_linear_cross_entropy", "fused_linear_logprobs", "FusedLinearCrossEntropyLoss",
     "reshape_and_cache", "paged_attention_decode", "paged_attention_prefill",
     "sample_top_p",
+    "linear", "swiglu",
 ]

@@ -31,6 +31,7 @@ OP_FAMILIES: dict[str, tuple[str, ...]] = {
     ),
     "paged_attention": ("reshape_and_cache", "paged_attention_decode", "paged_attention_prefill"),
     "sampling": ("sample_top_p",),
+    "linear": ("linear", "swiglu"),
 }
 ALL_OPS: tuple[str, ...] = tuple(op for ops in OP_FAMILIES.values() for op in ops)
 

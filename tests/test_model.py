@@ -280,3 +280,35 @@ def test_fused_path_sees_training_updates_and_refuses_after_new_storage(tmp_path
         with _module_path(m16):
             b = m16(ids, return_logits=True)["logits"].float()
     assert (a - b).abs().max() < 0.05 * b.abs().max() + 0.02
+
+
+def test_prepacked_weights(tmp_path):
+    """prepack_weights(): the many-row bf16 GEMMs on oneDNN-blocked copies of the weights give the plain
+    fused path's logits (up to bf16 rounding), prefill and decode; an in-place update retires the copy."""
+    from h1r_ops.model.falcon_h1 import packed_of
+
+    path = tmp_path / "ckpt"
+    _hf_model("no_norm_theta1e11").save_pretrained(path)
+    plain = FalconH1ForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    packed = FalconH1ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).prepack_weights()
+    layer = packed.model.layers[0]
+    if not layer.packs:
+        pytest.skip("this torch has no oneDNN")
+    ids = torch.randint(3, 97, (6, 11))  # 6 rows per decode step: past the row kernel, on the packed GEMMs
+
+    def run(m):
+        c = m.new_cache(6, 16)
+        return [m(ids, return_logits=True)["logits"], m.prefill(ids, c)] + [m.step(ids[:, i], c) for i in range(3)]
+
+    def close(xs, ys):
+        for x, y in zip(xs, ys):
+            x, y = x.float(), y.float()
+            assert (x - y).abs().max() <= 0.02 * y.abs().max() + 1e-3
+
+    with torch.no_grad():
+        close(run(packed), run(plain))
+        for m in (plain, packed):
+            m.model.layers[0].feed_forward.down_proj.weight.mul_(2)
+        assert packed_of(layer.packs["down"], layer.feed_forward.down_proj.weight) is None
+        assert packed_of(layer.packs["in"], layer.fused_in.weight) is not None
+        close(run(packed), run(plain))

@@ -23,6 +23,7 @@ def test_families_cover_design_ops():
     assert set(_registry.OP_FAMILIES) == {
         "selective_scan", "causal_conv1d", "rms_norm", "rotary", "cross_entropy", "paged_attention",
         "sampling",
+        "linear",
     }
     assert len(set(_registry.ALL_OPS)) == len(_registry.ALL_OPS)
 

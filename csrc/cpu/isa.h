@@ -38,6 +38,21 @@ inline Isa cpu_isa() {
   return isa;
 }
 
+// Whether the AVX-512 kernels may use the AVX512-BF16 dot product (vdpbf16ps): the CPU has it, the level
+// in use is avx512, and H1R_CPU_NO_AVX512_BF16 is not set (the tests use it to reach the widening path).
+inline bool cpu_has_avx512_bf16() {
+  static const bool has = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return cpu_isa() == Isa::avx512 && __builtin_cpu_supports("avx512bf16") &&
+           std::getenv("H1R_CPU_NO_AVX512_BF16") == nullptr;
+#else
+    return false;
+#endif
+  }();
+  return has;
+}
+
 inline const char* cpu_isa_name() {
   switch (cpu_isa()) {
     case Isa::avx512: return "avx512";

@@ -10,3 +10,4 @@ from .causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref  # noqa: 
 from .rms_norm import gated_rms_norm, rms_norm  # noqa: F401
 from .rotary import rotary, rotary_cos_sin  # noqa: F401
 from .sampling import sample_top_p_ref  # noqa: F401
+from .linear import linear_ref, swiglu_ref  # noqa: F401

@@ -1,0 +1,240 @@
+// Linear layer for a few rows of input (decode): out = alpha * act(x @ W^T * scale + bias) (+ residual),
+// and the SwiGLU of a [gate | up] GEMM output for the many-row (prefill) case, where the GEMM is the BLAS's.
+//
+// With m (rows of x) small, the product is a stream over the weight matrix: every weight element is
+// used m times, so the time is the time to read W once, and the kernel must (1) read each weight row
+// from memory once for all rows of x, (2) keep enough independent loads in flight to saturate the
+// memory, and (3) do its arithmetic in the shadow of the loads. Layout of the work:
+//
+//   * the output columns (weight rows) are cut into blocks of kBlock; threads take contiguous runs of
+//     blocks (OpenMP static), so each thread streams one contiguous slab of W;
+//   * inside a block, a micro tile holds kRW weight rows x kRX rows of x as kRW * kRX fp32 vector
+//     accumulators over k: each weight vector loaded is used kRX times (from registers), each x vector
+//     kRW times; the kRW weight rows stay in L1 while the tile walks over all rows of x, so W leaves
+//     memory once whatever m is;
+//   * bf16 on a CPU with AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 fp32
+//     lanes in one instruction (no widening at all, x is read as bf16); otherwise the weights are
+//     widened to fp32 in registers and x was widened once up front;
+//   * the epilogue (muP scale, bias, SwiGLU, alpha, residual add) runs in fp32 on the block's tile before
+//     its single rounding to the output dtype, so no intermediate tensor is written.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cpu/float_io.h"
+#include "cpu/linear.h"
+
+namespace h1r::cpu::H1R_ISA {
+namespace {
+
+// Micro tile: weight rows x rows of x. AVX-512 has 32 vector registers (16 accumulators + 4 weight +
+// 1 x in flight); AVX2 has 16, so it keeps 4 x 2 accumulators.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kRW = 4, kRX = 4;
+#else
+constexpr int kRW = 4, kRX = 2;
+#endif
+constexpr int64_t kBlock = 16;  // output columns per block: a thread's unit of work
+
+// f(std::integral_constant<int, v>{}) for a run-time 1 <= v <= N (instantiates the tile sizes).
+template <int N, typename F>
+inline void with_const(int v, F&& f) {
+  if constexpr (N >= 1) {
+    if (v == N) f(std::integral_constant<int, N>{});
+    else with_const<N - 1>(v, std::forward<F>(f));
+  }
+}
+
+inline float hsum(const VF& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_add_ps(__m512(v));
+#else
+  return at::vec::vec_reduce_all<float>([](VF& a, VF& b) { return a + b; }, v);
+#endif
+}
+
+// tile[i * ld + r] = x_i . w_r over k for RX rows of x (fp32) and RW rows of w (T, widened in registers).
+template <int RW, int RX, typename T>
+void dot_tile(const T* w, int64_t ws, const float* x, int64_t xs, int64_t k, float* tile, int64_t ld) {
+  VF acc[RX][RW];
+  for (int i = 0; i < RX; ++i)
+    for (int r = 0; r < RW; ++r) acc[i][r] = VF(0.f);
+  auto step = [&](int64_t c, int64_t n) {
+    VF wv[RW];
+    for (int r = 0; r < RW; ++r) wv[r] = n == kLanes ? load_f(w + r * ws + c) : load_f(w + r * ws + c, n);
+    for (int i = 0; i < RX; ++i) {
+      const VF xv = n == kLanes ? VF::loadu(x + i * xs + c) : VF::loadu(x + i * xs + c, n);
+      for (int r = 0; r < RW; ++r) acc[i][r] = at::vec::fmadd(xv, wv[r], acc[i][r]);
+    }
+  };
+  int64_t c = 0;
+  for (; c + kLanes <= k; c += kLanes) step(c, kLanes);
+  if (c < k) step(c, k - c);
+  for (int i = 0; i < RX; ++i)
+    for (int r = 0; r < RW; ++r) tile[i * ld + r] = hsum(acc[i][r]);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The same with x and w both bf16, on vdpbf16ps: acc[l] += x[2l] w[2l] + x[2l+1] w[2l+1] over 32 pairs
+// of k per instruction (products exact in fp32, sums rounded to nearest even, denormals flushed).
+template <int RW, int RX>
+__attribute__((target("avx512bf16"))) void dot_tile_bf16(const c10::BFloat16* w, int64_t ws,
+                                                          const c10::BFloat16* x, int64_t xs, int64_t k,
+                                                          float* tile, int64_t ld) {
+  __m512 acc[RX][RW];
+  for (int i = 0; i < RX; ++i)
+    for (int r = 0; r < RW; ++r) acc[i][r] = _mm512_setzero_ps();
+  auto step = [&](int64_t c, __mmask32 mask, bool full) __attribute__((target("avx512bf16"))) {
+    __m512bh wv[RW];
+    for (int r = 0; r < RW; ++r)
+      wv[r] = (__m512bh)(full ? _mm512_loadu_si512(w + r * ws + c) : _mm512_maskz_loadu_epi16(mask, w + r * ws + c));
+    for (int i = 0; i < RX; ++i) {
+      const __m512bh xv =
+          (__m512bh)(full ? _mm512_loadu_si512(x + i * xs + c) : _mm512_maskz_loadu_epi16(mask, x + i * xs + c));
+      for (int r = 0; r < RW; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, wv[r]);
+    }
+  };
+  int64_t c = 0;
+  for (; c + 32 <= k; c += 32) step(c, ~__mmask32(0), true);
+  if (c < k) step(c, (__mmask32)((1ull << (k - c)) - 1), false);
+  for (int i = 0; i < RX; ++i)
+    for (int r = 0; r < RW; ++r) tile[i * ld + r] = _mm512_reduce_add_ps(acc[i][r]);
+}
+#endif
+
+// silu(v) = v / (1 + exp(-v)), with ATen's polynomial exp (20 ulp: far below a bf16 rounding, and the
+// exp is most of the activation's cost)
+inline VF silu(const VF& v) { return v / (VF(1.f) + v.neg().exp_u20()); }
+
+// fp32 epilogue of one block (columns j0 .. j0 + nb of the output) for every row of x; tile row i holds
+// the dot products of the block's weight rows (and, with SwiGLU, the matching "up" rows at +kBlock).
+template <typename T>
+void epilogue(const LinearParams& p, const float* tile, int64_t ld, int64_t j0, int64_t nb, int64_t n_out) {
+  const float* scale = p.scale;
+  const float* bias = p.bias;
+  const VF alpha(p.alpha);
+  auto affine = [&](const float* y, int64_t col, int64_t n) {  // y * scale[col] + bias[col]
+    VF v = VF::loadu(y, n);
+    if (scale) v = v * VF::loadu(scale + col, n);
+    if (bias) v = v + VF::loadu(bias + col, n);
+    return v;
+  };
+  for (int64_t i = 0; i < p.m; ++i) {
+    const float* row = tile + i * ld;
+    T* out = static_cast<T*>(p.out) + i * p.out_stride + j0;
+    const T* res = p.residual ? static_cast<const T*>(p.residual) + i * p.res_stride + j0 : nullptr;
+    for_lanes(nb, [&](int64_t c, int64_t n) {
+      VF v = affine(row + c, j0 + c, n);
+      if (p.swiglu) {
+        const VF up = affine(row + kBlock + c, n_out + j0 + c, n);
+        v = silu(v) * up;
+      }
+      v = v * alpha;
+      if (res) v = v + load_n(res + c, n);
+      store_n(out + c, v, n);
+    });
+  }
+}
+
+template <typename T>
+void linear_impl(const LinearParams& p) {
+  const int64_t m = p.m, k = p.k, n_out = p.swiglu ? p.n / 2 : p.n;
+  const T* w = static_cast<const T*>(p.weight);
+  bool dot16 = false;
+#if defined(CPU_CAPABILITY_AVX512)
+  dot16 = std::is_same_v<T, c10::BFloat16> && p.bf16_dot;
+#endif
+  // x as fp32 rows for the widening path (read once per weight tile: widen it once here)
+  std::vector<float> x32;
+  const float* xf = nullptr;
+  int64_t xs = p.x_stride;
+  if (!dot16) {
+    if constexpr (std::is_same_v<T, float>) {
+      xf = static_cast<const float*>(p.x);
+    } else {
+      x32.resize(m * k);
+      for (int64_t i = 0; i < m; ++i) {
+        const T* src = static_cast<const T*>(p.x) + i * p.x_stride;
+        for_lanes(k, [&](int64_t c, int64_t n) { store_n(x32.data() + i * k + c, load_n(src + c, n), n); });
+      }
+      xf = x32.data();
+      xs = k;
+    }
+  }
+  // dot products of weight rows row0 .. row0 + nr with every row of x into tile (ld columns per x row)
+  auto rows = [&](int64_t row0, int64_t nr, float* tile, int64_t ld) {
+    for (int64_t r0 = 0; r0 < nr; r0 += kRW) {
+      const int rw = static_cast<int>(std::min<int64_t>(kRW, nr - r0));
+      const T* wr = w + (row0 + r0) * p.w_stride;
+      for (int64_t i0 = 0; i0 < m; i0 += kRX) {
+        const int rx = static_cast<int>(std::min<int64_t>(kRX, m - i0));
+        float* t = tile + i0 * ld + r0;
+        with_const<kRW>(rw, [&](auto RW) {
+          with_const<kRX>(rx, [&](auto RX) {
+#if defined(CPU_CAPABILITY_AVX512)
+            if constexpr (std::is_same_v<T, c10::BFloat16>) {
+              if (dot16) {
+                dot_tile_bf16<RW(), RX()>(wr, p.w_stride, static_cast<const T*>(p.x) + i0 * p.x_stride,
+                                          p.x_stride, k, t, ld);
+                return;
+              }
+            }
+#endif
+            dot_tile<RW(), RX(), T>(wr, p.w_stride, xf + i0 * xs, xs, k, t, ld);
+          });
+        });
+      }
+    }
+  };
+  const int64_t n_blocks = (n_out + kBlock - 1) / kBlock;
+  const int64_t ld = p.swiglu ? 2 * kBlock : kBlock;
+  // below ~256 KiB of weights a parallel region costs more than it saves
+  const int64_t bytes = p.n * k * static_cast<int64_t>(sizeof(T));
+  const int threads = bytes >= (int64_t(1) << 18) ? std::min<int64_t>(omp_get_max_threads(), n_blocks) : 1;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> tile(m * ld);
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      const int64_t j0 = blk * kBlock, nb = std::min(kBlock, n_out - j0);
+      rows(j0, nb, tile.data(), ld);
+      if (p.swiglu) rows(n_out + j0, nb, tile.data() + kBlock, ld);  // the "up" rows of the same columns
+      epilogue<T>(p, tile.data(), ld, j0, nb, n_out);
+    }
+  }
+}
+
+template <typename T>
+void swiglu_impl(const SwigluParams& p) {
+  const VF gs(p.gate_scale);
+  // one pass over the rows: read gate and up, write the product (threads over rows when it pays)
+  const int threads = p.m * p.width >= (int64_t(1) << 16) ? std::min<int64_t>(omp_get_max_threads(), p.m) : 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < p.m; ++i) {
+    const T* gate = static_cast<const T*>(p.x) + i * p.x_stride;
+    const T* up = gate + p.width;
+    T* out = static_cast<T*>(p.out) + i * p.out_stride;
+    for_lanes(p.width, [&](int64_t c, int64_t n) {
+      store_n(out + c, silu(load_n(gate + c, n) * gs) * load_n(up + c, n), n);
+    });
+  }
+}
+
+}  // namespace
+
+void swiglu_kernel(const SwigluParams& p) {
+  with_float_type(p.dtype, [&](auto t) { swiglu_impl<decltype(t)>(p); });
+}
+
+void linear_kernel(const LinearParams& p) {
+  with_float_type(p.dtype, [&](auto t) { linear_impl<decltype(t)>(p); });
+}
+
+}  // namespace h1r::cpu::H1R_ISA
