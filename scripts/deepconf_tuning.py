@@ -63,7 +63,7 @@ def main() -> int:
     lines = [
         "# DeepConf settings of `h1r train demo`: the tuning sweep",
         "",
-        f"Written by `scripts/deepconf_tuning.py` on the GRPO model of the default demo (`{args.model}`, "
+        f"Written by `scripts/deepconf_tuning.py` on the GRPO model of a run of the default demo (`{args.model}`, "
         f"model.safetensors sha256 {sha}...), held-out "
         f"problems {first}..{first + DC_TUNE['problems'] - 1} ({DC_TUNE['problems']} problems); the demo reports on "
         f"problems {first + DC_TUNE['problems']}.. (disjoint). Rule: {DC_RULE}.",

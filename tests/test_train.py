@@ -593,6 +593,19 @@ def test_deepconf_tuning_rule():
     assert mod.choose(rows)[0] == "c"                       # none: the most accurate, then fewer tokens
 
 
+def test_demo_markdown_reads_results_files_from_before_the_variants():
+    # --replot of a results file written before DeepConf-high/-low: its one eta, no paired counts
+    from h1r_ops.train.demo import _deepconf_markdown
+
+    old = {"problems": 80, "first_problem": 0, "budget": 16, "warmup": 8, "eta": 50, "tau": 0.95, "window": 16,
+           "temperature": 1.0, "single_trace_accuracy": 0.5, "majority": {"accuracy": 0.6, "tokens": 100},
+           "deepconf_offline": {"accuracy": 0.5, "tokens": 100, "method": "top50_bottom_window_filtered"},
+           "deepconf_online": {"accuracy": 0.55, "tokens": 80, "tokens_saved_vs_majority": 0.2, "mean_traces": 12.0,
+                               "pruned_traces": 3}}
+    md = "\n".join(_deepconf_markdown(old))
+    assert "| DeepConf online (eta 50) | **55.0%** | 80 (**20% fewer**" in md
+
+
 def test_demo_settings_note_flags_overlap_with_the_tuning_slice():
     from h1r_ops.train.demo import DC_TUNE, _args, _settings_note
 

@@ -107,7 +107,7 @@ def _read(path):
 
 
 def _variant_name(eta: float) -> str:
-    return {90.0: "DeepConf-high", 10.0: "DeepConf-low"}.get(float(eta), f"DeepConf (eta {eta:g})")
+    return {90.0: "DeepConf-high", 10.0: "DeepConf-low"}.get(float(eta), "DeepConf")
 
 
 def _paired(rows, key) -> dict:
@@ -244,7 +244,7 @@ def _plot(path, sft, grpo, dc):
         maj = dc["majority"]
         names, accs, toks, colors = ["majority"], [100 * maj["accuracy"]], [maj["tokens"]], ["tab:gray"]
         for v, c in zip(_variants(dc), ("tab:green", "tab:purple", "tab:olive")):
-            short = v["name"].replace("DeepConf-", "")
+            short = v["name"].replace("DeepConf-", "") if v["name"] != "DeepConf" else f"eta {v['eta']:g}"
             for mode in ("offline", "online"):
                 names.append(f"{short}\n{mode}")
                 accs.append(100 * v[mode]["accuracy"])
