@@ -7,6 +7,9 @@ bandwidth measured in the same run.
     python benchmarks/bench_rms_norm.py --quick         # 2048 x 3072 only, fewer iterations
     python benchmarks/bench_rms_norm.py --shapes 4096x4096 --dtypes bf16 --ops rms_norm --residual
 
+Each case times h1r, eager, torch.compile and a 1 GiB memcpy in turns (round robin, median of --iters rounds):
+"% memcpy" is against the memcpy measured in the same rounds, so the ratios hold on a shared, loaded machine.
+
 Bytes counted for our kernels (the minimum traffic): rms_norm fwd reads x (and residual) and writes out (and the
 new residual); bwd reads dout (and dresidual), h and writes dh. Gated (with z, one group, Falcon-H1's
 norm_before_gate=False): fwd reads x, z, writes out; bwd reads dout, x, z and writes dx, dz. Weight and rstd are
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -26,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import h1r_ops  # noqa: E402
 from h1r_ops import reference as R  # noqa: E402
-from common import memory_bandwidths, print_table, ratio_row, timeit  # noqa: E402
+from common import memory_bandwidths, print_table, ratio_row, timeit_round_robin  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,7 +80,13 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="2048 x 3072 only, 5 iterations")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--cpu-clock", action="store_true",
+                   help="time process CPU time instead of wall time: with --threads 1, robust to a loaded machine "
+                        "(a descheduled process is not charged)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     shapes = [(a.rows, a.hidden)] if a.rows else parse_shapes(a.shapes)
     if a.quick:
         shapes, a.iters = [(2048, a.hidden)], 5
@@ -110,14 +120,16 @@ def bench_case(op, n_rows, hidden, dtype, name, a, compiled_ref, bw, bw_fresh):
         label = f"rms_norm {n_rows}x{hidden} {name}{' +res' if a.residual else ''}"
     if not a.no_compile:
         impls["compile"] = compiled_ref
-    times = {}
+    fns = {}
     for impl_name, impl in impls.items():
-        fwd, fwd_bwd = make(impl)
-        times[impl_name] = {"fwd": timeit(fwd, 2, a.iters), "fwd+bwd": timeit(fwd_bwd, 2, a.iters)}
+        fns[impl_name, "fwd"], fns[impl_name, "fwd+bwd"] = make(impl)
+    # Every path and a 1 GiB memcpy in turns, each round: the ratios hold on a loaded machine.
+    clock = time.process_time if a.cpu_clock else time.perf_counter
+    times, bw_case = timeit_round_robin(fns, 2, a.iters, clock=clock)
     rows = []
     for mode in ("fwd", "fwd+bwd"):
-        anchors = {k: times[k][mode] for k in ("eager", "compile") if k in times}
-        row = ratio_row(f"{label} {mode}", times["h1r"][mode], anchors, streams[mode] * n_bytes, bw, bw_fresh)
+        anchors = {k: times[k, mode] for k in ("eager", "compile") if (k, mode) in times}
+        row = ratio_row(f"{label} {mode}", times["h1r", mode], anchors, streams[mode] * n_bytes, bw_case, bw_fresh)
         rows.append(row)
         print(row, flush=True)
     return rows

@@ -5,6 +5,9 @@ and torch.compile of it, plus GB/s against the memory-copy bandwidth measured in
     python benchmarks/bench_rotary.py --quick
     python benchmarks/bench_rotary.py --seqlen 8192 --dtypes bf16 --hf-layout
 
+Each dtype times h1r, eager, torch.compile and a 1 GiB memcpy in turns (round robin, median of --iters
+rounds): "% memcpy" is against the memcpy measured in the same rounds, so the ratios hold on a loaded machine.
+
 Bytes counted (the minimum traffic): each of fwd and bwd reads q, k and writes them once (cos / sin are
 small); the in-place forward counts the same.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -21,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import h1r_ops  # noqa: E402
-from common import memory_bandwidths, print_table, ratio_row, timeit  # noqa: E402
+from common import memory_bandwidths, print_table, ratio_row, timeit_round_robin  # noqa: E402
 from transformers.models.falcon_h1.modeling_falcon_h1 import apply_rotary_pos_emb  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,7 +43,14 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--cpu-clock", action="store_true",
+                   help="time process CPU time instead of wall time: with --threads 1, robust to a loaded machine "
+                        "(a descheduled process is not charged)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    clock = time.process_time if a.cpu_clock else time.perf_counter
     if a.quick:
         a.seqlen, a.iters = min(a.seqlen, 1024), 5
     bw, bw_fresh = memory_bandwidths()
@@ -62,7 +73,7 @@ def main():
         impls = {"eager": apply_rotary_pos_emb, "h1r": h1r_ops.rotary}
         if not a.no_compile:
             impls["compile"] = compiled_hf
-        times = {}
+        fns = {}
         for impl_name, impl in impls.items():
             def fwd(impl=impl):
                 with torch.no_grad():
@@ -72,14 +83,16 @@ def main():
                 qo, ko = impl(q, k, cos, sin)
                 return torch.autograd.grad((qo, ko), (q, k), (dq, dk))
 
-            times[impl_name] = {"fwd": timeit(fwd, 2, a.iters), "fwd+bwd": timeit(fwd_bwd, 2, a.iters)}
+            fns[impl_name, "fwd"], fns[impl_name, "fwd+bwd"] = fwd, fwd_bwd
         qi, ki = q.detach().clone(), k.detach().clone()
-        times["h1r"]["in-place fwd"] = timeit(lambda: h1r_ops.rotary_(qi, ki, cos, sin), 2, a.iters)
+        fns["h1r", "in-place fwd"] = lambda: h1r_ops.rotary_(qi, ki, cos, sin)
+        # Every path and a 1 GiB memcpy in turns, each round: the ratios hold on a loaded machine.
+        times, bw_case = timeit_round_robin(fns, 2, a.iters, clock=clock)
         for mode, streams in (("fwd", 2), ("fwd+bwd", 4), ("in-place fwd", 2)):
             ref_mode = "fwd" if mode == "in-place fwd" else mode
-            anchors = {k: times[k][ref_mode] for k in ("eager", "compile") if k in times}
-            rows.append(ratio_row(f"q{tuple(q.shape)} k{tuple(k.shape)} {name} {mode}", times["h1r"][mode], anchors,
-                                  streams * n_bytes, bw, bw_fresh))
+            anchors = {k: times[k, ref_mode] for k in ("eager", "compile") if (k, ref_mode) in times}
+            rows.append(ratio_row(f"q{tuple(q.shape)} k{tuple(k.shape)} {name} {mode}", times["h1r", mode], anchors,
+                                  streams * n_bytes, bw_case, bw_fresh))
     print_table(rows)
 
 

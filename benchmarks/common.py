@@ -69,6 +69,31 @@ def timeit(fn: Callable[[], object], warmup: int = 2, iters: int = 5, min_time: 
     return min(times) if stat == "min" else statistics.median(times)
 
 
+def timeit_round_robin(fns: dict, warmup: int = 2, iters: int = 10, copy_bytes: int = 1 << 30,
+                       clock: Callable[[], float] = time.perf_counter) -> tuple[dict, float]:
+    """Median seconds of each ``fns[name]()`` and the memcpy bandwidth (bytes / s, read + write counted, of a
+    ``copy_bytes`` fp32 copy), all measured in turns within each round: on a shared machine the paths and
+    the copy then see the same load, so that their ratios (speed-ups, share of memcpy bandwidth) hold even
+    when the absolute times drift between rounds. ``copy_bytes=0`` skips the copy (bandwidth 0)."""
+    src = torch.ones(copy_bytes // 4, dtype=torch.float32) if copy_bytes else None
+    dst = torch.empty_like(src) if copy_bytes else None
+    calls = dict(fns)
+    if copy_bytes:
+        calls["__memcpy__"] = lambda: dst.copy_(src)
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    times: dict[str, list] = {k: [] for k in calls}
+    for _ in range(iters):
+        for name, fn in calls.items():
+            t0 = clock()
+            fn()
+            times[name].append(clock() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    t_copy = med.pop("__memcpy__", None)
+    return med, (2 * copy_bytes / t_copy if t_copy else 0.0)
+
+
 _BANDWIDTH: dict[tuple, float] = {}
 
 

@@ -25,6 +25,16 @@
 namespace h1r::cpu::H1R_ISA {
 namespace {
 
+// Every kernel reads a row (or group) of its streamed inputs in sweep 1 and then works out of L1 in
+// sweep 2: the hardware prefetchers, which follow the demand misses, then idle during sweep 2, and one
+// thread sees DRAM latency again at the start of each row. Sweep 2 hints the NEXT row's lines (the same
+// offset one row ahead: rows are contiguous) into the cache, so that memory works while sweep 2 computes.
+// A prefetch past the end of a tensor is a hint only and does not fault.
+template <typename T>
+inline void prefetch_next(const T* row_ahead) {
+  __builtin_prefetch(row_ahead, 0, 3);
+}
+
 inline float sum_lanes(const VF& v) {
   return at::vec::vec_reduce_all<float>([](const VF& a, const VF& b) { return a + b; }, v);
 }
@@ -159,6 +169,8 @@ void rms_norm_fwd_impl(const RmsNormFwdParams& p) {
       // 2. out = T(w * T(h * rstd)): normalized in fp32, cast to the input type, then scaled.
       const VF vrstd(rstd);
       for_lanes(d, [&](int64_t i, int64_t n) {
+        prefetch_next(xr + d + i);
+        if (residual) prefetch_next(residual + (row + 1) * d + i);
         const VF xn = round_to<T>(load_n(h + i, n) * vrstd);
         store_n(outr + i, load_n(w + i, n) * xn, n);
       });
@@ -197,6 +209,8 @@ void rms_norm_bwd_impl(const RmsNormBwdParams& p) {
     T* dhr = dh + row * d;
     const T* drr = dres ? dres + row * d : nullptr;
     for_lanes(d, [&](int64_t i, int64_t n) {
+      prefetch_next(dyr + d + i);
+      prefetch_next(hr + d + i);
       VF dhv = vrstd * (load_n(g + i, n) - load_n(xn + i, n) * c);
       if (drr) dhv = dhv + load_n(drr + i, n);
       store_n(dhr + i, dhv, n);
@@ -238,6 +252,8 @@ void gated_rms_norm_fwd_impl(const GatedRmsNormFwdParams& p) {
         // 2. out = u * rstd * w (* silu(z)), one cast at the end.
         const VF vrstd(rstd);
         for_lanes(gs, [&](int64_t i, int64_t n) {
+          prefetch_next(x + off + gs + i);  // the next group or row
+          if (z) prefetch_next(z + off + gs + i);
           VF y = load_n(u.data() + i, n) * vrstd * load_n(w + grp * gs + i, n);
           if (gate_after) {
             const VF zv = load_n(z + off + i, n);
