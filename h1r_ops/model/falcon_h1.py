@@ -22,6 +22,11 @@ Two paths compute the same function:
   The fused weight tensors *are* the parameters' storage (each ``nn.Linear`` weight is a row-slice view of
   its group), so fusing costs no memory, optimizer updates stay visible to the fused path, and
   ``state_dict`` / ``save_pretrained`` still hold the original per-projection tensors.
+  On CPU, a decode step's few rows go through ``torch.ops.h1r.linear`` (the weights streamed once for all
+  rows, with the muP scale, bias, SwiGLU and residual add in its fp32 epilogue: :func:`row_kernel`); many
+  rows through the BLAS, the MLP's activation through ``torch.ops.h1r.swiglu``. Opt-in
+  :meth:`FalconH1ForCausalLM.prepack_weights` keeps oneDNN-blocked copies of the bf16 weights for those
+  many-row GEMMs (one more copy of the weights in memory, no per-call reorder).
 """
 
 from __future__ import annotations
