@@ -261,7 +261,7 @@ class Engine:
             torch.ops.h1r.rotary_(q[None].transpose(1, 2), k[None].transpose(1, 2), cos, sin, pos_ids, False)
             kc, vc = self.kv[i, 0], self.kv[i, 1]
             h1r_ops.reshape_and_cache(k, v, kc, vc, slots)
-            o = h1r_ops.paged_attention_prefill(q.contiguous(), kc, vc, bt, seq_lens, cu, scale=attn.scale)
+            o = h1r_ops.paged_attention_prefill(q, kc, vc, bt, seq_lens, cu, scale=attn.scale)
             st = LayerCache(None, None, self.states.conv[i, slot : slot + 1], self.states.ssm[i, slot : slot + 1])
             y = layer.mamba.forward_fused(z, xBC, dt, 1, l, cache=st)
             x = layer.output_fused(x, y, o.view(l, -1))
@@ -322,7 +322,8 @@ class Engine:
             torch.ops.h1r.rotary_(q[:, None].transpose(1, 2), k[:, None].transpose(1, 2), cos, sin, pos_ids, False)
             kc, vc = self.kv[i, 0], self.kv[i, 1]
             h1r_ops.reshape_and_cache(k, v, kc, vc, slot_mapping)
-            o = h1r_ops.paged_attention_decode(q.contiguous(), kc, vc, bt, seq_lens, scale=attn.scale)
+            # q goes as the row view: the op widens it to a contiguous fp32 copy anyway
+            o = h1r_ops.paged_attention_decode(q, kc, vc, bt, seq_lens, scale=attn.scale)
             y = layer.mamba.step_fused(z, xBC, dt, self.states.conv[i], self.states.ssm[i], state_idx)
             x = layer.output_fused(x, y, o.view(b, -1))
         ln = m.model.final_layernorm

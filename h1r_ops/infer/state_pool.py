@@ -1,9 +1,10 @@
 """The Mamba decode states of all live sequences: one pool of slots per layer, indexed per sequence.
 
 conv[layer]: (num_slots, conv_dim, d_conv - 1) in the model dtype; ssm[layer]: (num_slots, heads,
-head_dim, d_state) in ``ssm_dtype`` (fp32 by default; bf16 halves the largest per-trace memory and the
-bytes each decode step streams, as vLLM's ``mamba_ssm_cache_dtype``, at the cost of rounding the recurrent
-state at every step). The batched decode ops read/write the rows named by ``conv_state_indices`` /
+head_dim, d_state) in ``ssm_dtype`` (the Engine passes the model dtype unless told otherwise, as
+transformers' cache and vLLM's ``mamba_ssm_cache_dtype="auto"``; a 16-bit state halves the largest
+per-trace memory and the bytes each decode step streams, at the cost of rounding the recurrent state at
+every step; fp32 keeps it unrounded). The batched decode ops read/write the rows named by ``conv_state_indices`` /
 ``state_batch_indices``, so sequences keep their slot while others join and leave.
 """
 
