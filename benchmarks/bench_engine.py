@@ -16,11 +16,15 @@ read and write every trace's Mamba states (conv + SSM, in the engine's state dty
 (at the mean context of the run): bound = traces / (those bytes / memory-copy bandwidth, measured in the
 run); "% of bound" is the engine's median-step tokens/s against it.
 
+``--prepack-weights on`` (default) gives the engine oneDNN-blocked copies of the bf16 weights
+(``Engine(prepack_weights=True)``, one more copy of the weights in memory; ``off``: the Engine's default).
+
 ``--dtype auto`` is bf16 where the CPU has AMX (oneDNN's bf16 matmuls), else fp32; ``--dtype both`` runs
 fp32 and bf16 in the same run.
 
     python benchmarks/bench_engine.py [--quick] [--traces 1,16,64,256] [--dtype auto|fp32|bf16|both]
-                                      [--ssm-state-dtype auto|fp32|bf16] [--threads N]
+                                      [--ssm-state-dtype auto|fp32|bf16] [--prepack-weights on|off]
+                                      [--threads N]
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "both"])
     ap.add_argument("--ssm-state-dtype", default="auto", choices=["auto", *DTYPES],
                     help="auto: the model dtype (as transformers)")
+    ap.add_argument("--prepack-weights", default="on", choices=["on", "off"],
+                    help="Engine(prepack_weights=): oneDNN-blocked bf16 weight copies for the many-trace GEMMs")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--new-tokens-large", type=int, default=16, help="new tokens per trace from --large-from traces on")
@@ -118,7 +124,8 @@ def main(argv=None):
                 new = args.new_tokens_large if n >= args.large_from else (args.new_tokens or (8 if args.quick else 32))
                 sp = SamplingParams(n=n, temperature=0.6, top_p=0.95, max_tokens=new, seed=0, ignore_eos=True)
                 eng = Engine(ours, max_num_seqs=n, block_size=16, max_model_len=args.prompt + new,
-                             ssm_state_dtype=DTYPES.get(args.ssm_state_dtype))
+                             ssm_state_dtype=DTYPES.get(args.ssm_state_dtype),
+                             prepack_weights=args.prepack_weights == "on")
                 eng.generate([prompt[0].tolist()], SamplingParams(n=n, max_tokens=2, ignore_eos=True))  # warm-up
                 t0 = time.perf_counter()
                 eng.add_request(prompt[0].tolist(), sp)
@@ -159,7 +166,7 @@ def main(argv=None):
                        "transformers median step tok/s", "engine median step tok/s", "speed-up (median step)",
                        "decode bound tok/s", "engine % of bound", "MiB/trace", "KV MiB/1k tok", "state MiB"),
                 title=f"Parallel traces, Falcon-H1 {cfg['num_hidden_layers']}-layer bench config, prompt {args.prompt}, "
-                      f"SSM states {args.ssm_state_dtype}, CPU {torch.get_num_threads()} threads, "
+                      f"SSM states {args.ssm_state_dtype}, prepacked weights {args.prepack_weights}, CPU {torch.get_num_threads()} threads, "
                       f"memcpy {bw / 1e9:.1f} GB/s")
 
 

@@ -174,14 +174,47 @@ def test_lower_isa_variants(isa):
 # -- the model's logits(out=) and the engine ---------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logits_out_equals_logits(dtype):
+    # 20 rows: above the row kernel's threshold, the same GEMM as logits() (fewer rows: see below)
     m = tiny_model(seed=2).to(dtype)
-    h = torch.randn(5, m.config.hidden_size, dtype=dtype)
-    out = torch.empty(5, m.config.vocab_size, dtype=dtype)
+    h = torch.randn(20, m.config.hidden_size, dtype=dtype)
+    out = torch.empty(20, m.config.vocab_size, dtype=dtype)
     with torch.no_grad():
         assert m.logits(h, out=out) is out
     assert torch.equal(out, m.logits(h))
     with pytest.raises(ValueError, match="argument 'out'"):
-        m.logits(h, out=torch.empty(5, m.config.vocab_size, dtype=torch.float64))
+        m.logits(h, out=torch.empty(20, m.config.vocab_size, dtype=torch.float64))
+    few = torch.empty(3, m.config.vocab_size, dtype=dtype)
+    with torch.no_grad():
+        m.logits(h[:3], out=few)
+    tol = dict(atol=2e-2, rtol=1.6e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(few, m.logits(h[:3]), **tol)
+
+
+
+def test_logits_out_prepacked_and_few_rows():
+    """bf16 logits(out=) on the prepacked lm head equal the plain GEMM's bit for bit."""
+    m = tiny_model(seed=2).to(torch.bfloat16)
+    h = torch.randn(9, m.config.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        plain = m.logits(h)
+        m.prepack_weights()
+        if getattr(m, "_lm_pack", None) is None:
+            pytest.skip("oneDNN has no blocked bf16 layout here")
+        out = torch.empty_like(plain)
+        assert m.logits(h, out=out) is out
+        torch.testing.assert_close(out, plain, atol=0, rtol=0)
+
+
+def test_engine_prepacked_weights_same_greedy_tokens():
+    """Engine(prepack_weights=True) decodes the same greedy tokens as the engine on the plain weights."""
+    prompts = [[5, 7, 9, 11], [3, 4], [8, 8, 8]]
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=8, ignore_eos=True)
+    outs = []
+    for prepack in (False, True):
+        m = tiny_model(seed=4).to(torch.bfloat16).fuse_projections()
+        eng = Engine(m, max_num_seqs=9, block_size=4, max_model_len=32, prepack_weights=prepack)
+        outs.append([[x.token_ids for x in r] for r in eng.generate(prompts, params)])
+    assert outs[0] == outs[1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

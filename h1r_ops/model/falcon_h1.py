@@ -720,14 +720,22 @@ class FalconH1ForCausalLM(nn.Module):
         """Full logits ``hidden @ lm_head^T * lm_head_multiplier`` in the weights' dtype for final hidden
         states (..., hidden) -> (..., vocab) (use sparingly). ``out``: a contiguous (..., vocab) tensor of
         the weights' dtype to write them into instead of a fresh tensor (a decoder reusing its memory; no
-        autograd through ``out``)."""
+        autograd through ``out``); with ``out`` and no autograd, a few rows go through h1r's row kernel (fp32
+        epilogue, one rounding: the decode step's own lm head) and more rows through the prepacked lm head
+        when :meth:`prepack_weights` made one (the same GEMM, without the per-call weight reorder)."""
         if out is None:
             return F.linear(hidden, self.lm_head_weight) * self.config.lm_head_multiplier
         w = self.lm_head_weight
         if out.dtype != w.dtype or out.shape != (*hidden.shape[:-1], w.shape[0]) or not out.is_contiguous():
             raise ValueError(f"logits: argument 'out': expected a contiguous {w.dtype} tensor of shape "
                              f"{(*hidden.shape[:-1], w.shape[0])}, got {out.dtype} {tuple(out.shape)}")
-        torch.mm(hidden.reshape(-1, w.shape[1]).to(w.dtype), w.t(), out=out.view(-1, w.shape[0]))
+        h2 = hidden.reshape(-1, w.shape[1]).to(w.dtype)
+        packed = packed_of(getattr(self, "_lm_pack", None), w)
+        if not torch.is_grad_enabled() and (packed is not None or row_kernel(h2)):
+            # the fused path's lm head (h1r's row kernel for a few rows, else the prepacked GEMM), copied
+            # into out: one (rows, vocab) copy against a GEMM without a per-call weight reorder
+            return out.copy_(self._lm_head(h2).view_as(out))
+        torch.mm(h2, w.t(), out=out.view(-1, w.shape[0]))
         return out.mul_(self.config.lm_head_multiplier)
 
     # -- forward ----------------------------------------------------------------------------------------
