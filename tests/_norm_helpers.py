@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from _isa import run_pytest_subset
 
 from _triton_interp import run_interpreted, triton_device
 
@@ -57,13 +56,7 @@ def run_subset_under_isa(test_file: str, keyword: str, isa: str):
     machine's best ISA is not avx512 (the lower ISA is then the one in use: the main run tests it)."""
     if isa_in_use() != "avx512":
         pytest.skip("the lower ISA is the one in use")
-    env = dict(os.environ, H1R_CPU_ISA=isa)
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file, "-k", keyword],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout, r.stdout[-2000:]
+    run_pytest_subset(test_file, keyword, {"H1R_CPU_ISA": isa}, timeout=300)
 
 
 def isa_in_use() -> str:

@@ -7,11 +7,10 @@ fp32 sums differs), fp16 2e-3 and bf16 2e-2 (one rounding of the output, ~2^-11 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from _isa import run_pytest_subset
 import torch.nn.functional as F
 
 from h1r_ops.reference import causal_conv1d_ref, causal_conv1d_update_ref
@@ -525,15 +524,10 @@ def test_bad_inputs_raise_value_error():
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 def test_lower_isa_levels(isa):
     """Every ISA variant of the kernels: a small subset of the kernel tests under H1R_CPU_ISA."""
-    env = dict(os.environ, H1R_CPU_ISA=isa, H1R_CONV_EXPECT_ISA=isa)
     sel = ("kernel_forward and bfloat16-True-4-65 or kernel_forward and float16-False-3-7 or "
            "kernel_backward and 65-4-float32 or update_vs_reference and float32 or update_step_vs_reference "
            "or fast_path_matches or expect_isa")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", sel],
-                       env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout
+    run_pytest_subset(__file__, sel, {"H1R_CPU_ISA": isa, "H1R_CONV_EXPECT_ISA": isa})
 
 
 @pytest.mark.skipif("H1R_CONV_EXPECT_ISA" not in os.environ, reason="only inside test_lower_isa_levels")

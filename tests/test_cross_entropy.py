@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from _isa import run_script
 
 from h1r_ops import reference as ref
 
@@ -414,10 +415,7 @@ print("ok")
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 def test_lower_isa_levels(isa):
-    env = dict(os.environ, H1R_CPU_ISA=isa)
-    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.replace("{isa}", isa)], env=env, capture_output=True,
-                       text=True, timeout=120, cwd=_ROOT)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    run_script(_ISA_SCRIPT.replace("{isa}", isa), {"H1R_CPU_ISA": isa}, timeout=120)
 
 
 # ------------------------------------------------------------------- Triton kernels (TRITON_INTERPRET=1)

@@ -2,11 +2,11 @@
 sampler, the model's logits(out=), and the engine's use of both."""
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from _isa import run_script
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _engine_helpers import one_thread, tiny_model  # noqa: E402
@@ -164,11 +164,7 @@ print("ok")
 
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_lower_isa_variants(isa):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, H1R_CPU_ISA=isa, PYTHONPATH=root)
-    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(isa=isa)], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+    run_script(_ISA_SCRIPT.format(isa=isa), {"H1R_CPU_ISA": isa})
 
 
 # -- the model's logits(out=) and the engine ---------------------------------------------------------------

@@ -4,13 +4,10 @@ Tolerances: the kernel and the reference both accumulate in fp32 and round once,
 accumulation order (fp32: 1e-5 relative) plus at most one output rounding (bf16: 1e-2, fp16: 2e-3 of the
 largest |output|). The AVX512-BF16 path multiplies exact bf16 pairs (no difference beyond that)."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _isa import run_pytest_subset, run_script
 
 import h1r_ops
 from h1r_ops.reference import linear_ref, swiglu_ref
@@ -183,12 +180,6 @@ def test_model_uses_kernel_for_few_rows():
 def test_lower_isa_levels(env):
     """Every ISA variant (and AVX-512 without its bf16 dot product): a subset of the kernel tests."""
     sel = "kernel_vs_reference and (3-34-100 or 16-40-130 or 2-4100-40) or strided_rows or swiglu_vs_reference"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", sel],
-                       env=dict(os.environ, **env), cwd=root, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout
+    run_pytest_subset(__file__, sel, env)
     if "H1R_CPU_ISA" in env:
-        isa = subprocess.run([sys.executable, "-c", "import h1r_ops, torch; print(torch.ops.h1r.cpu_isa())"],
-                             env=dict(os.environ, **env), cwd=root, capture_output=True, text=True).stdout.strip()
-        assert isa == env["H1R_CPU_ISA"]
+        run_script(f"import h1r_ops, torch; assert torch.ops.h1r.cpu_isa() == {env['H1R_CPU_ISA']!r}; print('ok')", env)

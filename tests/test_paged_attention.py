@@ -8,12 +8,10 @@ bf16/fp16, by rounding the output once).
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from _isa import run_script
 import torch.nn.functional as F
 
 from h1r_ops.reference import (
@@ -325,8 +323,4 @@ print("ok")
 
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_lower_isa_variants(isa):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, H1R_CPU_ISA=isa, PYTHONPATH=root)
-    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(isa=isa)], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+    run_script(_ISA_SCRIPT.format(isa=isa), {"H1R_CPU_ISA": isa})
