@@ -385,12 +385,17 @@ def test_compile_fullgraph():
 
 
 @needs_cpu
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512-no-bf16"])
 def test_lower_isa_subprocess(isa):
-    """The avx2 and scalar builds of the kernels give the same results (small subset, in a subprocess)."""
+    """The avx2 and scalar builds of the kernels, and the avx512 one without its AVX512-BF16 rounding of bf16
+    states, give the same results (small subset, in a subprocess)."""
+    env = {"H1R_CPU_NO_AVX512_BF16": "1"} if isa == "avx512-no-bf16" else {"H1R_CPU_ISA": isa}
+    if isa == "avx512-no-bf16" and torch.ops.h1r.cpu_isa() != "avx512":
+        pytest.skip("no avx512 kernels on this CPU")
+    expect = "avx512" if isa == "avx512-no-bf16" else isa
     code = (
         "import torch, tests.test_selective_scan as t\n"
-        f"assert torch.ops.h1r.cpu_isa() == '{isa}', torch.ops.h1r.cpu_isa()\n"
+        f"assert torch.ops.h1r.cpu_isa() == '{expect}', torch.ops.h1r.cpu_isa()\n"
         "t.check_fwd(2, 29, 4, 19, 2, 12, 8)\n"
         "t.check_fwd(1, 20, 2, 5, 1, 37, 8, dtype=torch.bfloat16)\n"
         "t.test_state_update(torch.bfloat16, torch.float32, 2, 37)\n"
@@ -400,7 +405,38 @@ def test_lower_isa_subprocess(isa):
         "if t.HAS_BWD:\n    t.check_bwd(2, 21, 4, 7, 2, 12, 8, torch.float32)\n"
         "print('ok')\n"
     )
-    run_script(code, {"H1R_CPU_ISA": isa}, timeout=120)
+    run_script(code, env, timeout=120)
+
+
+def _bf16_state_step(b=40, h=8, p=16, n=37):
+    """One decode step on a bf16 state large enough for the OpenMP path, n = 37 leaving a vector tail."""
+    gen = torch.Generator().manual_seed(5)
+    state = (torch.randn(b, h, p, n, generator=gen) * 3).to(torch.bfloat16)
+    x, z = torch.randn(b, h, p, generator=gen).bfloat16(), torch.randn(b, h, p, generator=gen).bfloat16()
+    dt, A = torch.randn(b, h, generator=gen).bfloat16(), -torch.rand(h, generator=gen) - 0.3
+    B, C = torch.randn(b, 2, n, generator=gen).bfloat16(), torch.randn(b, 2, n, generator=gen).bfloat16()
+    y = h1r_ops.selective_state_update(state, x, dt, A, B, C, D=torch.randn(h, generator=gen), z=z,
+                                       dt_bias=torch.randn(h, generator=gen), dt_softplus=True)
+    return state, y
+
+
+@needs_cpu
+def test_bf16_state_hardware_rounding_is_bit_exact(tmp_path):
+    """AVX512-BF16's vcvtneps2bf16 (used for bf16 states where the CPU has it) rounds exactly as the software
+    path (H1R_CPU_NO_AVX512_BF16=1): same state and output bits."""
+    if torch.ops.h1r.cpu_isa() != "avx512":
+        pytest.skip("no avx512 kernels on this CPU")
+    state, y = _bf16_state_step()
+    torch.save((state, y), tmp_path / "ours.pt")
+    code = (
+        "import torch, tests.test_selective_scan as t\n"
+        f"state, y = torch.load({str(tmp_path / 'ours.pt')!r})\n"
+        "s2, y2 = t._bf16_state_step()\n"
+        "assert torch.equal(state.view(torch.int16), s2.view(torch.int16))\n"
+        "assert torch.equal(y.view(torch.int16), y2.view(torch.int16))\n"
+        "print('ok')\n"
+    )
+    run_script(code, {"H1R_CPU_NO_AVX512_BF16": "1"}, timeout=120)
 
 
 # ---- parity with transformers' Falcon-H1 torch path ---------------------------------------------------

@@ -252,6 +252,7 @@ Tensor selective_state_update_cpu(Tensor& state, const Tensor& x, const Tensor& 
   prm.B = Bc.data_ptr(); prm.C = Cc.data_ptr(); prm.D = ptr_or_null<float>(Df); prm.z = vptr_or_null(zc);
   prm.dt_bias = ptr_or_null<float>(biasf); prm.dt_softplus = dt_softplus;
   prm.state_batch_indices = ptr_or_null<int32_t>(idx); prm.out = out.data_ptr();
+  prm.hw_bf16 = h1r::cpu::cpu_has_avx512_bf16();
   if (b > 0) H1R_CPU_DISPATCH(selective_state_update_kernel, prm);
   return out;
 }

@@ -11,6 +11,12 @@
 // register-blocked GEMMs (gemm() below); the state is kept as (n, p) so that every product reads its
 // right-hand operand along contiguous rows; B, C (and fp32 x) are read in place. Work is parallel over
 // batch x heads (OpenMP). Denormals are flushed (FlushDenormals) for speed.
+
+// GCC 12 reports the "undefined" source register of _mm512_shuffle_f32x4 (ATen's vec_reduce_all) as maybe
+// uninitialized wherever hsum() is inlined into an OpenMP body: a false positive, silenced for this file.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -583,62 +589,105 @@ void selective_scan_bwd_kernel(const ScanParams& p) {
 // State elements (batch x heads x headdim x dstate) below which the decode step runs on one thread.
 constexpr int64_t kStateUpdateParallelWork = int64_t(1) << 18;
 
+// Narrowing an updated fp32 state vector back to TS: ATen's conversions (for bf16, a software round to
+// nearest even of ~8 instructions per vector).
+struct StoreState {
+  template <typename TS>
+  void operator()(TS* s, const Vec& v, int64_t k) const { store_n(s, v, k); }
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+// A bf16 state on AVX512-BF16 CPUs: vcvtneps2bf16 rounds 16 lanes to nearest even in one instruction (the
+// same bits as the software path for every fp32 value but denormals, which the kernel flushes anyway):
+// the bf16 state update is bound by its rounding, not by memory, without it.
+struct StoreStateBf16Hw {
+  __attribute__((target("avx512bf16"))) void operator()(c10::BFloat16* s, const Vec& v, int64_t k) const {
+    const __m256i r = (__m256i)_mm512_cvtneps_pbh(__m512(v));
+    if (k == kLanes) _mm256_storeu_si256(reinterpret_cast<__m256i*>(s), r);
+    else _mm256_mask_storeu_epi16(s, static_cast<__mmask16>((1u << k) - 1), r);
+  }
+};
+#endif
+
+// One (batch, head) of the decode step: dt' and the decay once, then every channel row of its state.
+template <typename T, typename TS, typename Store>
+inline void state_update_head(const StateUpdateParams& p, int64_t bh, float* Bf, float* Cf, float* yr,
+                              Store store) {
+  const int64_t H = p.nheads, P = p.headdim, G = p.ngroups, N = p.dstate, hpg = H / G;
+  const int64_t b = bh / H, h = bh % H, g = h / hpg;
+  const int64_t row = p.state_batch_indices ? p.state_batch_indices[b] : b;
+  const T* z = static_cast<const T*>(p.z);
+  T* o = static_cast<T*>(p.out) + bh * P;
+  if (row < 0) {  // padded slot: no state to update
+    for (int64_t i = 0; i < P; ++i) o[i] = static_cast<T>(0.f);
+    return;
+  }
+  float d = static_cast<float>(static_cast<const T*>(p.dt)[bh]) + (p.dt_bias ? p.dt_bias[h] : 0.f);
+  if (p.dt_softplus) d = softplus(d);
+  const Vec decay(std::exp(d * p.A[h]));
+  to_float(static_cast<const T*>(p.B) + (b * G + g) * N, Bf, N);
+  to_float(static_cast<const T*>(p.C) + (b * G + g) * N, Cf, N);
+  TS* s = static_cast<TS*>(p.state) + (row * H + h) * P * N;
+  const T* xr = static_cast<const T*>(p.x) + bh * P;
+  for (int64_t i = 0; i < P; ++i, s += N) {
+    const float xv = static_cast<float>(xr[i]);
+    const Vec dx(d * xv);
+    // The state row in TS (fp32 / bf16 / fp16) is widened to fp32 lanes, updated in fp32 and narrowed
+    // back one vector at a time, so a 16-bit state streams half the bytes of an fp32 one.
+    Vec acc(0.f);
+    for_lanes(N, [&](int64_t n, int64_t k) {
+      Vec sv = load_n(s + n, k);
+      sv = at::vec::fmadd(sv, decay, dx * Vec::loadu(&Bf[n], k));
+      store(s + n, sv, k);
+      acc = at::vec::fmadd(sv, Vec::loadu(&Cf[n], k), acc);
+    });
+    float y = hsum(acc);
+    if (p.D) y += p.D[h * P + i] * xv;
+    if (z) {
+      const float zv = static_cast<float>(z[bh * P + i]);
+      y *= zv / (1.f + std::exp(-zv));
+    }
+    yr[i] = y;
+  }
+  from_float(yr, o, P);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The head step with the hardware bf16 rounding, compiled for AVX512-BF16 as a whole (flatten: the row
+// loop and its store inlined here, where the instruction is allowed) and called only where the CPU has it.
+template <typename T>
+__attribute__((target("avx512bf16"), flatten)) void state_update_head_bf16_hw(
+    const StateUpdateParams& p, int64_t bh, float* Bf, float* Cf, float* yr) {
+  state_update_head<T, c10::BFloat16>(p, bh, Bf, Cf, yr, StoreStateBf16Hw{});
+}
+#endif
+
 template <typename T, typename TS>
 void state_update(const StateUpdateParams& p) {
-  const int64_t H = p.nheads, P = p.headdim, G = p.ngroups, N = p.dstate, hpg = H / G;
-  const T* x = static_cast<const T*>(p.x);
-  const T* dt = static_cast<const T*>(p.dt);
-  const T* Bp = static_cast<const T*>(p.B);
-  const T* Cp = static_cast<const T*>(p.C);
-  const T* z = static_cast<const T*>(p.z);
-  T* out = static_cast<T*>(p.out);
-  TS* state = static_cast<TS*>(p.state);
+  const int64_t H = p.nheads, P = p.headdim, N = p.dstate;
   // A decode step of a small batch is ~0.1 ms of work: opening an OpenMP team for it costs more than that
   // (and far more on a loaded machine, where the team waits for a descheduled thread), so the team is
   // only opened when the state to stream is large enough to repay it.
   const int64_t work = p.batch * H * P * N;
   const bool parallel = p.batch * H > 1 && work >= kStateUpdateParallelWork;
+#if defined(CPU_CAPABILITY_AVX512)
+  const bool hw_bf16 = std::is_same_v<TS, c10::BFloat16> && p.hw_bf16;
+#endif
 #pragma omp parallel if (parallel)
   {
     FlushDenormals ftz;
     std::vector<float> Bf(N), Cf(N), yr(P);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < p.batch * H; ++bh) {
-      const int64_t b = bh / H, h = bh % H, g = h / hpg;
-      const int64_t row = p.state_batch_indices ? p.state_batch_indices[b] : b;
-      T* o = out + bh * P;
-      if (row < 0) {  // padded slot: no state to update
-        for (int64_t i = 0; i < P; ++i) o[i] = static_cast<T>(0.f);
-        continue;
-      }
-      float d = static_cast<float>(dt[bh]) + (p.dt_bias ? p.dt_bias[h] : 0.f);
-      if (p.dt_softplus) d = softplus(d);
-      const Vec decay(std::exp(d * p.A[h]));
-      to_float(Bp + (b * G + g) * N, Bf.data(), N);
-      to_float(Cp + (b * G + g) * N, Cf.data(), N);
-      TS* s = state + (row * H + h) * P * N;
-      const T* xr = x + bh * P;
-      for (int64_t i = 0; i < P; ++i, s += N) {
-        const float xv = static_cast<float>(xr[i]);
-        const Vec dx(d * xv);
-        // The state row in TS (fp32 / bf16 / fp16) is widened to fp32 lanes, updated in fp32 and narrowed
-        // back one vector at a time, so a 16-bit state streams half the bytes of an fp32 one.
-        Vec acc(0.f);
-        for_lanes(N, [&](int64_t n, int64_t k) {
-          Vec sv = load_n(s + n, k);
-          sv = at::vec::fmadd(sv, decay, dx * Vec::loadu(&Bf[n], k));
-          store_n(s + n, sv, k);
-          acc = at::vec::fmadd(sv, Vec::loadu(&Cf[n], k), acc);
-        });
-        float y = hsum(acc);
-        if (p.D) y += p.D[h * P + i] * xv;
-        if (z) {
-          const float zv = static_cast<float>(z[bh * P + i]);
-          y *= zv / (1.f + std::exp(-zv));
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<TS, c10::BFloat16>) {
+        if (hw_bf16) {
+          state_update_head_bf16_hw<T>(p, bh, Bf.data(), Cf.data(), yr.data());
+          continue;
         }
-        yr[i] = y;
       }
-      from_float(yr.data(), o, P);
+#endif
+      state_update_head<T, TS>(p, bh, Bf.data(), Cf.data(), yr.data(), StoreState{});
     }
   }
 }

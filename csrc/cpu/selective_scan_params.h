@@ -65,6 +65,7 @@ struct StateUpdateParams {
   bool dt_softplus;
   const int32_t* state_batch_indices;
   void* out;
+  bool hw_bf16;  // a bf16 state may be rounded by AVX512-BF16's vcvtneps2bf16 (cpu_has_avx512_bf16())
 };
 
 }  // namespace h1r::cpu
