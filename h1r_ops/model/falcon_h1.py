@@ -219,6 +219,24 @@ _FAST_OPS = ("rms_norm_fwd", "gated_rms_norm_fwd", "rotary_", "causal_conv1d_fwd
 # ----------------------------------------------------------------------------------------------------
 # modules
 # ----------------------------------------------------------------------------------------------------
+def attend(q, k, v, scale: float, mask=None, cache: LayerCache | None = None, start: int = 0) -> torch.Tensor:
+    """Attention of q (b, hq, l, d) over k, v (b, hk, l, d) (GQA), both the module path's and the fused
+    path's. With ``cache`` the keys/values are first written at positions start..start+l and the queries
+    attend to every cached position before them too. No ``mask``: causal (query i at position start + i);
+    a single query (decode) attends to every cached position."""
+    l = q.shape[2]
+    if cache is not None:
+        cache.key.narrow(2, start, l).copy_(k)
+        cache.value.narrow(2, start, l).copy_(v)
+        k, v = cache.key.narrow(2, 0, start + l), cache.value.narrow(2, 0, start + l)
+    if mask is None and l > 1:
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        pos_q = torch.arange(start, start + l, device=q.device)[:, None]  # chunked prefill on a cache
+        mask = pos_q >= torch.arange(start + l, device=q.device)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
 class RMSNorm(nn.Module):
     """FalconH1RMSNorm on h1r_ops.rms_norm (fp32 statistics, output in the input dtype)."""
 
@@ -273,19 +291,7 @@ class Attention(nn.Module):
         positions start..start+l and the queries attend to all cached positions before them too."""
         b, l, _ = h.shape
         q, k, v = self._qkv(h, cos, sin)
-        if cache is not None:
-            cache.key[:, :, start : start + l] = k
-            cache.value[:, :, start : start + l] = v
-            k, v = cache.key[:, :, : start + l], cache.value[:, :, : start + l]
-        if mask is None and l > 1:
-            if start == 0:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
-            else:  # chunked prefill on top of a cache: query i sits at position start + i
-                pos_q = torch.arange(start, start + l, device=h.device)[:, None]
-                causal = pos_q >= torch.arange(start + l, device=h.device)[None, :]
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=self.scale, enable_gqa=True)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        o = attend(q, k, v, self.scale, mask=mask, cache=cache, start=start)
         return self.o_proj(o.transpose(1, 2).reshape(b, l, -1))
 
 
@@ -561,18 +567,7 @@ class DecoderLayer(nn.Module):
         q4, k4 = q.view(b, l, at.n_heads, at.head_dim), k.view(b, l, at.n_kv, at.head_dim)
         torch.ops.h1r.rotary_(q4.transpose(1, 2), k4.transpose(1, 2), rope[0], rope[1], pos_ids, False)
         q4, k4, v4 = q4.transpose(1, 2), k4.transpose(1, 2), v.view(b, l, at.n_kv, at.head_dim).transpose(1, 2)
-        if cache is not None:
-            cache.key.narrow(2, start, l).copy_(k4)
-            cache.value.narrow(2, start, l).copy_(v4)
-            k4, v4 = cache.key.narrow(2, 0, start + l), cache.value.narrow(2, 0, start + l)
-        if mask is None and l > 1:
-            if start == 0:
-                o = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=at.scale, enable_gqa=True)
-            else:  # chunked prefill on top of a cache: query i sits at position start + i
-                pos_q = torch.arange(start, start + l, device=x.device)[:, None]
-                mask = pos_q >= torch.arange(start + l, device=x.device)[None, :]
-        if mask is not None or l == 1:  # a decode query attends to every cached position
-            o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=at.scale, enable_gqa=True)
+        o = attend(q4, k4, v4, at.scale, mask=mask, cache=cache, start=start)
         o = o.transpose(1, 2).reshape(b * l, at.n_heads * at.head_dim)
         if decode:
             y = self.mamba.step_fused(z, xBC, dt, cache.conv_state, cache.ssm_state)
