@@ -637,12 +637,15 @@ class FalconH1ForCausalLM(nn.Module):
         self._lm_pack = pack_weight(self.lm_head_weight)
         return self
 
-    def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits (m, vocab) of final hidden states h (m, hidden) on the fused path's projection helpers."""
+    def _lm_head(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (m, vocab) of final hidden states h (m, hidden) on the fused path's projection helpers,
+        into ``out`` (m, vocab) when given (the multiplier's pass writes it: no extra copy on the GEMM path)."""
         w, mult = self.lm_head_weight, self.config.lm_head_multiplier
         if row_kernel(h):
-            return _linear_op(h, w, None, None, mult, None, False)
-        return linear_nt(h, w, packed_of(getattr(self, "_lm_pack", None), w)).mul_(mult)
+            y = _linear_op(h, w, None, None, mult, None, False)
+            return y if out is None else out.copy_(y)
+        y = linear_nt(h, w, packed_of(getattr(self, "_lm_pack", None), w))
+        return y.mul_(mult) if out is None else torch.mul(y, mult, out=out)
 
     def _apply(self, fn, recurse=True):
         # .to() / .float() / .cuda() give the parameters new storage: fuse again if the model was fused
@@ -727,9 +730,10 @@ class FalconH1ForCausalLM(nn.Module):
         h2 = hidden.reshape(-1, w.shape[1]).to(w.dtype)
         packed = packed_of(getattr(self, "_lm_pack", None), w)
         if not torch.is_grad_enabled() and (packed is not None or row_kernel(h2)):
-            # the fused path's lm head (h1r's row kernel for a few rows, else the prepacked GEMM), copied
-            # into out: one (rows, vocab) copy against a GEMM without a per-call weight reorder
-            return out.copy_(self._lm_head(h2).view_as(out))
+            # the fused path's lm head: h1r's row kernel for a few rows, else the prepacked GEMM (no per-call
+            # weight reorder)
+            self._lm_head(h2, out=out.view(-1, w.shape[0]))
+            return out
         torch.mm(h2, w.t(), out=out.view(-1, w.shape[0]))
         return out.mul_(self.config.lm_head_multiplier)
 
