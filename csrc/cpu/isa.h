@@ -38,8 +38,9 @@ inline Isa cpu_isa() {
   return isa;
 }
 
-// Whether the AVX-512 kernels may use the AVX512-BF16 dot product (vdpbf16ps): the CPU has it, the level
-// in use is avx512, and H1R_CPU_NO_AVX512_BF16 is not set (the tests use it to reach the widening path).
+// Whether the AVX-512 kernels may use AVX512-BF16 (linear's vdpbf16ps dot product, the state update's
+// vcvtneps2bf16 rounding): the CPU has it, the level in use is avx512, and H1R_CPU_NO_AVX512_BF16 is not set
+// (the tests use it to reach the software paths).
 inline bool cpu_has_avx512_bf16() {
   static const bool has = [] {
 #if defined(__x86_64__) || defined(__i386__)
