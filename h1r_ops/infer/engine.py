@@ -257,25 +257,45 @@ class Engine:
         return m.logits(m.model.final_layernorm(x[:, -1]))[0].float()
 
     def _prefill_fused(self, x, slots, bt, seq_lens, cu, slot: int) -> torch.Tensor:
-        """The prefill's layers on the model's fused inference path (as ``_decode_fused``, for one sequence of
-        l tokens from position 0): x (l, hidden) embedded prompt; the K/V go to the pages ``slots``, the final
+        """The prefill's layers on the model's fused inference path (``_layers_fused``), for one sequence of
+        l tokens from position 0: x (l, hidden) embedded prompt; the K/V go to the pages ``slots``, the final
         conv and SSM states to state slot ``slot``. Returns the final-normed last hidden state (1, hidden)."""
-        m, l = self.model, x.shape[0]
-        cos, sin = m.rope_tables(l, x.dtype)
-        pos_ids = torch.arange(l, device=x.device)[None]
-        for i, layer in enumerate(m.model.layers):
-            attn = layer.self_attn
-            z, xBC, dt, q, k, v = layer.project_fused(x)   # q (l, heads, d), k, v (l, kv_heads, d): row views
-            # (1, l, heads, d) seen as (1, heads, l, d): rotary's layout, rotated in place in the GEMM output
-            torch.ops.h1r.rotary_(q[None].transpose(1, 2), k[None].transpose(1, 2), cos, sin, pos_ids, False)
-            kc, vc = self.kv[i, 0], self.kv[i, 1]
-            h1r_ops.reshape_and_cache(k, v, kc, vc, slots)
-            o = h1r_ops.paged_attention_prefill(q, kc, vc, bt, seq_lens, cu, scale=attn.scale)
+        l = x.shape[0]
+
+        def attend(i, q, kc, vc, scale):
+            return h1r_ops.paged_attention_prefill(q, kc, vc, bt, seq_lens, cu, scale=scale)
+
+        def mix(i, mamba, z, xBC, dt):
             st = LayerCache(None, None, self.states.conv[i, slot : slot + 1], self.states.ssm[i, slot : slot + 1])
-            y = layer.mamba.forward_fused(z, xBC, dt, 1, l, cache=st)
-            x = layer.output_fused(x, y, o.view(l, -1))
-        ln = m.model.final_layernorm
-        return torch.ops.h1r.rms_norm_fwd(x[-1:].contiguous(), ln.weight, ln.eps, None)[0]
+            return mamba.forward_fused(z, xBC, dt, 1, l, cache=st)
+
+        x = self._layers_fused(x, torch.arange(l, device=x.device)[None], l, slots, attend, mix)
+        return self._final_norm(x[-1:].contiguous())
+
+    def _layers_fused(self, x, pos_ids, max_pos: int, slot_mapping, attend, mix) -> torch.Tensor:
+        """The decoder layers on the model's fused inference path (``fuse_projections``), shared by prefill and
+        decode: per layer one GEMM for [mixer in | q | k | v], RoPE in place through the cached cos/sin tables,
+        the paged K/V write (rows to ``slot_mapping``), ``attend(i, q, key_cache, value_cache, scale)``, the
+        mixer ``mix(i, mamba, z, xBC, dt)``, and the output projections + MLP accumulated into the residual.
+        x (n, hidden) embedded tokens at positions ``pos_ids`` (batch, len) (n = batch * len), all below
+        ``max_pos``; returns the last layer's residual stream (n, hidden)."""
+        m = self.model
+        cos, sin = m.rope_tables(max_pos, x.dtype)
+        for i, layer in enumerate(m.model.layers):
+            z, xBC, dt, q, k, v = layer.project_fused(x)   # q (n, heads, d), k, v (n, kv_heads, d): row views
+            # (batch, len, heads, d) seen as (batch, heads, len, d): rotary's layout, rotated in place in the
+            # GEMM output
+            torch.ops.h1r.rotary_(q.unflatten(0, pos_ids.shape).transpose(1, 2),
+                                  k.unflatten(0, pos_ids.shape).transpose(1, 2), cos, sin, pos_ids, False)
+            kc, vc = self.kv[i, 0], self.kv[i, 1]
+            h1r_ops.reshape_and_cache(k, v, kc, vc, slot_mapping)
+            o = attend(i, q, kc, vc, layer.self_attn.scale)
+            x = layer.output_fused(x, mix(i, layer.mamba, z, xBC, dt), o.view(x.shape[0], -1))
+        return x
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        ln = self.model.model.final_layernorm
+        return torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
 
     @torch.no_grad()
     def _decode(self, seqs: list[_Seq]) -> torch.Tensor:
@@ -316,27 +336,18 @@ class Engine:
         return self._logits(m.model.final_layernorm(x))
 
     def _decode_fused(self, x, pos, max_pos: int, slot_mapping, state_idx, bt, seq_lens) -> torch.Tensor:
-        """The decode step's layers on the model's fused inference path (``fuse_projections``): per layer one
-        GEMM for [mixer in | q | k | v], RoPE in place through the cached cos/sin tables, the paged K/V
-        write and attention, the mixer's state step over the slot pool, and the output projections + MLP
-        accumulated into the residual. x (b, hidden) embedded tokens at positions ``pos`` (b,) int64, all
-        below ``max_pos``; returns the final-normed hidden states (b, hidden)."""
-        m, b = self.model, x.shape[0]
-        cos, sin = m.rope_tables(max_pos, x.dtype)
-        pos_ids = pos[:, None].contiguous()
-        for i, layer in enumerate(m.model.layers):
-            attn = layer.self_attn
-            z, xBC, dt, q, k, v = layer.project_fused(x)   # q (b, heads, d), k, v (b, kv_heads, d): row views
-            # (b, 1, heads, d) seen as (b, heads, 1, d): rotary's layout, rotated in place in the GEMM output
-            torch.ops.h1r.rotary_(q[:, None].transpose(1, 2), k[:, None].transpose(1, 2), cos, sin, pos_ids, False)
-            kc, vc = self.kv[i, 0], self.kv[i, 1]
-            h1r_ops.reshape_and_cache(k, v, kc, vc, slot_mapping)
+        """The decode step's layers on the model's fused inference path (``_layers_fused``): paged decode
+        attention and the mixer's state step over the slot pool. x (b, hidden) embedded tokens at positions
+        ``pos`` (b,) int64, all below ``max_pos``; returns the final-normed hidden states (b, hidden)."""
+
+        def attend(i, q, kc, vc, scale):
             # q goes as the row view: the op widens it to a contiguous fp32 copy anyway
-            o = h1r_ops.paged_attention_decode(q, kc, vc, bt, seq_lens, scale=attn.scale)
-            y = layer.mamba.step_fused(z, xBC, dt, self.states.conv[i], self.states.ssm[i], state_idx)
-            x = layer.output_fused(x, y, o.view(b, -1))
-        ln = m.model.final_layernorm
-        return torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
+            return h1r_ops.paged_attention_decode(q, kc, vc, bt, seq_lens, scale=scale)
+
+        def mix(i, mamba, z, xBC, dt):
+            return mamba.step_fused(z, xBC, dt, self.states.conv[i], self.states.ssm[i], state_idx)
+
+        return self._final_norm(self._layers_fused(x, pos[:, None].contiguous(), max_pos, slot_mapping, attend, mix))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits (b, vocab) of final hidden states h (b, hidden) in the model dtype, the model's own
