@@ -74,6 +74,18 @@ def _cases(quick: bool) -> list[Case]:
              lambda: dict(h=r(T, d) * 0.1, w=r(V, d) * 0.02, t=torch.randint(0, V, (T,), generator=g)),
              lambda a: h1r_ops.fused_linear_cross_entropy(a["h"], a["w"], a["t"]),
              lambda a: ref.fused_linear_cross_entropy(a["h"], a["w"], a["t"])),
+        Case(f"linear (decode lm head)  1 x {d} @ {V} bf16", "linear",
+             lambda: dict(x=r(1, d, dtype=torch.bfloat16), w=r(V, d, dtype=torch.bfloat16) * 0.02),
+             lambda a: h1r_ops.linear(a["x"], a["w"], alpha=0.04),
+             lambda a: ref.linear_ref(a["x"], a["w"], alpha=0.04)),
+        Case(f"swiglu  {T} x [gate | up] of {2 * d} bf16", "swiglu", lambda: dict(x=r(T, 4 * d, dtype=torch.bfloat16)),
+             lambda a: h1r_ops.swiglu(a["x"], 0.88),
+             lambda a: ref.swiglu_ref(a["x"], 0.88)),
+        Case(f"sample_top_p (tokens)  64 x {V} T=0.6 p=0.95", "sample_top_p",
+             lambda: dict(l=r(64, V) * 3, t=torch.full((64,), 0.6), p=torch.full((64,), 0.95),
+                          u=torch.rand(64, generator=g)),
+             lambda a: h1r_ops.sample_top_p(a["l"], a["t"], a["p"], a["u"]),
+             lambda a: ref.sample_top_p_ref(a["l"], a["t"], a["p"], a["u"], 20)),
     ]
     ctx, seqs, bs = (1024 if quick else 2048), 16, 16
 
