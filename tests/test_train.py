@@ -612,3 +612,42 @@ def test_demo_settings_note_flags_overlap_with_the_tuning_slice():
     assert "WARNING" not in _settings_note(_args([]))   # defaults: reported slice after the tuning slice
     assert "WARNING" in _settings_note(_args(["--dc-offset", str(DC_TUNE["first"])]))
     assert "not the demo's tuned defaults" in _settings_note(_args(["--dc-eta", "50"]))
+
+
+def test_demo_paired_interval_and_verdict_against_hand_computed_cases():
+    # paired difference of proportions on the same problems: a = DeepConf right only, b = majority right only;
+    # var = (a + b - (a - b)^2 / n) / n^2, Wald 95% interval; verdict against the non-inferiority margin
+    import math
+
+    from h1r_ops.train.demo import DC_MATCH_MARGIN, _paired, _verdict_line
+
+    def rows(a, b, both_right, both_wrong):
+        return ([{"majority": False, "dc": True}] * a + [{"majority": True, "dc": False}] * b
+                + [{"majority": True, "dc": True}] * both_right + [{"majority": False, "dc": False}] * both_wrong)
+
+    pr = _paired(rows(1, 4, 294, 101), "dc")                       # 400 problems, the demo's 1 / 4
+    half = 1.96 * math.sqrt(5 - 9 / 400) / 400
+    assert pr["difference"] == pytest.approx(-3 / 400)
+    assert pr["difference_ci95"] == pytest.approx([-3 / 400 - half, -3 / 400 + half])
+    assert pr["sign_test_p"] == pytest.approx(2 * (1 + 5) / 32)   # P(X <= 1), X ~ Bin(5, 1/2), two-sided
+    assert pr["verdict"] == "matches" and pr["difference_ci95"][0] > -DC_MATCH_MARGIN
+    assert _paired(rows(30, 2, 300, 68), "dc")["verdict"] == "beats"
+    assert _paired(rows(2, 30, 300, 68), "dc")["verdict"] == "below"
+    assert _paired(rows(0, 0, 10, 0), "dc")["difference_ci95"] == [0.0, 0.0]   # no discordant problem
+    assert _paired([], "dc")["verdict"] == "matches"                           # no problem: no division by 0
+    d = {"variants": [{"name": "DeepConf-high", "eta": 90.0, "offline": {},
+                       "online": {"tokens_saved_vs_majority": 0.19, "paired": pr}}]}
+    assert _verdict_line(d).startswith("**Verdict: DeepConf-high online matches majority voting** with 19% fewer")
+
+
+def test_demo_replot_recomputes_the_paired_statistics_from_per_problem_rows():
+    from h1r_ops.train.demo import _repaired
+
+    per = [{"majority": True, "offline_90": True, "online_90": False}] * 3 + \
+          [{"majority": False, "offline_90": True, "online_90": True}]
+    old = {"variants": [{"name": "DeepConf-high", "eta": 90.0, "offline": {"accuracy": 1.0},
+                         "online": {"accuracy": 0.25, "paired": {"sign_test_p": 1.0}}}]}
+    dc = _repaired(old, per)
+    assert dc["deepconf_online"]["paired"]["majority_right_deepconf_wrong"] == 3
+    assert dc["deepconf_offline"]["paired"]["deepconf_right_majority_wrong"] == 1
+    assert dc["deepconf_online"]["paired"]["verdict"] == "below"

@@ -14,7 +14,8 @@ Stages (each a normal ``h1r train`` run under ``--work``, so it can also be resu
      by plain majority and by DeepConf offline (top-eta% by bottom-10% window confidence + weighted vote,
      the same traces), and DeepConf online (warm-up traces set the threshold, later traces stop early
      below it, generation stops at consensus tau), for DeepConf-high (eta 90) and DeepConf-low (eta 10):
-     accuracy, tokens generated, and per-problem paired counts against majority.
+     accuracy, tokens generated, per-problem paired counts against majority, the paired accuracy difference
+     with its 95% interval, and the verdict (beats / matches within DC_MATCH_MARGIN / below).
 
 Writes to ``--out``: ``demo_results.json`` and ``demo_results.md`` (the figures), ``demo_metrics.jsonl``
 (every step and evaluation of every stage, with a ``stage`` field: loss, reward, accuracy, tokens/s,
@@ -110,18 +111,61 @@ def _variant_name(eta: float) -> str:
     return {90.0: "DeepConf-high", 10.0: "DeepConf-low"}.get(float(eta), "DeepConf")
 
 
+# "Matches majority" as the results file judges it: a non-inferiority test on the paired per-problem accuracy
+# difference (DeepConf - majority, same problems): the lower end of its 95% confidence interval must lie above
+# -DC_MATCH_MARGIN. At 400 problems a 2-point margin is what the interval's half-width (about 1 to 1.5 points for
+# the discordant counts seen here) leaves room for; "beats" needs the whole interval above 0.
+DC_MATCH_MARGIN = 0.02
+
+
 def _paired(rows, key) -> dict:
-    """Per-problem comparison of ``key`` with majority on the same problems: discordant counts and the
-    exact two-sided sign test over them (binomial, p = 1/2)."""
-    from math import comb
+    """Per-problem comparison of ``key`` with majority on the same problems: discordant counts, the exact
+    two-sided sign test over them (binomial, p = 1/2), and the accuracy difference with its 95% interval
+    (Wald interval of a paired difference of proportions: var = (a + b - (a - b)^2 / n) / n^2) and the verdict
+    against majority (``beats`` / ``matches`` within DC_MATCH_MARGIN / ``below``)."""
+    from math import comb, sqrt
 
     a = sum(r[key] and not r["majority"] for r in rows)   # DeepConf right, majority wrong
     b = sum(r["majority"] and not r[key] for r in rows)   # majority right, DeepConf wrong
     n, k = a + b, min(a, b)
     p = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    m = max(1, len(rows))
+    diff = (a - b) / m
+    half = 1.96 * sqrt(max(0.0, a + b - (a - b) ** 2 / m)) / m
+    lo, hi = diff - half, diff + half
+    verdict = "beats" if lo > 0 else "matches" if lo > -DC_MATCH_MARGIN else "below"
     return {"deepconf_right_majority_wrong": a, "majority_right_deepconf_wrong": b,
             "both_right": sum(r[key] and r["majority"] for r in rows),
-            "both_wrong": sum(not r[key] and not r["majority"] for r in rows), "sign_test_p": p}
+            "both_wrong": sum(not r[key] and not r["majority"] for r in rows), "sign_test_p": p,
+            "difference": diff, "difference_ci95": [lo, hi], "match_margin": DC_MATCH_MARGIN, "verdict": verdict}
+
+
+def _verdict_line(d) -> str:
+    """One sentence on the headline variant's online run against majority (the issue's claim, judged)."""
+    v = _variants(d)[0]
+    x, pr = v["online"], v["online"].get("paired")
+    if not pr or "verdict" not in pr:
+        return ""
+    lo, hi = pr["difference_ci95"]
+    what = {"beats": "beats majority voting", "matches": "matches majority voting",
+            "below": "falls below majority voting"}[pr["verdict"]]
+    return (f"**Verdict: {v['name']} online {what}** with {100 * x['tokens_saved_vs_majority']:.0f}% fewer tokens: "
+            f"accuracy difference {100 * pr['difference']:+.1f} points, 95% interval [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+            f"(matches: the interval's lower end above -{100 * pr['match_margin']:g} points; beats: above 0).")
+
+
+def _repaired(dc, rows):
+    """The results dict ``dc`` with every ``paired`` entry recomputed from its per-problem ``rows`` (for --replot
+    of a run written before the interval was reported)."""
+    tags = {float(v["eta"]): f"{float(v['eta']):g}".replace(".", "_") for v in _variants(dc)}
+    for v in dc.get("variants", []):
+        for mode in ("offline", "online"):
+            key = f"{mode}_{tags[float(v['eta'])]}"
+            if rows and key in rows[0]:
+                v[mode]["paired"] = _paired(rows, key)
+    if dc.get("variants"):
+        dc["deepconf_offline"], dc["deepconf_online"] = dc["variants"][0]["offline"], dc["variants"][0]["online"]
+    return dc
 
 
 def _deepconf_stage(args, model_dir):
@@ -281,7 +325,8 @@ def _deepconf_markdown(d) -> list:
         f"window {d['window']}. Paired = problems DeepConf gets right and majority wrong / the reverse "
         "(exact two-sided sign test p over those).",
         "",
-        "| method | accuracy | tokens generated | paired vs majority (DC right only / majority right only, p) |",
+        "| method | accuracy | tokens generated | paired vs majority (DC right only / majority right only, p; "
+        "difference [95% interval], points) |",
         "|---|---|---|---|",
         f"| one trace alone (mean over the traces) | {100 * d['single_trace_accuracy']:.1f}% | - | - |",
         f"| majority vote over {d['budget']} traces | **{100 * maj['accuracy']:.1f}%** | {maj['tokens']:,} | - |",
@@ -298,6 +343,9 @@ def _deepconf_markdown(d) -> list:
             pr = x.get("paired")
             paired = (f"{pr['deepconf_right_majority_wrong']} / {pr['majority_right_deepconf_wrong']}, "
                       f"p = {pr['sign_test_p']:.2f}" if pr else "-")
+            if pr and "difference_ci95" in pr:
+                lo, hi = pr["difference_ci95"]
+                paired += f"; {100 * pr['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
             lines.append(f"| {what} | **{100 * x['accuracy']:.1f}%** | {tokens} | {paired} |")
     lines += [
         "",
@@ -306,7 +354,8 @@ def _deepconf_markdown(d) -> list:
         "first ones of those), stopping traces whose windowed confidence falls below the warm-up threshold and "
         "stopping a problem once the confidence-weighted consensus reaches tau.",
     ]
-    return lines
+    verdict = _verdict_line(d)
+    return lines + (["", verdict] if verdict else [])
 
 
 def _markdown(r) -> str:
@@ -358,6 +407,11 @@ def main(argv=None) -> int:
         return _deepconf_only(args)
     if args.replot:
         res = json.load(open(os.path.join(args.out, "demo_results.json")))
+        rows = [r for r in _read(os.path.join(args.out, "demo_metrics.jsonl")) if r.get("stage") == "deepconf"]
+        if rows and rows[0].get("per_problem"):
+            res["deepconf"] = _repaired(res["deepconf"], rows[0]["per_problem"])
+            with open(os.path.join(args.out, "demo_results.json"), "w") as f:
+                json.dump(res, f, indent=2)
         _plot(os.path.join(args.out, "demo_curves.png"), _read(os.path.join(args.work, "sft", "metrics.jsonl")),
               _read(os.path.join(args.work, "grpo", "metrics.jsonl")), res["deepconf"])
         with open(os.path.join(args.out, "demo_results.md"), "w") as f:
