@@ -139,17 +139,22 @@ def linear_nt(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = No
 
 
 def addlinear_nt(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, alpha: float,
-                 bias: torch.Tensor | None = None, packed: torch.Tensor | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, packed: torch.Tensor | None = None,
+                 inplace: bool = False) -> torch.Tensor:
     """r + alpha * (x @ w^T + bias) (r (m, n), x (m, k), w (n, k)): few CPU rows in one h1r linear call,
-    else the blocked copy's GEMM and one add, else the BLAS's addmm / addmv, and a separate bias add."""
+    else the blocked copy's GEMM and one add, else the BLAS's addmm / addmv, and a separate bias add.
+    ``inplace``: the GEMM paths accumulate into r itself (r contiguous, owned by the caller) instead of
+    first copying it into a fresh output (a full pass over the residual stream per call in prefill); the
+    few-row kernel still returns a new tensor (its epilogue reads r once anyway)."""
     if row_kernel(x):
         return _linear_op(x, w, bias, None, alpha, r, False)
     if packed is not None:
-        out = torch.add(r, linear_nt(x, w, packed), alpha=alpha)
+        y = linear_nt(x, w, packed)
+        out = r.add_(y, alpha=alpha) if inplace else torch.add(r, y, alpha=alpha)
     elif x.shape[0] == 1:
-        out = torch.addmv(r[0], w, x[0], alpha=alpha)[None]
+        out = r[0].addmv_(w, x[0], alpha=alpha)[None] if inplace else torch.addmv(r[0], w, x[0], alpha=alpha)[None]
     else:
-        out = torch.addmm(r, x, w.t(), alpha=alpha)
+        out = r.addmm_(x, w.t(), alpha=alpha) if inplace else torch.addmm(r, x, w.t(), alpha=alpha)
     return out if bias is None else out.add_(bias, alpha=alpha)
 
 
@@ -536,8 +541,9 @@ class DecoderLayer(nn.Module):
         pk = self.packs
         x = addlinear_nt(x, y, mx.out_proj.weight, c.ssm_out_multiplier, mx.out_proj.bias,
                          packed_of(pk.get("out_proj"), mx.out_proj.weight))
+        # x is now this call's own tensor: the next projections accumulate into it in place
         x = addlinear_nt(x, o, at.o_proj.weight, c.attention_out_multiplier, at.o_proj.bias,
-                         packed_of(pk.get("o_proj"), at.o_proj.weight))
+                         packed_of(pk.get("o_proj"), at.o_proj.weight), inplace=True)
         ln = self.pre_ff_layernorm
         h = torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
         f = self.fused_gate_up
@@ -555,7 +561,7 @@ class DecoderLayer(nn.Module):
                 F.silu(g, inplace=True)
                 g.mul_(u)
         return addlinear_nt(x, g, ff.down_proj.weight, ff.down_multiplier, ff.down_proj.bias,
-                            packed_of(pk.get("down"), ff.down_proj.weight))
+                            packed_of(pk.get("down"), ff.down_proj.weight), inplace=True)
 
     def forward_fused(self, x, b: int, l: int, rope, pos_ids, mask=None, seq_idx=None,
                       cache: LayerCache | None = None, start: int = 0, decode: bool = False) -> torch.Tensor:
