@@ -23,8 +23,10 @@ Two paths compute the same function:
   its group), so fusing costs no memory, optimizer updates stay visible to the fused path, and
   ``state_dict`` / ``save_pretrained`` still hold the original per-projection tensors.
   On CPU, a decode step's few rows go through ``torch.ops.h1r.linear`` (the weights streamed once for all
-  rows, with the muP scale, bias, SwiGLU and residual add in its fp32 epilogue: :func:`row_kernel`); many
-  rows through the BLAS, the MLP's activation through ``torch.ops.h1r.swiglu``. Opt-in
+  rows, with the muP scale, bias, SwiGLU and residual add in its fp32 epilogue: :func:`row_kernel`), and so
+  do bf16 batches of up to 64 rows where the CPU has AMX tiles (the same epilogue; the weight read in its
+  plain layout where the BLAS would reorder it on every call); more rows through the BLAS, the MLP's
+  activation through ``torch.ops.h1r.swiglu``. Opt-in
   :meth:`FalconH1ForCausalLM.prepack_weights` keeps oneDNN-blocked copies of the bf16 weights for those
   many-row GEMMs (one more copy of the weights in memory, no per-call reorder).
 """
@@ -128,10 +130,11 @@ class FusedRows:
 
 def linear_nt(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
     """x (m, k) @ w (n, k)^T. Few rows on CPU go through h1r's linear kernel (one pass over the weights for
-    all rows, see :func:`row_kernel`); more rows through the oneDNN-blocked copy of w when there is one
+    all rows, or AMX tiles for a bf16 batch, see :func:`row_kernel`); more rows through the oneDNN-blocked
+    copy of w when there is one
     (``packed``, :func:`pack_weight`), else the BLAS; one row elsewhere through the matrix-vector kernel (for
     a 16-bit w it streams the weights faster than a 1-row GEMM)."""
-    if row_kernel(x):
+    if row_kernel(x, w, packed):
         return _linear_op(x, w, None, None, 1.0, None, False)
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
@@ -146,7 +149,7 @@ def addlinear_nt(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, alpha: float
     ``inplace``: the GEMM paths accumulate into r itself (r contiguous, owned by the caller) instead of
     first copying it into a fresh output (a full pass over the residual stream per call in prefill); the
     few-row kernel still returns a new tensor (its epilogue reads r once anyway)."""
-    if row_kernel(x):
+    if row_kernel(x, w, packed):
         return _linear_op(x, w, bias, None, alpha, r, False)
     if packed is not None:
         y = linear_nt(x, w, packed)
@@ -189,7 +192,13 @@ def packed_of(entry, w: torch.Tensor) -> torch.Tensor | None:
 # from 8 rows (the kernel's vdpbf16ps is then compute-bound); fp32 / fp16 GEMMs re-read the weights per
 # few rows, the kernel wins up to ~16-32 rows.
 _ROW_KERNEL_MAX_ROWS = {torch.bfloat16: 4, torch.float16: 16, torch.float32: 16}
+# bf16 rows up to which the same op on AMX tiles (where the CPU has them: the weight read in its plain
+# layout, the epilogue fused) beats the BLAS's GEMM, which reorders the weight on every call: 1.1-1.5x at
+# 8..64 rows on the model's projections, even at 128, behind beyond (one thread). A prepacked copy
+# (prepack_weights) beats both from 8 rows and is used instead when there is one.
+_AMX_MAX_ROWS = 64
 _linear_op = None
+_amx = None
 
 
 def row_kernel_op():
@@ -202,11 +211,29 @@ def row_kernel_op():
     return _linear_op or None
 
 
-def row_kernel(x: torch.Tensor) -> bool:
-    """Whether a projection of the rows of x (m, k) goes through ``torch.ops.h1r.linear`` (CPU, few rows)."""
-    if x.device.type != "cpu" or x.shape[0] > _ROW_KERNEL_MAX_ROWS.get(x.dtype, 0):
+def amx_rows() -> bool:
+    """Whether ``torch.ops.h1r.linear`` runs bf16 inputs of 5+ rows on AMX tiles on this machine."""
+    global _amx
+    if _amx is None:
+        _amx = row_kernel_op() is not None and bool(torch.ops.h1r.linear_amx())
+    return _amx
+
+
+def row_kernel(x: torch.Tensor, w: torch.Tensor | None = None, packed: torch.Tensor | None = None,
+               swiglu: bool = False) -> bool:
+    """Whether the projection of the rows of x (m, k) by w (n, k) goes through ``torch.ops.h1r.linear`` on
+    CPU: a few rows (the weight-streaming kernel), or bf16 up to ``_AMX_MAX_ROWS`` rows on AMX tiles when
+    the shapes fit them (k % 32, n_out % 16; n_out = n / 2 with ``swiglu``) and no prepacked copy of w
+    (``packed``) is at hand."""
+    if x.device.type != "cpu":
         return False
-    return row_kernel_op() is not None
+    m = x.shape[0]
+    if m <= _ROW_KERNEL_MAX_ROWS.get(x.dtype, 0):
+        return row_kernel_op() is not None
+    if packed is not None or w is None or m > _AMX_MAX_ROWS or x.dtype != torch.bfloat16:
+        return False
+    n_out = w.shape[0] // 2 if swiglu else w.shape[0]
+    return x.shape[1] % 32 == 0 and n_out % 16 == 0 and amx_rows()
 
 
 def rope_table(inv_freq: torch.Tensor, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -519,10 +546,11 @@ class DecoderLayer(nn.Module):
         h = torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
         f = self.fused_in
         bias = None if f.bias is None else f.bias * self.in_bias_scale
-        if row_kernel(h):  # the muP scale and the bias in the kernel's epilogue
+        packed = packed_of(self.packs.get("in"), f.weight)
+        if row_kernel(h, f.weight, packed):  # the muP scale and the bias in the kernel's epilogue
             p = _linear_op(h, f.weight, bias, self.in_scale, 1.0, None, False)
         else:
-            p = linear_nt(h, f.weight, packed_of(self.packs.get("in"), f.weight))
+            p = linear_nt(h, f.weight, packed)
             p.mul_(self.in_scale)
             if bias is not None:
                 p.add_(bias)
@@ -547,10 +575,11 @@ class DecoderLayer(nn.Module):
         ln = self.pre_ff_layernorm
         h = torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
         f = self.fused_gate_up
-        if row_kernel(h):  # silu(gate * gate_multiplier) * up in the kernel's epilogue
+        packed = packed_of(pk.get("gate_up"), f.weight)
+        if row_kernel(h, f.weight, packed, swiglu=True):  # silu(gate * gate_multiplier) * up in the epilogue
             g = _linear_op(h, f.weight, f.bias, self.gate_up_scale, 1.0, None, True)
         else:
-            gu = linear_nt(h, f.weight, packed_of(pk.get("gate_up"), f.weight))
+            gu = linear_nt(h, f.weight, packed)
             if f.bias is not None:
                 gu.add_(f.bias)
             if h.device.type == "cpu" and row_kernel_op() is not None:  # one pass over [gate | up]
@@ -647,10 +676,11 @@ class FalconH1ForCausalLM(nn.Module):
         """Logits (m, vocab) of final hidden states h (m, hidden) on the fused path's projection helpers,
         into ``out`` (m, vocab) when given (the multiplier's pass writes it: no extra copy on the GEMM path)."""
         w, mult = self.lm_head_weight, self.config.lm_head_multiplier
-        if row_kernel(h):
+        packed = packed_of(getattr(self, "_lm_pack", None), w)
+        if row_kernel(h, w, packed):
             y = _linear_op(h, w, None, None, mult, None, False)
             return y if out is None else out.copy_(y)
-        y = linear_nt(h, w, packed_of(getattr(self, "_lm_pack", None), w))
+        y = linear_nt(h, w, packed)
         return y.mul_(mult) if out is None else torch.mul(y, mult, out=out)
 
     def _apply(self, fn, recurse=True):
@@ -735,7 +765,7 @@ class FalconH1ForCausalLM(nn.Module):
                              f"{(*hidden.shape[:-1], w.shape[0])}, got {out.dtype} {tuple(out.shape)}")
         h2 = hidden.reshape(-1, w.shape[1]).to(w.dtype)
         packed = packed_of(getattr(self, "_lm_pack", None), w)
-        if not torch.is_grad_enabled() and (packed is not None or row_kernel(h2)):
+        if not torch.is_grad_enabled() and (packed is not None or row_kernel(h2, w)):
             # the fused path's lm head: h1r's row kernel for a few rows, else the prepacked GEMM (no per-call
             # weight reorder)
             self._lm_head(h2, out=out.view(-1, w.shape[0]))
