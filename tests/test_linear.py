@@ -207,7 +207,7 @@ def test_model_uses_kernel_for_few_rows():
 
     assert falcon_h1.row_kernel(torch.zeros(1, 8, dtype=torch.bfloat16))
     assert not falcon_h1.row_kernel(torch.zeros(64, 8, dtype=torch.bfloat16))
-    # 5..64 bf16 rows: the AMX tiles where there are some, the shapes fit and no prepacked copy exists
+    # 5..1024 bf16 rows: the AMX tiles where there are some, the shapes fit and no prepacked copy exists
     x16, w = torch.zeros(16, 64, dtype=torch.bfloat16), torch.zeros(96, 64, dtype=torch.bfloat16)
     assert falcon_h1.row_kernel(x16, w) == falcon_h1.amx_rows()
     assert not falcon_h1.row_kernel(x16, w, packed=w)
@@ -215,7 +215,7 @@ def test_model_uses_kernel_for_few_rows():
     assert not falcon_h1.row_kernel(x16, w[:40])   # n % 16 != 0
     assert falcon_h1.row_kernel(x16, w[:64], swiglu=True) == falcon_h1.amx_rows()   # n_out 32
     assert not falcon_h1.row_kernel(x16, w[:48], swiglu=True)   # n_out 24
-    assert not falcon_h1.row_kernel(x16.repeat(5, 1), w)   # 80 rows: the BLAS
+    assert not falcon_h1.row_kernel(x16.repeat(65, 1), w)   # 1040 rows: the BLAS
     assert not falcon_h1.row_kernel(x16.float().repeat(2, 1)[:17], w.float())   # fp32: the kernel to 16 rows only
     x, w, b, _, g = make(3, 8, 16, torch.float32)
     r = torch.randn(3, 8, generator=g)

@@ -286,6 +286,55 @@ __attribute__((target("amx-tile"))) void amx_configure() {
 
 __attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 
+// The epilogue's per-column vectors of one panel (scale, bias of its two 16-column halves: SwiGLU's gate
+// and up), loaded once for all its rows.
+struct AmxPanel {
+  VF scale[2], bias[2];
+};
+
+AmxPanel amx_panel_vectors(const LinearParams& p, int64_t j0, int64_t n_out) {
+  AmxPanel e;
+  for (int a = 0; a < 2; ++a) {
+    // the columns of half a: SwiGLU's up rows sit n_out further; the last panel's missing half is unused
+    const int64_t col = p.swiglu ? a * n_out + j0 : j0 + 16 * a;
+    const bool valid = p.swiglu || col < n_out;
+    e.scale[a] = p.scale && valid ? VF::loadu(p.scale + col) : VF(1.f);
+    e.bias[a] = p.bias && valid ? VF::loadu(p.bias + col) : VF(0.f);
+  }
+  return e;
+}
+
+// The fp32 epilogue (as epilogue() above) straight from the accumulator tiles of one panel and one block
+// of ``rows`` rows of x starting at i0: each 16 x 16 tile of out^T is transposed in registers, then every
+// row of x gets its 16 (SwiGLU) or 32 outputs scaled, activated, added and rounded once.
+void amx_epilogue(const LinearParams& p, const float* ct, bool two, int64_t j0, int64_t n_out, int64_t i0,
+                  int64_t rows, const AmxPanel& e) {
+  using T = c10::BFloat16;
+  const VF alpha(p.alpha);
+  for (int b = 0; b < 2 && 16 * b < rows; ++b) {
+    __m512 col[2][16];
+    transpose16(ct + b * 256, col[0]);
+    if (two) transpose16(ct + (2 + b) * 256, col[1]);
+    for (int j = 0; j < 16 && 16 * b + j < rows; ++j) {
+      const int64_t i = i0 + 16 * b + j;
+      T* out = static_cast<T*>(p.out) + i * p.out_stride + j0;
+      const T* res = p.residual ? static_cast<const T*>(p.residual) + i * p.res_stride + j0 : nullptr;
+      if (p.swiglu) {
+        const VF gate = VF(col[0][j]) * e.scale[0] + e.bias[0], up = VF(col[1][j]) * e.scale[1] + e.bias[1];
+        VF v = silu(gate) * up * alpha;
+        if (res) v = v + load_n(res, 16);
+        store_n(out, v, 16);
+        continue;
+      }
+      for (int a = 0; a < (two ? 2 : 1); ++a) {
+        VF v = (VF(col[a][j]) * e.scale[a] + e.bias[a]) * alpha;
+        if (res) v = v + load_n(res + 16 * a, 16);
+        store_n(out + 16 * a, v, 16);
+      }
+    }
+  }
+}
+
 void linear_amx(const LinearParams& p) {
   using T = c10::BFloat16;
   const int64_t m = p.m, k = p.k, nkb = k / 32, n_out = p.swiglu ? p.n / 2 : p.n;
@@ -305,7 +354,6 @@ void linear_amx(const LinearParams& p) {
     for (int64_t mb = 0; mb < m16; ++mb) amx_pack_x(x, p.x_stride, m, k, mb, xp.data());
     amx_configure();
     alignas(64) float ct[4 * 256];
-    std::vector<float> tile(kAmxRows * 32);
     for (int64_t c0 = 0; c0 < m; c0 += chunk) {
 #pragma omp for schedule(static) nowait
     for (int64_t pi = 0; pi < n_panels; ++pi) {
@@ -313,21 +361,15 @@ void linear_amx(const LinearParams& p) {
       const T* w0 = w + j0 * p.w_stride;
       const T* w1 = p.swiglu ? w + (n_out + j0) * p.w_stride : w0 + 16 * p.w_stride;
       const bool two = p.swiglu || nb > 16;
+      const AmxPanel ep = amx_panel_vectors(p, j0, n_out);
       for (int64_t i0 = c0; i0 < std::min(m, c0 + chunk); i0 += kAmxRows) {
         const uint32_t* xb0 = xp.data() + (i0 / 16) * nkb * 256;
         const uint32_t* xb1 = xb0 + nkb * 256;
-        if (two) amx_block<2>(w0, w1, p.w_stride, xb0, xb1, nkb, i0 == 0, ct);
-        else amx_block<1>(w0, w1, p.w_stride, xb0, xb1, nkb, i0 == 0, ct);
+        if (two) amx_block<2>(w0, w1, p.w_stride, xb0, xb1, nkb, i0 == c0, ct);
+        else amx_block<1>(w0, w1, p.w_stride, xb0, xb1, nkb, i0 == c0, ct);
         // ct[2a + b][r][j] = out^T: weight row 16a + r (SwiGLU: a = 0 gate, 1 up) x row 16b + j of the
         // block -> tile[j'][16a + r] (32 columns per row of x: the epilogue's layout, up at +kBlock)
-        const int64_t rows = std::min(kAmxRows, m - i0);
-        for (int a = 0; a < (two ? 2 : 1); ++a)
-          for (int b = 0; b < 2 && 16 * b < rows; ++b) {
-            __m512 col[16];
-            transpose16(ct + (2 * a + b) * 256, col);
-            for (int j = 0; j < 16; ++j) _mm512_storeu_ps(tile.data() + (16 * b + j) * 32 + 16 * a, col[j]);
-          }
-        epilogue<T>(p, tile.data(), 32, j0, nb, n_out, i0, i0 + rows);
+        amx_epilogue(p, ct, two, j0, n_out, i0, std::min(kAmxRows, m - i0), ep);
       }
     }
     }

@@ -24,7 +24,7 @@ Two paths compute the same function:
   ``state_dict`` / ``save_pretrained`` still hold the original per-projection tensors.
   On CPU, a decode step's few rows go through ``torch.ops.h1r.linear`` (the weights streamed once for all
   rows, with the muP scale, bias, SwiGLU and residual add in its fp32 epilogue: :func:`row_kernel`), and so
-  do bf16 batches of up to 64 rows where the CPU has AMX tiles (the same epilogue; the weight read in its
+  do bf16 inputs of up to 1024 rows where the CPU has AMX tiles (the same epilogue; the weight read in its
   plain layout where the BLAS would reorder it on every call); more rows through the BLAS, the MLP's
   activation through ``torch.ops.h1r.swiglu``. Opt-in
   :meth:`FalconH1ForCausalLM.prepack_weights` keeps oneDNN-blocked copies of the bf16 weights for those
@@ -193,10 +193,13 @@ def packed_of(entry, w: torch.Tensor) -> torch.Tensor | None:
 # few rows, the kernel wins up to ~16-32 rows.
 _ROW_KERNEL_MAX_ROWS = {torch.bfloat16: 4, torch.float16: 16, torch.float32: 16}
 # bf16 rows up to which the same op on AMX tiles (where the CPU has them: the weight read in its plain
-# layout, the epilogue fused) beats the BLAS's GEMM, which reorders the weight on every call: 1.1-1.5x at
-# 8..64 rows on the model's projections, even at 128, behind beyond (one thread). A prepacked copy
+# layout, the muP scale / SwiGLU / residual add fused into its epilogue) beats the BLAS's GEMM, which
+# reorders the weight on every call and leaves those passes to separate ops. Measured one thread on the
+# 8-layer model of benchmarks/bench_model.py (CPU time, same run): GEMM alone 1.1-1.5x at 8..64 rows;
+# whole prefills 4-8% faster at 256 rows, 9-15% at 512, 10% at 1024, 6-9% slower at 2048 (the BLAS's
+# reorder amortized, and the kernel re-reads the weight per 512-row chunk of x). A prepacked copy
 # (prepack_weights) beats both from 8 rows and is used instead when there is one.
-_AMX_MAX_ROWS = 64
+_AMX_MAX_ROWS = 1024
 _linear_op = None
 _amx = None
 
