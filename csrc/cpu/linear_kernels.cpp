@@ -183,22 +183,56 @@ struct alignas(64) TileConfig {
 
 constexpr int64_t kAmxRows = 32;  // rows of x per block: two B tiles
 
-// xp for rows 16 mb .. 16 mb + 15 of x (all k blocks), see above.
+// out[j] = column j of the 16 x 16 matrix of 32-bit lanes whose rows are ``rows``, in three shuffle stages
+// (pairs of rows, quads, then 128-bit lanes across the four quads); bit patterns move unchanged.
+inline void transpose16(const __m512 rows[16], __m512 out[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 a = rows[2 * i], b = rows[2 * i + 1];
+    t[2 * i] = _mm512_unpacklo_ps(a, b);      // lane L: a[4L], b[4L], a[4L+1], b[4L+1]
+    t[2 * i + 1] = _mm512_unpackhi_ps(a, b);  // lane L: a[4L+2], b[4L+2], a[4L+3], b[4L+3]
+  }
+  // u[4g + c], lane L: rows 4g .. 4g+3 of column 4L + c
+  for (int g = 0; g < 4; ++g) {
+    const __m512d lo = _mm512_castps_pd(t[4 * g]), lo2 = _mm512_castps_pd(t[4 * g + 2]);
+    const __m512d hi = _mm512_castps_pd(t[4 * g + 1]), hi2 = _mm512_castps_pd(t[4 * g + 3]);
+    u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, lo2));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, lo2));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi, hi2));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi, hi2));
+  }
+  // column 4L + c = lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+    out[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    out[c + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    out[c + 8] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
+    out[c + 12] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
+  }
+}
+
+// transpose16 of a 16 x 16 fp32 tile stored with rows of 64 bytes
+inline void transpose16(const float* m, __m512 out[16]) {
+  __m512 rows[16];
+  for (int r = 0; r < 16; ++r) rows[r] = _mm512_load_ps(m + 16 * r);
+  transpose16(rows, out);
+}
+
+// xp for rows 16 mb .. 16 mb + 15 of x (all k blocks), see above: each 16 rows x 32 k slice of x, read as
+// 16 x 16 bf16 pairs, is one transpose away from its B tile.
 void amx_pack_x(const c10::BFloat16* x, int64_t xs, int64_t m, int64_t k, int64_t mb, uint32_t* xp) {
   const int64_t nkb = k / 32;
   uint32_t* blk = xp + mb * nkb * 256;
-  for (int64_t j = 0; j < 16; ++j) {
-    const int64_t i = 16 * mb + j;
-    if (i >= m) {
-      for (int64_t q = 0; q < nkb * 16; ++q) blk[(q / 16) * 256 + (q % 16) * 16 + j] = 0;
-      continue;
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    __m512 rows[16], tile[16];
+    for (int j = 0; j < 16; ++j) {
+      const int64_t i = 16 * mb + j;
+      rows[j] = i < m ? _mm512_castsi512_ps(_mm512_loadu_si512(x + i * xs + 32 * kb)) : _mm512_setzero_ps();
     }
-    const c10::BFloat16* row = x + i * xs;
-    for (int64_t q = 0; q < nkb * 16; ++q) {  // q = the pair index along k = 16 kb + kk
-      uint32_t pair;
-      std::memcpy(&pair, row + 2 * q, sizeof(pair));
-      blk[(q / 16) * 256 + (q % 16) * 16 + j] = pair;
-    }
+    transpose16(rows, tile);
+    for (int kk = 0; kk < 16; ++kk) _mm512_storeu_si512(blk + kb * 256 + kk * 16, _mm512_castps_si512(tile[kk]));
   }
 }
 
@@ -239,36 +273,6 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const c10::BFloat16*
   if constexpr (NA == 2) {
     _tile_stored(2, ct + 512, 64);
     _tile_stored(3, ct + 768, 64);
-  }
-}
-
-// out[j] = column j of the 16 x 16 fp32 tile m (rows of 64 bytes): the 16 columns as vectors, in three
-// shuffle stages (pairs of rows, quads, then 128-bit lanes across the four quads).
-inline void transpose16(const float* m, __m512 out[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    const __m512 a = _mm512_load_ps(m + 32 * i), b = _mm512_load_ps(m + 32 * i + 16);
-    t[2 * i] = _mm512_unpacklo_ps(a, b);      // lane L: a[4L], b[4L], a[4L+1], b[4L+1]
-    t[2 * i + 1] = _mm512_unpackhi_ps(a, b);  // lane L: a[4L+2], b[4L+2], a[4L+3], b[4L+3]
-  }
-  // u[4g + c], lane L: rows 4g .. 4g+3 of column 4L + c
-  for (int g = 0; g < 4; ++g) {
-    const __m512d lo = _mm512_castps_pd(t[4 * g]), lo2 = _mm512_castps_pd(t[4 * g + 2]);
-    const __m512d hi = _mm512_castps_pd(t[4 * g + 1]), hi2 = _mm512_castps_pd(t[4 * g + 3]);
-    u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, lo2));
-    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, lo2));
-    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi, hi2));
-    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi, hi2));
-  }
-  // column 4L + c = lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
-  for (int c = 0; c < 4; ++c) {
-    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
-    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
-    out[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
-    out[c + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
-    out[c + 8] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
-    out[c + 12] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
   }
 }
 
