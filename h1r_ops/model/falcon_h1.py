@@ -201,6 +201,9 @@ _ROW_KERNEL_MAX_ROWS = {torch.bfloat16: 4, torch.float16: 16, torch.float32: 16}
 # blocked weights and its epilogue costs ~1/4 on top at k = 1024). A prepacked copy
 # (prepack_weights) beats both from 8 rows and is used instead when there is one.
 _AMX_MAX_ROWS = 1024
+# The lm head gains nothing from the fused epilogue but its multiplier: the plain GEMM's crossover (128 rows;
+# 32768 x 1024 bf16 weight: 1.4x the BLAS at 64 rows, 0.73x at 512)
+_AMX_LM_HEAD_MAX_ROWS = 128
 _linear_op = None
 _amx = None
 
@@ -224,9 +227,9 @@ def amx_rows() -> bool:
 
 
 def row_kernel(x: torch.Tensor, w: torch.Tensor | None = None, packed: torch.Tensor | None = None,
-               swiglu: bool = False) -> bool:
+               swiglu: bool = False, amx_max_rows: int = _AMX_MAX_ROWS) -> bool:
     """Whether the projection of the rows of x (m, k) by w (n, k) goes through ``torch.ops.h1r.linear`` on
-    CPU: a few rows (the weight-streaming kernel), or bf16 up to ``_AMX_MAX_ROWS`` rows on AMX tiles when
+    CPU: a few rows (the weight-streaming kernel), or bf16 up to ``amx_max_rows`` rows on AMX tiles when
     the shapes fit them (k % 32, n_out % 16; n_out = n / 2 with ``swiglu``) and no prepacked copy of w
     (``packed``) is at hand."""
     if x.device.type != "cpu":
@@ -234,7 +237,7 @@ def row_kernel(x: torch.Tensor, w: torch.Tensor | None = None, packed: torch.Ten
     m = x.shape[0]
     if m <= _ROW_KERNEL_MAX_ROWS.get(x.dtype, 0):
         return row_kernel_op() is not None
-    if packed is not None or w is None or m > _AMX_MAX_ROWS or x.dtype != torch.bfloat16:
+    if packed is not None or w is None or m > amx_max_rows or x.dtype != torch.bfloat16:
         return False
     n_out = w.shape[0] // 2 if swiglu else w.shape[0]
     return x.shape[1] % 32 == 0 and n_out % 16 == 0 and amx_rows()
@@ -521,6 +524,7 @@ class DecoderLayer(nn.Module):
                               torch.full((self.fused_in.weight.shape[0] - mx.in_proj.out_features,), float(ai))])
         # in the weights' dtype, as HF's bf16 model multiplies by its bf16 mup_vector
         self.in_scale = (in_scale * out_scale).to(device=dev, dtype=self.fused_in.weight.dtype)
+        self.in_scale_f32 = self.in_scale.float()  # the same values, as the linear kernel's epilogue takes them
         self.in_bias_scale = out_scale.to(device=dev, dtype=self.fused_in.weight.dtype)
         # the [gate | up] GEMM's output scale for the row kernel's SwiGLU epilogue: gate_multiplier, 1
         ff = self.feed_forward
@@ -552,7 +556,7 @@ class DecoderLayer(nn.Module):
         bias = None if f.bias is None else f.bias * self.in_bias_scale
         packed = packed_of(self.packs.get("in"), f.weight)
         if row_kernel(h, f.weight, packed):  # the muP scale and the bias in the kernel's epilogue
-            p = _linear_op(h, f.weight, bias, self.in_scale, 1.0, None, False)
+            p = _linear_op(h, f.weight, bias, self.in_scale_f32, 1.0, None, False)
         else:
             p = linear_nt(h, f.weight, packed)
             p.mul_(self.in_scale)
@@ -681,7 +685,7 @@ class FalconH1ForCausalLM(nn.Module):
         into ``out`` (m, vocab) when given (the multiplier's pass writes it: no extra copy on the GEMM path)."""
         w, mult = self.lm_head_weight, self.config.lm_head_multiplier
         packed = packed_of(getattr(self, "_lm_pack", None), w)
-        if row_kernel(h, w, packed):
+        if row_kernel(h, w, packed, amx_max_rows=_AMX_LM_HEAD_MAX_ROWS):
             y = _linear_op(h, w, None, None, mult, None, False)
             return y if out is None else out.copy_(y)
         y = linear_nt(h, w, packed)
@@ -759,8 +763,9 @@ class FalconH1ForCausalLM(nn.Module):
         states (..., hidden) -> (..., vocab) (use sparingly). ``out``: a contiguous (..., vocab) tensor of
         the weights' dtype to write them into instead of a fresh tensor (a decoder reusing its memory; no
         autograd through ``out``); with ``out`` and no autograd, a few rows go through h1r's row kernel (fp32
-        epilogue, one rounding: the decode step's own lm head) and more rows through the prepacked lm head
-        when :meth:`prepack_weights` made one (the same GEMM, without the per-call weight reorder)."""
+        epilogue, one rounding: the decode step's own lm head; bf16 up to 128 rows on AMX tiles where the CPU
+        has them) and more rows through the prepacked lm head when :meth:`prepack_weights` made one (the
+        same GEMM, without the per-call weight reorder)."""
         if out is None:
             return F.linear(hidden, self.lm_head_weight) * self.config.lm_head_multiplier
         w = self.lm_head_weight
@@ -769,9 +774,10 @@ class FalconH1ForCausalLM(nn.Module):
                              f"{(*hidden.shape[:-1], w.shape[0])}, got {out.dtype} {tuple(out.shape)}")
         h2 = hidden.reshape(-1, w.shape[1]).to(w.dtype)
         packed = packed_of(getattr(self, "_lm_pack", None), w)
-        if not torch.is_grad_enabled() and (packed is not None or row_kernel(h2, w)):
-            # the fused path's lm head: h1r's row kernel for a few rows, else the prepacked GEMM (no per-call
-            # weight reorder)
+        if not torch.is_grad_enabled() and (
+                packed is not None or row_kernel(h2, w, amx_max_rows=_AMX_LM_HEAD_MAX_ROWS)):
+            # the fused path's lm head: h1r's linear kernel for a few rows (or an AMX batch), else the
+            # prepacked GEMM (no per-call weight reorder)
             self._lm_head(h2, out=out.view(-1, w.shape[0]))
             return out
         torch.mm(h2, w.t(), out=out.view(-1, w.shape[0]))
