@@ -290,8 +290,9 @@ __attribute__((target("amx-tile"))) void amx_configure() {
 
 __attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 
-// The epilogue's per-column vectors of one panel (scale, bias of its two 16-column halves: SwiGLU's gate
-// and up), loaded once for all its rows.
+// The epilogue's per-column vectors of one panel (its two 16-column halves: SwiGLU's gate and up), with
+// alpha folded in where it multiplies linearly: out = y * scale + bias (alpha * (y * s + b)), or for SwiGLU
+// silu(gate) * up with up's pair scaled by alpha. Loaded once for all the panel's rows.
 struct AmxPanel {
   VF scale[2], bias[2];
 };
@@ -302,19 +303,30 @@ AmxPanel amx_panel_vectors(const LinearParams& p, int64_t j0, int64_t n_out) {
     // the columns of half a: SwiGLU's up rows sit n_out further; the last panel's missing half is unused
     const int64_t col = p.swiglu ? a * n_out + j0 : j0 + 16 * a;
     const bool valid = p.swiglu || col < n_out;
-    e.scale[a] = p.scale && valid ? VF::loadu(p.scale + col) : VF(1.f);
-    e.bias[a] = p.bias && valid ? VF::loadu(p.bias + col) : VF(0.f);
+    const VF alpha(p.swiglu && a == 0 ? 1.f : p.alpha);
+    e.scale[a] = (p.scale && valid ? VF::loadu(p.scale + col) : VF(1.f)) * alpha;
+    e.bias[a] = (p.bias && valid ? VF::loadu(p.bias + col) : VF(0.f)) * alpha;
   }
   return e;
+}
+
+// 16 fp32 lanes rounded to bf16 and stored: by AVX512-BF16's vcvtneps2bf16 (HW) or in software
+template <bool HW>
+inline void store_bf16(c10::BFloat16* out, const VF& v);
+template <>
+inline void store_bf16<false>(c10::BFloat16* out, const VF& v) { store_n(out, v, 16); }
+template <>
+__attribute__((target("avx512bf16"))) inline void store_bf16<true>(c10::BFloat16* out, const VF& v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(__m512(v)));
 }
 
 // The fp32 epilogue (as epilogue() above) straight from the accumulator tiles of one panel and one block
 // of ``rows`` rows of x starting at i0: each 16 x 16 tile of out^T is transposed in registers, then every
 // row of x gets its 16 (SwiGLU) or 32 outputs scaled, activated, added and rounded once.
-void amx_epilogue(const LinearParams& p, const float* ct, bool two, int64_t j0, int64_t n_out, int64_t i0,
-                  int64_t rows, const AmxPanel& e) {
+template <bool HW>
+void amx_epilogue_impl(const LinearParams& p, const float* ct, bool two, int64_t j0, int64_t i0, int64_t rows,
+                       const AmxPanel& e) {
   using T = c10::BFloat16;
-  const VF alpha(p.alpha);
   for (int b = 0; b < 2 && 16 * b < rows; ++b) {
     __m512 col[2][16];
     transpose16(ct + b * 256, col[0]);
@@ -324,19 +336,31 @@ void amx_epilogue(const LinearParams& p, const float* ct, bool two, int64_t j0, 
       T* out = static_cast<T*>(p.out) + i * p.out_stride + j0;
       const T* res = p.residual ? static_cast<const T*>(p.residual) + i * p.res_stride + j0 : nullptr;
       if (p.swiglu) {
-        const VF gate = VF(col[0][j]) * e.scale[0] + e.bias[0], up = VF(col[1][j]) * e.scale[1] + e.bias[1];
-        VF v = silu(gate) * up * alpha;
+        const VF gate = at::vec::fmadd(VF(col[0][j]), e.scale[0], e.bias[0]);
+        VF v = silu(gate) * at::vec::fmadd(VF(col[1][j]), e.scale[1], e.bias[1]);
         if (res) v = v + load_n(res, 16);
-        store_n(out, v, 16);
+        store_bf16<HW>(out, v);
         continue;
       }
       for (int a = 0; a < (two ? 2 : 1); ++a) {
-        VF v = (VF(col[a][j]) * e.scale[a] + e.bias[a]) * alpha;
+        VF v = at::vec::fmadd(VF(col[a][j]), e.scale[a], e.bias[a]);
         if (res) v = v + load_n(res + 16 * a, 16);
-        store_n(out + 16 * a, v, 16);
+        store_bf16<HW>(out + 16 * a, v);
       }
     }
   }
+}
+
+__attribute__((target("avx512bf16"), flatten)) void amx_epilogue_hw(const LinearParams& p, const float* ct,
+                                                                    bool two, int64_t j0, int64_t i0,
+                                                                    int64_t rows, const AmxPanel& e) {
+  amx_epilogue_impl<true>(p, ct, two, j0, i0, rows, e);
+}
+
+void amx_epilogue(const LinearParams& p, const float* ct, bool two, int64_t j0, int64_t i0, int64_t rows,
+                  const AmxPanel& e) {
+  if (p.bf16_dot) amx_epilogue_hw(p, ct, two, j0, i0, rows, e);  // the CPU has AVX512-BF16
+  else amx_epilogue_impl<false>(p, ct, two, j0, i0, rows, e);
 }
 
 void linear_amx(const LinearParams& p) {
@@ -373,7 +397,7 @@ void linear_amx(const LinearParams& p) {
         else amx_block<1>(w0, w1, p.w_stride, xb0, xb1, nkb, i0 == c0, ct);
         // ct[2a + b][r][j] = out^T: weight row 16a + r (SwiGLU: a = 0 gate, 1 up) x row 16b + j of the
         // block -> tile[j'][16a + r] (32 columns per row of x: the epilogue's layout, up at +kBlock)
-        amx_epilogue(p, ct, two, j0, n_out, i0, std::min(kAmxRows, m - i0), ep);
+        amx_epilogue(p, ct, two, j0, i0, std::min(kAmxRows, m - i0), ep);
       }
     }
     }

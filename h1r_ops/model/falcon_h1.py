@@ -196,10 +196,10 @@ _ROW_KERNEL_MAX_ROWS = {torch.bfloat16: 4, torch.float16: 16, torch.float32: 16}
 # layout, the muP scale / SwiGLU / residual add fused into its epilogue) beats the BLAS's GEMM, which
 # reorders the weight on every call and leaves those passes to separate ops. Measured one thread on the
 # 8-layer model of benchmarks/bench_model.py (CPU time, same run): GEMM alone 1.1-1.5x at 8..64 rows;
-# whole prefills 4-8% faster at 256 rows, 5-15% at 512, about even at 1024, 6-9% slower at 2048 (the
-# BLAS's reorder amortized over more rows; the kernel's tile loop runs at ~85% of oneDNN's on its own
-# blocked weights and its epilogue costs ~1/4 on top at k = 1024). A prepacked copy
-# (prepack_weights) beats both from 8 rows and is used instead when there is one.
+# whole prefills 4-8% faster at 256 rows, 5-10% at 512 and 1024, even at 2048, 8% slower at 4096 (the
+# BLAS's reorder amortized over more rows; the kernel's tile loop alone runs near oneDNN's on its own
+# blocked weights, its epilogue costs 10-20% on top). A prepacked copy (prepack_weights) beats both from
+# 8 rows and is used instead when there is one.
 _AMX_MAX_ROWS = 1024
 # The lm head gains nothing from the fused epilogue but its multiplier: the plain GEMM's crossover (128 rows;
 # 32768 x 1024 bf16 weight: 1.4x the BLAS at 64 rows, 0.73x at 512)
