@@ -208,14 +208,37 @@ _linear_op = None
 _amx = None
 
 
+_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+_cpu_direct_ops: dict = {}
+
+
+def cpu_direct(name: str):
+    """``torch.ops.h1r.<name>``'s CPU kernel called past the dispatcher's autograd layer: for an op with a
+    ``register_autograd`` formula that layer is a Python function (grad-mode check, redispatch), ~4 us of a
+    ~3 us call on a decode step's tiny inputs. Only for the fused inference path, which runs with autograd
+    off and CPU inputs."""
+    f = _cpu_direct_ops.get(name)
+    if f is None:
+        redispatch = getattr(torch.ops.h1r, name).default.redispatch
+        f = _cpu_direct_ops[name] = lambda *args: redispatch(_CPU_KEYS, *args)
+    return f
+
+
 def row_kernel_op():
-    """``torch.ops.h1r.linear.default`` when this build has its CPU kernel (and ``swiglu``), else None."""
+    """``torch.ops.h1r.linear``'s CPU kernel (:func:`cpu_direct`) when this build has it (and ``swiglu``),
+    else None."""
     global _linear_op
     if _linear_op is None:
         from h1r_ops import _registry
 
-        _linear_op = _registry.op_overload("linear") if _registry.has_kernel("linear", "cpu") else False
+        _linear_op = cpu_direct("linear") if _registry.has_kernel("linear", "cpu") else False
     return _linear_op or None
+
+
+def rms_norm_fused(x: torch.Tensor, ln: "RMSNorm") -> torch.Tensor:
+    """The fused path's RMSNorm of x (n, d) by the module ``ln`` (on CPU its kernel called directly)."""
+    op = cpu_direct("rms_norm_fwd") if x.device.type == "cpu" else torch.ops.h1r.rms_norm_fwd
+    return op(x, ln.weight, ln.eps, None)[0]
 
 
 def amx_rows() -> bool:
@@ -551,7 +574,7 @@ class DecoderLayer(nn.Module):
         applied, RoPE not yet), all views of one (n, in_proj + q + k + v) buffer."""
         n = x.shape[0]
         ln = self.input_layernorm
-        h = torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
+        h = rms_norm_fused(x, ln)
         f = self.fused_in
         bias = None if f.bias is None else f.bias * self.in_bias_scale
         packed = packed_of(self.packs.get("in"), f.weight)
@@ -581,7 +604,7 @@ class DecoderLayer(nn.Module):
         x = addlinear_nt(x, o, at.o_proj.weight, c.attention_out_multiplier, at.o_proj.bias,
                          packed_of(pk.get("o_proj"), at.o_proj.weight), inplace=True)
         ln = self.pre_ff_layernorm
-        h = torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
+        h = rms_norm_fused(x, ln)
         f = self.fused_gate_up
         packed = packed_of(pk.get("gate_up"), f.weight)
         if row_kernel(h, f.weight, packed, swiglu=True):  # silu(gate * gate_multiplier) * up in the epilogue
@@ -591,7 +614,7 @@ class DecoderLayer(nn.Module):
             if f.bias is not None:
                 gu.add_(f.bias)
             if h.device.type == "cpu" and row_kernel_op() is not None:  # one pass over [gate | up]
-                g = torch.ops.h1r.swiglu.default(gu, ff.gate_multiplier)
+                g = cpu_direct("swiglu")(gu, ff.gate_multiplier)
             else:
                 g, u = gu.split(f.sizes, dim=-1)
                 g.mul_(ff.gate_multiplier)
@@ -832,7 +855,7 @@ class FalconH1ForCausalLM(nn.Module):
         if cache is not None:
             cache.length = start + l
         ln = self.model.final_layernorm
-        return torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0].view(b, l, d)
+        return rms_norm_fused(x, ln).view(b, l, d)
 
     def forward(self, input_ids, labels=None, position_ids=None, seq_idx=None, return_logits: bool = False,
                 ignore_index: int = -100):
