@@ -207,7 +207,7 @@ def test_model_uses_kernel_for_few_rows():
 
     assert falcon_h1.row_kernel(torch.zeros(1, 8, dtype=torch.bfloat16))
     assert not falcon_h1.row_kernel(torch.zeros(64, 8, dtype=torch.bfloat16))
-    # 5..1024 bf16 rows: the AMX tiles where there are some, the shapes fit and no prepacked copy exists
+    # 5..512 bf16 rows (amx_max_rows): the AMX tiles where there are some, the shapes fit and no prepacked copy
     x16, w = torch.zeros(16, 64, dtype=torch.bfloat16), torch.zeros(96, 64, dtype=torch.bfloat16)
     assert falcon_h1.row_kernel(x16, w) == falcon_h1.amx_rows()
     assert not falcon_h1.row_kernel(x16, w, packed=w)
@@ -216,6 +216,7 @@ def test_model_uses_kernel_for_few_rows():
     assert falcon_h1.row_kernel(x16, w[:64], swiglu=True) == falcon_h1.amx_rows()   # n_out 32
     assert not falcon_h1.row_kernel(x16, w[:48], swiglu=True)   # n_out 24
     assert not falcon_h1.row_kernel(x16.repeat(65, 1), w)   # 1040 rows: the BLAS
+    assert falcon_h1.row_kernel(x16.repeat(65, 1), w, amx_max_rows=4096) == falcon_h1.amx_rows()
     assert not falcon_h1.row_kernel(x16.float().repeat(2, 1)[:17], w.float())   # fp32: the kernel to 16 rows only
     x, w, b, _, g = make(3, 8, 16, torch.float32)
     r = torch.randn(3, 8, generator=g)

@@ -24,9 +24,9 @@ Two paths compute the same function:
   ``state_dict`` / ``save_pretrained`` still hold the original per-projection tensors.
   On CPU, a decode step's few rows go through ``torch.ops.h1r.linear`` (the weights streamed once for all
   rows, with the muP scale, bias, SwiGLU and residual add in its fp32 epilogue: :func:`row_kernel`), and so
-  do bf16 inputs of up to 1024 rows where the CPU has AMX tiles (the same epilogue; the weight read in its
-  plain layout where the BLAS would reorder it on every call); more rows through the BLAS, the MLP's
-  activation through ``torch.ops.h1r.swiglu``. Opt-in
+  do bf16 inputs of up to 512 rows (4096 for the input and [gate | up] projections) where the CPU has AMX
+  tiles (the same epilogue; the weight read in its plain layout where the BLAS would reorder it on every
+  call); more rows through the BLAS, the MLP's activation through ``torch.ops.h1r.swiglu``. Opt-in
   :meth:`FalconH1ForCausalLM.prepack_weights` keeps oneDNN-blocked copies of the bf16 weights for those
   many-row GEMMs (one more copy of the weights in memory, no per-call reorder).
 """
@@ -193,14 +193,16 @@ def packed_of(entry, w: torch.Tensor) -> torch.Tensor | None:
 # few rows, the kernel wins up to ~16-32 rows.
 _ROW_KERNEL_MAX_ROWS = {torch.bfloat16: 4, torch.float16: 16, torch.float32: 16}
 # bf16 rows up to which the same op on AMX tiles (where the CPU has them: the weight read in its plain
-# layout, the muP scale / SwiGLU / residual add fused into its epilogue) beats the BLAS's GEMM, which
-# reorders the weight on every call and leaves those passes to separate ops. Measured one thread on the
-# 8-layer model of benchmarks/bench_model.py (CPU time, same run): GEMM alone 1.1-1.5x at 8..64 rows;
-# whole prefills 4-8% faster at 256 rows, 5-10% at 512 and 1024, even at 2048, 8% slower at 4096 (the
-# BLAS's reorder amortized over more rows; the kernel's tile loop alone runs near oneDNN's on its own
-# blocked weights, its epilogue costs 10-20% on top). A prepacked copy (prepack_weights) beats both from
-# 8 rows and is used instead when there is one.
-_AMX_MAX_ROWS = 1024
+# layout, no per-call reorder as the BLAS's GEMM does) is used. Measured one thread on the 8-layer model of
+# benchmarks/bench_model.py (CPU time, same runs): the GEMM alone 1.1-1.5x the BLAS at 8..64 rows, about even
+# at 512, slower beyond. The input projection and the MLP's [gate | up] gain more: the muP scale and the
+# SwiGLU run in the kernel's epilogue instead of a separate pass over a (rows, 3856 / 5632) output: whole
+# prefills of 2048 / 4096 rows 9-14% / 13% faster with those two on AMX than on the BLAS (not measured
+# beyond 4096 rows). The residual projections (out_proj, o_proj, down), which the BLAS accumulates in place
+# (addmm_), are even at 512 rows and 4% faster on the BLAS at 1024. A prepacked copy (prepack_weights)
+# beats both from 8 rows and is used instead when there is one.
+_AMX_MAX_ROWS = 512
+_AMX_EPILOGUE_MAX_ROWS = 4096
 # The lm head gains nothing from the fused epilogue but its multiplier: the plain GEMM's crossover (128 rows;
 # 32768 x 1024 bf16 weight: 1.4x the BLAS at 64 rows, 0.73x at 512)
 _AMX_LM_HEAD_MAX_ROWS = 128
@@ -578,7 +580,8 @@ class DecoderLayer(nn.Module):
         f = self.fused_in
         bias = None if f.bias is None else f.bias * self.in_bias_scale
         packed = packed_of(self.packs.get("in"), f.weight)
-        if row_kernel(h, f.weight, packed):  # the muP scale and the bias in the kernel's epilogue
+        # the muP scale and the bias in the kernel's epilogue
+        if row_kernel(h, f.weight, packed, amx_max_rows=_AMX_EPILOGUE_MAX_ROWS):
             p = _linear_op(h, f.weight, bias, self.in_scale_f32, 1.0, None, False)
         else:
             p = linear_nt(h, f.weight, packed)
@@ -607,7 +610,8 @@ class DecoderLayer(nn.Module):
         h = rms_norm_fused(x, ln)
         f = self.fused_gate_up
         packed = packed_of(pk.get("gate_up"), f.weight)
-        if row_kernel(h, f.weight, packed, swiglu=True):  # silu(gate * gate_multiplier) * up in the epilogue
+        # silu(gate * gate_multiplier) * up in the kernel's epilogue
+        if row_kernel(h, f.weight, packed, swiglu=True, amx_max_rows=_AMX_EPILOGUE_MAX_ROWS):
             g = _linear_op(h, f.weight, f.bias, self.gate_up_scale, 1.0, None, True)
         else:
             gu = linear_nt(h, f.weight, packed)
