@@ -17,6 +17,7 @@
 #include <string>
 
 #include "cpu/isa.h"
+#include "cpu/linear.h"
 
 TORCH_LIBRARY(h1r, m) {
   // ---- Mamba2 selective scan (chunked SSD) -------------------------------------------------------
@@ -157,7 +158,7 @@ TORCH_LIBRARY(h1r, m) {
   m.def(
       "sample_top_p(Tensor logits, Tensor temperature, Tensor top_p, Tensor uniform, int num_logprobs) -> "
       "(Tensor tokens, Tensor top_logprobs, Tensor top_ids, Tensor token_logprob)");
-  // ---- linear layer for a few rows (decode) ------------------------------------------------------------
+  // ---- linear layer for a few rows (decode; bf16 batches on AMX tiles) -------------------------------
   // x (m, k); weight (n, k) in x's dtype; bias, scale (n,) any float dtype; residual (m, n_out) in x's
   // dtype. y = x @ weight^T * scale + bias (fp32); with swiglu the weight holds [gate | up] rows and
   // a = silu(y[:, :n/2]) * y[:, n/2:] (n_out = n/2), else a = y (n_out = n); out = alpha * a + residual,
@@ -168,6 +169,10 @@ TORCH_LIBRARY(h1r, m) {
   // The SwiGLU of a [gate | up] GEMM output x (m, 2 * width): silu(x[:, :width] * gate_scale) *
   // x[:, width:] (m, width) in fp32, one rounding to x's dtype (the many-row MLP, where the GEMM is the BLAS's).
   m.def("swiglu(Tensor x, float gate_scale=1.0) -> Tensor");
+  // Whether h1r::linear multiplies bf16 x of 5 or more rows on AMX tiles on this machine (the CPU has
+  // AMX-BF16, the OS grants the tile state, H1R_CPU_NO_AMX unset), for shapes with k % 32 == 0 and
+  // n_out % 16 == 0: the weight read in its plain layout (no per-call reorder), the epilogue fused.
+  m.def("linear_amx() -> bool", []() -> bool { return h1r::cpu::linear_amx_usable(); });
 
   // ---- build introspection -------------------------------------------------------------------------
   // The CPU ISA the kernels were dispatched for at load time ("avx512", "avx2" or "scalar").

@@ -2,7 +2,8 @@
 
 Tolerances: the kernel and the reference both accumulate in fp32 and round once, so they differ by the
 accumulation order (fp32: 1e-5 relative) plus at most one output rounding (bf16: 1e-2, fp16: 2e-3 of the
-largest |output|). The AVX512-BF16 path multiplies exact bf16 pairs (no difference beyond that)."""
+largest |output|). The AVX512-BF16 path and the AMX tiles multiply exact bf16 pairs (no difference beyond
+that)."""
 
 
 import pytest
@@ -73,6 +74,42 @@ def test_strided_rows(dtype):
     rw = torch.randn(5, 50, generator=g).to(dtype)
     xv, wv, rv = xw[:, 3:73], ww[:, :70], rw[:, 10:46]
     close(torch.ops.h1r.linear(xv, wv, b, s, 2.0, rv, False), linear_ref(x, w, b, s, 2.0, rv.clone(), False), dtype)
+
+
+# (m, n, k) fitting the AMX path (k % 32 == 0, n_out % 16 == 0, m >= 5): one block of rows and several
+# (a partial last B tile, a partial last block of 32), one 16-row panel tail (n % 32 == 16), more rows than
+# one pass over the weight takes (the row chunk is 512 rows at k = 1024, 176 at 2976)
+AMX_SHAPES = [(5, 32, 32), (16, 48, 64), (33, 96, 96), (64, 16, 1024), (200, 64, 2976), (600, 32, 1024)]
+
+
+@pytest.mark.parametrize("m,n,k", AMX_SHAPES)
+def test_amx_vs_reference(m, n, k):
+    """bf16 x of 5+ rows on AMX tiles where the CPU has them (the dot-product kernel elsewhere): plain,
+    every epilogue term, SwiGLU, strided rows of x and residual, and a weight viewed out of a wider one."""
+    x, w, b, s, g = make(m, n, k, torch.bfloat16)
+    close(torch.ops.h1r.linear(x, w), linear_ref(x, w), torch.bfloat16)
+    res = torch.randn(m, n, generator=g).to(torch.bfloat16)
+    close(torch.ops.h1r.linear(x, w, b, s, -0.75, res, False), linear_ref(x, w, b, s, -0.75, res, False),
+          torch.bfloat16)
+    if n % 32 == 0:
+        res = torch.randn(m, n // 2, generator=g).to(torch.bfloat16)
+        close(torch.ops.h1r.linear(x, w, b, s, 0.5, res, True), linear_ref(x, w, b, s, 0.5, res, True),
+              torch.bfloat16)
+    xw = torch.randn(m, k + 64, generator=g).to(torch.bfloat16)
+    xw[:, 32 : 32 + k] = x
+    ww = torch.randn(n, k + 32, generator=g).to(torch.bfloat16)
+    ww[:, :k] = w
+    rw = torch.randn(m, n + 8, generator=g).to(torch.bfloat16)
+    xv, wv, rv = xw[:, 32 : 32 + k], ww[:, :k], rw[:, 3 : 3 + n]
+    close(torch.ops.h1r.linear(xv, wv, b, None, 1.5, rv, False), linear_ref(x, w, b, None, 1.5, rv.clone(), False),
+          torch.bfloat16)
+
+
+def test_amx_flag():
+    """linear_amx() says whether the AMX path runs: never under H1R_CPU_NO_AMX or below the avx512 level."""
+    assert isinstance(torch.ops.h1r.linear_amx(), bool)
+    for env in ({"H1R_CPU_NO_AMX": "1"}, {"H1R_CPU_ISA": "avx2"}):
+        run_script("import h1r_ops, torch; assert not torch.ops.h1r.linear_amx(); print('ok')", env)
 
 
 def test_empty_and_zero_k():
@@ -170,16 +207,30 @@ def test_model_uses_kernel_for_few_rows():
 
     assert falcon_h1.row_kernel(torch.zeros(1, 8, dtype=torch.bfloat16))
     assert not falcon_h1.row_kernel(torch.zeros(64, 8, dtype=torch.bfloat16))
+    # 5..512 bf16 rows (amx_max_rows): the AMX tiles where there are some, the shapes fit and no prepacked copy
+    x16, w = torch.zeros(16, 64, dtype=torch.bfloat16), torch.zeros(96, 64, dtype=torch.bfloat16)
+    assert falcon_h1.row_kernel(x16, w) == falcon_h1.amx_rows()
+    assert not falcon_h1.row_kernel(x16, w, packed=w)
+    assert not falcon_h1.row_kernel(x16[:, :48], w[:, :48])   # k % 32 != 0
+    assert not falcon_h1.row_kernel(x16, w[:40])   # n % 16 != 0
+    assert falcon_h1.row_kernel(x16, w[:64], swiglu=True) == falcon_h1.amx_rows()   # n_out 32
+    assert not falcon_h1.row_kernel(x16, w[:48], swiglu=True)   # n_out 24
+    assert not falcon_h1.row_kernel(x16.repeat(65, 1), w)   # 1040 rows: the BLAS
+    assert falcon_h1.row_kernel(x16.repeat(65, 1), w, amx_max_rows=4096) == falcon_h1.amx_rows()
+    assert not falcon_h1.row_kernel(x16.float().repeat(2, 1)[:17], w.float())   # fp32: the kernel to 16 rows only
     x, w, b, _, g = make(3, 8, 16, torch.float32)
     r = torch.randn(3, 8, generator=g)
     torch.testing.assert_close(falcon_h1.addlinear_nt(r, x, w, 0.5, b), r + 0.5 * (x @ w.t() + b))
 
 
-@pytest.mark.parametrize("env", [{"H1R_CPU_ISA": "scalar"}, {"H1R_CPU_ISA": "avx2"}, {"H1R_CPU_NO_AVX512_BF16": "1"}],
-                         ids=["scalar", "avx2", "no-avx512-bf16"])
+@pytest.mark.parametrize("env", [{"H1R_CPU_ISA": "scalar"}, {"H1R_CPU_ISA": "avx2"}, {"H1R_CPU_NO_AVX512_BF16": "1"},
+                                 {"H1R_CPU_NO_AMX": "1"}],
+                         ids=["scalar", "avx2", "no-avx512-bf16", "no-amx"])
 def test_lower_isa_levels(env):
-    """Every ISA variant (and AVX-512 without its bf16 dot product): a subset of the kernel tests."""
-    sel = "kernel_vs_reference and (3-34-100 or 16-40-130 or 2-4100-40) or strided_rows or swiglu_vs_reference"
+    """Every ISA variant, AVX-512 without its bf16 instructions (the dot product; AMX's epilogue rounds in
+    software) and without AMX (bf16 batches on the dot-product kernel): a subset of the kernel tests."""
+    sel = ("kernel_vs_reference and (3-34-100 or 16-40-130 or 2-4100-40) or strided_rows or swiglu_vs_reference"
+           " or amx_vs_reference and (33-96-96 or 64-16-1024)")
     run_pytest_subset(__file__, sel, env)
     if "H1R_CPU_ISA" in env:
         run_script(f"import h1r_ops, torch; assert torch.ops.h1r.cpu_isa() == {env['H1R_CPU_ISA']!r}; print('ok')", env)

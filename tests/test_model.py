@@ -312,3 +312,34 @@ def test_prepacked_weights(tmp_path):
         assert packed_of(layer.packs["down"], layer.feed_forward.down_proj.weight) is None
         assert packed_of(layer.packs["in"], layer.fused_in.weight) is not None
         close(run(packed), run(plain))
+
+
+def test_amx_rows_match_the_blas_path():
+    """bf16 batches of 5+ rows on the AMX path of h1r::linear (where the CPU has it: every projection here
+    fits its tiles, the input one included) give the BLAS route's logits and states (up to bf16 rounding):
+    prefill of 6 x 11 rows and 6-row decode steps, the muP scale / SwiGLU / residual in the epilogue."""
+    from _engine_helpers import tiny_model
+
+    from h1r_ops.model import falcon_h1
+
+    if not falcon_h1.amx_rows():
+        pytest.skip("no AMX tiles here")
+    m = tiny_model(3, mamba_n_heads=16, mamba_d_head=4).to(torch.bfloat16).fuse_projections()
+    assert m.model.layers[0].fused_in.weight.shape[0] % 16 == 0
+    ids = torch.randint(3, 97, (6, 11))
+
+    def run():
+        c = m.new_cache(6, 16)
+        out = [m.prefill(ids, c)] + [m.step(ids[:, i], c) for i in range(3)]
+        return out + [layer.ssm_state for layer in c.layers]
+
+    with torch.no_grad():
+        amx = run()
+        falcon_h1._amx = False
+        try:
+            blas = run()
+        finally:
+            falcon_h1._amx = None
+    for a, b in zip(amx, blas):
+        a, b = a.float(), b.float()
+        assert (a - b).abs().max() <= 0.02 * b.abs().max() + 1e-3

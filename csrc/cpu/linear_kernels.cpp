@@ -20,6 +20,7 @@
 //     widened to fp32 in registers and x was widened once up front;
 //   * the epilogue (muP scale, bias, SwiGLU, alpha, residual add) runs in fp32 on the block's tile before
 //     its single rounding to the output dtype, so no intermediate tensor is written.
+// bf16 batches of 5+ rows run on AMX tiles where the CPU has them (linear_amx below: the same epilogue).
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -27,6 +28,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -123,8 +126,10 @@ inline VF silu(const VF& v) { return v / (VF(1.f) + v.neg().exp_u20()); }
 
 // fp32 epilogue of one block (columns j0 .. j0 + nb of the output) for every row of x; tile row i holds
 // the dot products of the block's weight rows (and, with SwiGLU, the matching "up" rows at +kBlock).
+// Rows i0 .. i1 of x: tile row i - i0.
 template <typename T>
-void epilogue(const LinearParams& p, const float* tile, int64_t ld, int64_t j0, int64_t nb, int64_t n_out) {
+void epilogue(const LinearParams& p, const float* tile, int64_t ld, int64_t j0, int64_t nb, int64_t n_out,
+              int64_t i0, int64_t i1) {
   const float* scale = p.scale;
   const float* bias = p.bias;
   const VF alpha(p.alpha);
@@ -134,8 +139,8 @@ void epilogue(const LinearParams& p, const float* tile, int64_t ld, int64_t j0, 
     if (bias) v = v + VF::loadu(bias + col, n);
     return v;
   };
-  for (int64_t i = 0; i < p.m; ++i) {
-    const float* row = tile + i * ld;
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* row = tile + (i - i0) * ld;
     T* out = static_cast<T*>(p.out) + i * p.out_stride + j0;
     const T* res = p.residual ? static_cast<const T*>(p.residual) + i * p.res_stride + j0 : nullptr;
     for_lanes(nb, [&](int64_t c, int64_t n) {
@@ -151,8 +156,263 @@ void epilogue(const LinearParams& p, const float* tile, int64_t ld, int64_t j0, 
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// ---- many rows of bf16 on AMX tiles ----------------------------------------------------------------
+// With more than a few rows the product is compute-bound and AMX's tile multiply (TDPBF16PS: a 16 x 32
+// bf16 tile times a 32 x 16 one into 16 x 16 fp32, 16K FLOP per instruction) is the fast unit. A BLAS
+// (oneDNN) must first reorder the weight into its blocked layout on every call (the weight is the
+// tiles' "B" operand, which must be pair-interleaved along k): a full read + write of the weight per call.
+// Here the roles are swapped: out^T = W x^T, so the weight is the "A" operand, whose tiles are 16 plain
+// rows of 32 k-elements loaded straight from W (row stride w_stride), and x, the small side, is the
+// one repacked (once per call) into B tiles:
+//
+//   xp block (mb, kb) = the 16 x 16 pairs tile[kk][j] = (x[16 mb + j][32 kb + 2 kk], x[..][.. + 1]),
+//   zero rows past m;
+//   for each panel of weight rows (two A tiles: 32 output columns, or with SwiGLU 16 gate + the 16
+//   matching up rows) and each block of 32 rows of x (two B tiles), four accumulator tiles run over k;
+//   they hold out^T, transposed into the fp32 tile of the shared epilogue (scale, bias, SwiGLU, alpha,
+//   residual: one rounding, no intermediate tensor).
+//
+// Threads take contiguous runs of panels: each streams its own slab of W once; the panel (32 rows x k)
+// stays in L2 while the blocks of x pass, and xp (m x k bf16) is shared, read from L2 / L3.
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+constexpr int64_t kAmxRows = 32;  // rows of x per block: two B tiles
+
+// out[j] = column j of the 16 x 16 matrix of 32-bit lanes whose rows are ``rows``, in three shuffle stages
+// (pairs of rows, quads, then 128-bit lanes across the four quads); bit patterns move unchanged.
+inline void transpose16(const __m512 rows[16], __m512 out[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 a = rows[2 * i], b = rows[2 * i + 1];
+    t[2 * i] = _mm512_unpacklo_ps(a, b);      // lane L: a[4L], b[4L], a[4L+1], b[4L+1]
+    t[2 * i + 1] = _mm512_unpackhi_ps(a, b);  // lane L: a[4L+2], b[4L+2], a[4L+3], b[4L+3]
+  }
+  // u[4g + c], lane L: rows 4g .. 4g+3 of column 4L + c
+  for (int g = 0; g < 4; ++g) {
+    const __m512d lo = _mm512_castps_pd(t[4 * g]), lo2 = _mm512_castps_pd(t[4 * g + 2]);
+    const __m512d hi = _mm512_castps_pd(t[4 * g + 1]), hi2 = _mm512_castps_pd(t[4 * g + 3]);
+    u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, lo2));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, lo2));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi, hi2));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi, hi2));
+  }
+  // column 4L + c = lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+    out[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    out[c + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    out[c + 8] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
+    out[c + 12] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
+  }
+}
+
+// transpose16 of a 16 x 16 fp32 tile stored with rows of 64 bytes
+inline void transpose16(const float* m, __m512 out[16]) {
+  __m512 rows[16];
+  for (int r = 0; r < 16; ++r) rows[r] = _mm512_load_ps(m + 16 * r);
+  transpose16(rows, out);
+}
+
+// xp for rows 16 mb .. 16 mb + 15 of x (all k blocks), see above: each 16 rows x 32 k slice of x, read as
+// 16 x 16 bf16 pairs, is one transpose away from its B tile.
+void amx_pack_x(const c10::BFloat16* x, int64_t xs, int64_t m, int64_t k, int64_t mb, uint32_t* xp) {
+  const int64_t nkb = k / 32;
+  uint32_t* blk = xp + mb * nkb * 256;
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    __m512 rows[16], tile[16];
+    for (int j = 0; j < 16; ++j) {
+      const int64_t i = 16 * mb + j;
+      rows[j] = i < m ? _mm512_castsi512_ps(_mm512_loadu_si512(x + i * xs + 32 * kb)) : _mm512_setzero_ps();
+    }
+    transpose16(rows, tile);
+    for (int kk = 0; kk < 16; ++kk) _mm512_storeu_si512(blk + kb * 256 + kk * 16, _mm512_castps_si512(tile[kk]));
+  }
+}
+
+// The four (NA = 2) or two (NA = 1) accumulator tiles of one panel and one block of 32 rows of x, over
+// all of k: ct[a][b] (16 weight rows x 16 rows of x, fp32) from A tile a (weight rows wa[a]) and B tile b.
+// ``prefetch``: the weight comes from memory (the panel's first block): ask for the lines 4 steps ahead.
+template <int NA>
+__attribute__((target("amx-tile,amx-bf16"))) void amx_block(const c10::BFloat16* w0, const c10::BFloat16* w1,
+                                                             int64_t ws, const uint32_t* xb0, const uint32_t* xb1,
+                                                             int64_t nkb, bool prefetch, float* ct) {
+  const int64_t wbytes = ws * static_cast<int64_t>(sizeof(c10::BFloat16));
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (NA == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    if (prefetch && kb + 4 < nkb) {
+      for (int r = 0; r < 16; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + r * ws + 32 * (kb + 4)), _MM_HINT_T0);
+        if constexpr (NA == 2) _mm_prefetch(reinterpret_cast<const char*>(w1 + r * ws + 32 * (kb + 4)), _MM_HINT_T0);
+      }
+    }
+    _tile_loadd(6, xb0 + kb * 256, 64);
+    _tile_loadd(7, xb1 + kb * 256, 64);
+    _tile_loadd(4, w0 + 32 * kb, wbytes);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (NA == 2) {
+      _tile_loadd(5, w1 + 32 * kb, wbytes);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, ct, 64);
+  _tile_stored(1, ct + 256, 64);
+  if constexpr (NA == 2) {
+    _tile_stored(2, ct + 512, 64);
+    _tile_stored(3, ct + 768, 64);
+  }
+}
+
+__attribute__((target("amx-tile"))) void amx_configure() {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  // GCC (12) does not see ldtilecfg read the struct and drops the stores above: make them happen
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
+
+// The epilogue's per-column vectors of one panel (its two 16-column halves: SwiGLU's gate and up), with
+// alpha folded in where it multiplies linearly: out = y * scale + bias (alpha * (y * s + b)), or for SwiGLU
+// silu(gate) * up with up's pair scaled by alpha. Loaded once for all the panel's rows.
+struct AmxPanel {
+  VF scale[2], bias[2];
+};
+
+AmxPanel amx_panel_vectors(const LinearParams& p, int64_t j0, int64_t n_out) {
+  AmxPanel e;
+  for (int a = 0; a < 2; ++a) {
+    // the columns of half a: SwiGLU's up rows sit n_out further; the last panel's missing half is unused
+    const int64_t col = p.swiglu ? a * n_out + j0 : j0 + 16 * a;
+    const bool valid = p.swiglu || col < n_out;
+    const VF alpha(p.swiglu && a == 0 ? 1.f : p.alpha);
+    e.scale[a] = (p.scale && valid ? VF::loadu(p.scale + col) : VF(1.f)) * alpha;
+    e.bias[a] = (p.bias && valid ? VF::loadu(p.bias + col) : VF(0.f)) * alpha;
+  }
+  return e;
+}
+
+// 16 fp32 lanes rounded to bf16 and stored: by AVX512-BF16's vcvtneps2bf16 (HW) or in software
+template <bool HW>
+inline void store_bf16(c10::BFloat16* out, const VF& v);
+template <>
+inline void store_bf16<false>(c10::BFloat16* out, const VF& v) { store_n(out, v, 16); }
+template <>
+__attribute__((target("avx512bf16"))) inline void store_bf16<true>(c10::BFloat16* out, const VF& v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(__m512(v)));
+}
+
+// The fp32 epilogue (as epilogue() above) straight from the accumulator tiles of one panel and one block
+// of ``rows`` rows of x starting at i0: each 16 x 16 tile of out^T is transposed in registers, then every
+// row of x gets its 16 (SwiGLU) or 32 outputs scaled, activated, added and rounded once.
+template <bool HW>
+void amx_epilogue_impl(const LinearParams& p, const float* ct, bool two, int64_t j0, int64_t i0, int64_t rows,
+                       const AmxPanel& e) {
+  using T = c10::BFloat16;
+  for (int b = 0; b < 2 && 16 * b < rows; ++b) {
+    __m512 col[2][16];
+    transpose16(ct + b * 256, col[0]);
+    if (two) transpose16(ct + (2 + b) * 256, col[1]);
+    for (int j = 0; j < 16 && 16 * b + j < rows; ++j) {
+      const int64_t i = i0 + 16 * b + j;
+      T* out = static_cast<T*>(p.out) + i * p.out_stride + j0;
+      const T* res = p.residual ? static_cast<const T*>(p.residual) + i * p.res_stride + j0 : nullptr;
+      if (p.swiglu) {
+        const VF gate = at::vec::fmadd(VF(col[0][j]), e.scale[0], e.bias[0]);
+        VF v = silu(gate) * at::vec::fmadd(VF(col[1][j]), e.scale[1], e.bias[1]);
+        if (res) v = v + load_n(res, 16);
+        store_bf16<HW>(out, v);
+        continue;
+      }
+      for (int a = 0; a < (two ? 2 : 1); ++a) {
+        VF v = at::vec::fmadd(VF(col[a][j]), e.scale[a], e.bias[a]);
+        if (res) v = v + load_n(res + 16 * a, 16);
+        store_bf16<HW>(out + 16 * a, v);
+      }
+    }
+  }
+}
+
+__attribute__((target("avx512bf16"), flatten)) void amx_epilogue_hw(const LinearParams& p, const float* ct,
+                                                                    bool two, int64_t j0, int64_t i0,
+                                                                    int64_t rows, const AmxPanel& e) {
+  amx_epilogue_impl<true>(p, ct, two, j0, i0, rows, e);
+}
+
+void amx_epilogue(const LinearParams& p, const float* ct, bool two, int64_t j0, int64_t i0, int64_t rows,
+                  const AmxPanel& e) {
+  if (p.bf16_dot) amx_epilogue_hw(p, ct, two, j0, i0, rows, e);  // the CPU has AVX512-BF16
+  else amx_epilogue_impl<false>(p, ct, two, j0, i0, rows, e);
+}
+
+void linear_amx(const LinearParams& p) {
+  using T = c10::BFloat16;
+  const int64_t m = p.m, k = p.k, nkb = k / 32, n_out = p.swiglu ? p.n / 2 : p.n;
+  const T* w = static_cast<const T*>(p.weight);
+  const T* x = static_cast<const T*>(p.x);
+  const int64_t m16 = (m + kAmxRows - 1) / kAmxRows * 2;  // blocks of 16 rows, padded to whole B-tile pairs
+  std::vector<uint32_t> xp(m16 * nkb * 256);
+  // panels: 16 output columns with SwiGLU (gate + up rows), else 32 (the last one 16 when n_out % 32 == 16)
+  // rows of x per pass over the weight: their xp (chunk x k bf16, ~1 MiB) stays in L2 while the panels pass
+  const int64_t chunk = std::max<int64_t>(kAmxRows, (int64_t(1) << 19) / k / kAmxRows * kAmxRows);
+  const int64_t cols = p.swiglu ? 16 : 32;
+  const int64_t n_panels = (n_out + cols - 1) / cols;
+  const int threads = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), std::max(n_panels, m16)));
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t mb = 0; mb < m16; ++mb) amx_pack_x(x, p.x_stride, m, k, mb, xp.data());
+    amx_configure();
+    alignas(64) float ct[4 * 256];
+    for (int64_t c0 = 0; c0 < m; c0 += chunk) {
+#pragma omp for schedule(static) nowait
+    for (int64_t pi = 0; pi < n_panels; ++pi) {
+      const int64_t j0 = pi * cols, nb = std::min(cols, n_out - j0);
+      const T* w0 = w + j0 * p.w_stride;
+      const T* w1 = p.swiglu ? w + (n_out + j0) * p.w_stride : w0 + 16 * p.w_stride;
+      const bool two = p.swiglu || nb > 16;
+      const AmxPanel ep = amx_panel_vectors(p, j0, n_out);
+      for (int64_t i0 = c0; i0 < std::min(m, c0 + chunk); i0 += kAmxRows) {
+        const uint32_t* xb0 = xp.data() + (i0 / 16) * nkb * 256;
+        const uint32_t* xb1 = xb0 + nkb * 256;
+        if (two) amx_block<2>(w0, w1, p.w_stride, xb0, xb1, nkb, i0 == c0, ct);
+        else amx_block<1>(w0, w1, p.w_stride, xb0, xb1, nkb, i0 == c0, ct);
+        // ct[2a + b][r][j] = out^T: weight row 16a + r (SwiGLU: a = 0 gate, 1 up) x row 16b + j of the
+        // block -> tile[j'][16a + r] (32 columns per row of x: the epilogue's layout, up at +kBlock)
+        amx_epilogue(p, ct, two, j0, i0, std::min(kAmxRows, m - i0), ep);
+      }
+    }
+    }
+    amx_release();
+  }
+}
+#endif
+
 template <typename T>
 void linear_impl(const LinearParams& p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (p.amx) return linear_amx(p);
+  }
+#endif
   const int64_t m = p.m, k = p.k, n_out = p.swiglu ? p.n / 2 : p.n;
   const T* w = static_cast<const T*>(p.weight);
   bool dot16 = false;
@@ -214,7 +474,7 @@ void linear_impl(const LinearParams& p) {
       const int64_t j0 = blk * kBlock, nb = std::min(kBlock, n_out - j0);
       rows(j0, nb, tile.data(), ld);
       if (p.swiglu) rows(n_out + j0, nb, tile.data() + kBlock, ld);  // the "up" rows of the same columns
-      epilogue<T>(p, tile.data(), ld, j0, nb, n_out);
+      epilogue<T>(p, tile.data(), ld, j0, nb, n_out, 0, m);
     }
   }
 }

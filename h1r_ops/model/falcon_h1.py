@@ -23,8 +23,10 @@ Two paths compute the same function:
   its group), so fusing costs no memory, optimizer updates stay visible to the fused path, and
   ``state_dict`` / ``save_pretrained`` still hold the original per-projection tensors.
   On CPU, a decode step's few rows go through ``torch.ops.h1r.linear`` (the weights streamed once for all
-  rows, with the muP scale, bias, SwiGLU and residual add in its fp32 epilogue: :func:`row_kernel`); many
-  rows through the BLAS, the MLP's activation through ``torch.ops.h1r.swiglu``. Opt-in
+  rows, with the muP scale, bias, SwiGLU and residual add in its fp32 epilogue: :func:`row_kernel`), and so
+  do bf16 inputs of up to 512 rows (4096 for the input and [gate | up] projections) where the CPU has AMX
+  tiles (the same epilogue; the weight read in its plain layout where the BLAS would reorder it on every
+  call); more rows through the BLAS, the MLP's activation through ``torch.ops.h1r.swiglu``. Opt-in
   :meth:`FalconH1ForCausalLM.prepack_weights` keeps oneDNN-blocked copies of the bf16 weights for those
   many-row GEMMs (one more copy of the weights in memory, no per-call reorder).
 """
@@ -128,10 +130,11 @@ class FusedRows:
 
 def linear_nt(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
     """x (m, k) @ w (n, k)^T. Few rows on CPU go through h1r's linear kernel (one pass over the weights for
-    all rows, see :func:`row_kernel`); more rows through the oneDNN-blocked copy of w when there is one
+    all rows, or AMX tiles for a bf16 batch, see :func:`row_kernel`); more rows through the oneDNN-blocked
+    copy of w when there is one
     (``packed``, :func:`pack_weight`), else the BLAS; one row elsewhere through the matrix-vector kernel (for
     a 16-bit w it streams the weights faster than a 1-row GEMM)."""
-    if row_kernel(x):
+    if row_kernel(x, w, packed):
         return _linear_op(x, w, None, None, 1.0, None, False)
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
@@ -139,17 +142,22 @@ def linear_nt(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = No
 
 
 def addlinear_nt(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, alpha: float,
-                 bias: torch.Tensor | None = None, packed: torch.Tensor | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, packed: torch.Tensor | None = None,
+                 inplace: bool = False) -> torch.Tensor:
     """r + alpha * (x @ w^T + bias) (r (m, n), x (m, k), w (n, k)): few CPU rows in one h1r linear call,
-    else the blocked copy's GEMM and one add, else the BLAS's addmm / addmv, and a separate bias add."""
-    if row_kernel(x):
+    else the blocked copy's GEMM and one add, else the BLAS's addmm / addmv, and a separate bias add.
+    ``inplace``: the GEMM paths accumulate into r itself (r contiguous, owned by the caller) instead of
+    first copying it into a fresh output (a full pass over the residual stream per call in prefill); the
+    few-row kernel still returns a new tensor (its epilogue reads r once anyway)."""
+    if row_kernel(x, w, packed):
         return _linear_op(x, w, bias, None, alpha, r, False)
     if packed is not None:
-        out = torch.add(r, linear_nt(x, w, packed), alpha=alpha)
+        y = linear_nt(x, w, packed)
+        out = r.add_(y, alpha=alpha) if inplace else torch.add(r, y, alpha=alpha)
     elif x.shape[0] == 1:
-        out = torch.addmv(r[0], w, x[0], alpha=alpha)[None]
+        out = r[0].addmv_(w, x[0], alpha=alpha)[None] if inplace else torch.addmv(r[0], w, x[0], alpha=alpha)[None]
     else:
-        out = torch.addmm(r, x, w.t(), alpha=alpha)
+        out = r.addmm_(x, w.t(), alpha=alpha) if inplace else torch.addmm(r, x, w.t(), alpha=alpha)
     return out if bias is None else out.add_(bias, alpha=alpha)
 
 
@@ -184,24 +192,80 @@ def packed_of(entry, w: torch.Tensor) -> torch.Tensor | None:
 # from 8 rows (the kernel's vdpbf16ps is then compute-bound); fp32 / fp16 GEMMs re-read the weights per
 # few rows, the kernel wins up to ~16-32 rows.
 _ROW_KERNEL_MAX_ROWS = {torch.bfloat16: 4, torch.float16: 16, torch.float32: 16}
+# bf16 rows up to which the same op on AMX tiles (where the CPU has them: the weight read in its plain
+# layout, no per-call reorder as the BLAS's GEMM does) is used. Measured one thread on the 8-layer model of
+# benchmarks/bench_model.py (CPU time, same runs): the GEMM alone 1.1-1.5x the BLAS at 8..64 rows, about even
+# at 512, slower beyond. The input projection and the MLP's [gate | up] gain more: the muP scale and the
+# SwiGLU run in the kernel's epilogue instead of a separate pass over a (rows, 3856 / 5632) output: whole
+# prefills of 2048 / 4096 rows 9-14% / 13% faster with those two on AMX than on the BLAS (not measured
+# beyond 4096 rows). The residual projections (out_proj, o_proj, down), which the BLAS accumulates in place
+# (addmm_), are even at 512 rows and 4% faster on the BLAS at 1024. A prepacked copy (prepack_weights)
+# beats both from 8 rows and is used instead when there is one.
+_AMX_MAX_ROWS = 512
+_AMX_EPILOGUE_MAX_ROWS = 4096
+# The lm head gains nothing from the fused epilogue but its multiplier: the plain GEMM's crossover (128 rows;
+# 32768 x 1024 bf16 weight: 1.4x the BLAS at 64 rows, 0.73x at 512)
+_AMX_LM_HEAD_MAX_ROWS = 128
 _linear_op = None
+_amx = None
+
+
+_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+_cpu_direct_ops: dict = {}
+
+
+def cpu_direct(name: str):
+    """``torch.ops.h1r.<name>``'s CPU kernel called past the dispatcher's autograd layer: for an op with a
+    ``register_autograd`` formula that layer is a Python function (grad-mode check, redispatch), ~4 us of a
+    ~3 us call on a decode step's tiny inputs. Only for the fused inference path, which runs with autograd
+    off and CPU inputs."""
+    f = _cpu_direct_ops.get(name)
+    if f is None:
+        redispatch = getattr(torch.ops.h1r, name).default.redispatch
+        f = _cpu_direct_ops[name] = lambda *args: redispatch(_CPU_KEYS, *args)
+    return f
 
 
 def row_kernel_op():
-    """``torch.ops.h1r.linear.default`` when this build has its CPU kernel (and ``swiglu``), else None."""
+    """``torch.ops.h1r.linear``'s CPU kernel (:func:`cpu_direct`) when this build has it (and ``swiglu``),
+    else None."""
     global _linear_op
     if _linear_op is None:
         from h1r_ops import _registry
 
-        _linear_op = _registry.op_overload("linear") if _registry.has_kernel("linear", "cpu") else False
+        _linear_op = cpu_direct("linear") if _registry.has_kernel("linear", "cpu") else False
     return _linear_op or None
 
 
-def row_kernel(x: torch.Tensor) -> bool:
-    """Whether a projection of the rows of x (m, k) goes through ``torch.ops.h1r.linear`` (CPU, few rows)."""
-    if x.device.type != "cpu" or x.shape[0] > _ROW_KERNEL_MAX_ROWS.get(x.dtype, 0):
+def rms_norm_fused(x: torch.Tensor, ln: "RMSNorm") -> torch.Tensor:
+    """The fused path's RMSNorm of x (n, d) by the module ``ln`` (on CPU its kernel called directly)."""
+    op = cpu_direct("rms_norm_fwd") if x.device.type == "cpu" else torch.ops.h1r.rms_norm_fwd
+    return op(x, ln.weight, ln.eps, None)[0]
+
+
+def amx_rows() -> bool:
+    """Whether ``torch.ops.h1r.linear`` runs bf16 inputs of 5+ rows on AMX tiles on this machine."""
+    global _amx
+    if _amx is None:
+        _amx = row_kernel_op() is not None and bool(torch.ops.h1r.linear_amx())
+    return _amx
+
+
+def row_kernel(x: torch.Tensor, w: torch.Tensor | None = None, packed: torch.Tensor | None = None,
+               swiglu: bool = False, amx_max_rows: int = _AMX_MAX_ROWS) -> bool:
+    """Whether the projection of the rows of x (m, k) by w (n, k) goes through ``torch.ops.h1r.linear`` on
+    CPU: a few rows (the weight-streaming kernel), or bf16 up to ``amx_max_rows`` rows on AMX tiles when
+    the shapes fit them (k % 32, n_out % 16; n_out = n / 2 with ``swiglu``) and no prepacked copy of w
+    (``packed``) is at hand."""
+    if x.device.type != "cpu":
         return False
-    return row_kernel_op() is not None
+    m = x.shape[0]
+    if m <= _ROW_KERNEL_MAX_ROWS.get(x.dtype, 0):
+        return row_kernel_op() is not None
+    if packed is not None or w is None or m > amx_max_rows or x.dtype != torch.bfloat16:
+        return False
+    n_out = w.shape[0] // 2 if swiglu else w.shape[0]
+    return x.shape[1] % 32 == 0 and n_out % 16 == 0 and amx_rows()
 
 
 def rope_table(inv_freq: torch.Tensor, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,6 +549,7 @@ class DecoderLayer(nn.Module):
                               torch.full((self.fused_in.weight.shape[0] - mx.in_proj.out_features,), float(ai))])
         # in the weights' dtype, as HF's bf16 model multiplies by its bf16 mup_vector
         self.in_scale = (in_scale * out_scale).to(device=dev, dtype=self.fused_in.weight.dtype)
+        self.in_scale_f32 = self.in_scale.float()  # the same values, as the linear kernel's epilogue takes them
         self.in_bias_scale = out_scale.to(device=dev, dtype=self.fused_in.weight.dtype)
         # the [gate | up] GEMM's output scale for the row kernel's SwiGLU epilogue: gate_multiplier, 1
         ff = self.feed_forward
@@ -511,13 +576,15 @@ class DecoderLayer(nn.Module):
         applied, RoPE not yet), all views of one (n, in_proj + q + k + v) buffer."""
         n = x.shape[0]
         ln = self.input_layernorm
-        h = torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
+        h = rms_norm_fused(x, ln)
         f = self.fused_in
         bias = None if f.bias is None else f.bias * self.in_bias_scale
-        if row_kernel(h):  # the muP scale and the bias in the kernel's epilogue
-            p = _linear_op(h, f.weight, bias, self.in_scale, 1.0, None, False)
+        packed = packed_of(self.packs.get("in"), f.weight)
+        # the muP scale and the bias in the kernel's epilogue
+        if row_kernel(h, f.weight, packed, amx_max_rows=_AMX_EPILOGUE_MAX_ROWS):
+            p = _linear_op(h, f.weight, bias, self.in_scale_f32, 1.0, None, False)
         else:
-            p = linear_nt(h, f.weight, packed_of(self.packs.get("in"), f.weight))
+            p = linear_nt(h, f.weight, packed)
             p.mul_(self.in_scale)
             if bias is not None:
                 p.add_(bias)
@@ -536,26 +603,29 @@ class DecoderLayer(nn.Module):
         pk = self.packs
         x = addlinear_nt(x, y, mx.out_proj.weight, c.ssm_out_multiplier, mx.out_proj.bias,
                          packed_of(pk.get("out_proj"), mx.out_proj.weight))
+        # x is now this call's own tensor: the next projections accumulate into it in place
         x = addlinear_nt(x, o, at.o_proj.weight, c.attention_out_multiplier, at.o_proj.bias,
-                         packed_of(pk.get("o_proj"), at.o_proj.weight))
+                         packed_of(pk.get("o_proj"), at.o_proj.weight), inplace=True)
         ln = self.pre_ff_layernorm
-        h = torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0]
+        h = rms_norm_fused(x, ln)
         f = self.fused_gate_up
-        if row_kernel(h):  # silu(gate * gate_multiplier) * up in the kernel's epilogue
+        packed = packed_of(pk.get("gate_up"), f.weight)
+        # silu(gate * gate_multiplier) * up in the kernel's epilogue
+        if row_kernel(h, f.weight, packed, swiglu=True, amx_max_rows=_AMX_EPILOGUE_MAX_ROWS):
             g = _linear_op(h, f.weight, f.bias, self.gate_up_scale, 1.0, None, True)
         else:
-            gu = linear_nt(h, f.weight, packed_of(pk.get("gate_up"), f.weight))
+            gu = linear_nt(h, f.weight, packed)
             if f.bias is not None:
                 gu.add_(f.bias)
             if h.device.type == "cpu" and row_kernel_op() is not None:  # one pass over [gate | up]
-                g = torch.ops.h1r.swiglu.default(gu, ff.gate_multiplier)
+                g = cpu_direct("swiglu")(gu, ff.gate_multiplier)
             else:
                 g, u = gu.split(f.sizes, dim=-1)
                 g.mul_(ff.gate_multiplier)
                 F.silu(g, inplace=True)
                 g.mul_(u)
         return addlinear_nt(x, g, ff.down_proj.weight, ff.down_multiplier, ff.down_proj.bias,
-                            packed_of(pk.get("down"), ff.down_proj.weight))
+                            packed_of(pk.get("down"), ff.down_proj.weight), inplace=True)
 
     def forward_fused(self, x, b: int, l: int, rope, pos_ids, mask=None, seq_idx=None,
                       cache: LayerCache | None = None, start: int = 0, decode: bool = False) -> torch.Tensor:
@@ -641,10 +711,11 @@ class FalconH1ForCausalLM(nn.Module):
         """Logits (m, vocab) of final hidden states h (m, hidden) on the fused path's projection helpers,
         into ``out`` (m, vocab) when given (the multiplier's pass writes it: no extra copy on the GEMM path)."""
         w, mult = self.lm_head_weight, self.config.lm_head_multiplier
-        if row_kernel(h):
+        packed = packed_of(getattr(self, "_lm_pack", None), w)
+        if row_kernel(h, w, packed, amx_max_rows=_AMX_LM_HEAD_MAX_ROWS):
             y = _linear_op(h, w, None, None, mult, None, False)
             return y if out is None else out.copy_(y)
-        y = linear_nt(h, w, packed_of(getattr(self, "_lm_pack", None), w))
+        y = linear_nt(h, w, packed)
         return y.mul_(mult) if out is None else torch.mul(y, mult, out=out)
 
     def _apply(self, fn, recurse=True):
@@ -719,8 +790,9 @@ class FalconH1ForCausalLM(nn.Module):
         states (..., hidden) -> (..., vocab) (use sparingly). ``out``: a contiguous (..., vocab) tensor of
         the weights' dtype to write them into instead of a fresh tensor (a decoder reusing its memory; no
         autograd through ``out``); with ``out`` and no autograd, a few rows go through h1r's row kernel (fp32
-        epilogue, one rounding: the decode step's own lm head) and more rows through the prepacked lm head
-        when :meth:`prepack_weights` made one (the same GEMM, without the per-call weight reorder)."""
+        epilogue, one rounding: the decode step's own lm head; bf16 up to 128 rows on AMX tiles where the CPU
+        has them) and more rows through the prepacked lm head when :meth:`prepack_weights` made one (the
+        same GEMM, without the per-call weight reorder)."""
         if out is None:
             return F.linear(hidden, self.lm_head_weight) * self.config.lm_head_multiplier
         w = self.lm_head_weight
@@ -729,9 +801,10 @@ class FalconH1ForCausalLM(nn.Module):
                              f"{(*hidden.shape[:-1], w.shape[0])}, got {out.dtype} {tuple(out.shape)}")
         h2 = hidden.reshape(-1, w.shape[1]).to(w.dtype)
         packed = packed_of(getattr(self, "_lm_pack", None), w)
-        if not torch.is_grad_enabled() and (packed is not None or row_kernel(h2)):
-            # the fused path's lm head: h1r's row kernel for a few rows, else the prepacked GEMM (no per-call
-            # weight reorder)
+        if not torch.is_grad_enabled() and (
+                packed is not None or row_kernel(h2, w, amx_max_rows=_AMX_LM_HEAD_MAX_ROWS)):
+            # the fused path's lm head: h1r's linear kernel for a few rows (or an AMX batch), else the
+            # prepacked GEMM (no per-call weight reorder)
             self._lm_head(h2, out=out.view(-1, w.shape[0]))
             return out
         torch.mm(h2, w.t(), out=out.view(-1, w.shape[0]))
@@ -786,7 +859,7 @@ class FalconH1ForCausalLM(nn.Module):
         if cache is not None:
             cache.length = start + l
         ln = self.model.final_layernorm
-        return torch.ops.h1r.rms_norm_fwd(x, ln.weight, ln.eps, None)[0].view(b, l, d)
+        return rms_norm_fused(x, ln).view(b, l, d)
 
     def forward(self, input_ids, labels=None, position_ids=None, seq_idx=None, return_logits: bool = False,
                 ignore_index: int = -100):

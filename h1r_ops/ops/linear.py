@@ -4,7 +4,9 @@
 residual`` with act the SwiGLU ``silu(y[:, :n/2]) * y[:, n/2:]`` when ``swiglu`` (weight = [gate | up]
 rows), in fp32 with one rounding to x's dtype. The CPU kernel (csrc/cpu/linear*.cpp) reads the weights
 once for all rows of x, which is what decoding needs (a GEMV / skinny GEMM is bound by the weight read);
-for many rows a BLAS GEMM (AMX for bf16) is faster: the native model switches to it (see
+bf16 inputs of 5+ rows run on AMX tiles where the CPU has them (the weight used in its plain layout,
+``torch.ops.h1r.linear_amx()`` says whether); with its fused epilogue the native model uses it up to
+1024 rows and a BLAS GEMM (AMX for bf16 too, the weight reordered per call) beyond (see
 ``h1r_ops.model.falcon_h1.row_kernel``). Gradients flow to x, weight, bias, scale and residual (computed
 in torch: the op serves inference, its backward is not a kernel).
 
