@@ -122,6 +122,9 @@ def main():
     if a.quick:
         shapes, a.iters = [(2048, a.hidden)], 5
     bw, bw_fresh = memory_bandwidths()
+    # One compiled function per op serves every shape and dtype (and grad mode): more than dynamo's default
+    # recompile limit of 8, past which it silently falls back to eager.
+    torch._dynamo.config.recompile_limit = 64
     compiled = {"rms_norm": torch.compile(R.rms_norm), "gated": torch.compile(R.gated_rms_norm)}
     rows = []
     for op in a.ops.split(","):

@@ -16,6 +16,7 @@
 //
 // Rows (and dweight blocks) are handed out dynamically: on a shared machine a descheduled thread does not
 // hold up the others, and the fixed block partition keeps dweight deterministic.
+
 // GCC 12 reports the "undefined" source register of some AVX-512 intrinsics (_mm512_undefined_epi32 in
 // vpmovzxwd / vpslld, ATen's vec_reduce_all) as maybe uninitialized once they are inlined into the flattened
 // AVX512-BF16 row functions: a false positive, silenced for this file.
@@ -31,8 +32,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/narrow_store.h"
 #include "cpu/float_io.h"
+#include "cpu/narrow_store.h"
 #include "cpu/rms_norm.h"
 
 namespace h1r::cpu::H1R_ISA {
