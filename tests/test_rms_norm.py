@@ -243,7 +243,7 @@ def test_cpu_gated_extreme_gate(dtype, norm_before_gate):
         assert t[2].isnan().any() and not t[[0, 1, 3]].isnan().any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cpu_large_outputs_streamed(dtype):
     """Outputs of 8 MiB and more are written with non-temporal stores (rows 64-byte aligned): same results."""
     check_rms_norm(CPU_OPS, dtype, 1024, 4096, True)
