@@ -7,8 +7,10 @@ bandwidth measured in the same run.
     python benchmarks/bench_rms_norm.py --quick         # 2048 x 3072 only, fewer iterations
     python benchmarks/bench_rms_norm.py --shapes 4096x4096 --dtypes bf16 --ops rms_norm --residual
 
-Each case times h1r, eager, torch.compile and a 1 GiB memcpy in turns (round robin, median of --iters rounds):
-"% memcpy" is against the memcpy measured in the same rounds, so the ratios hold on a shared, loaded machine.
+Each case times h1r, eager, torch.compile and a 1 GiB memcpy in turns (round robin, median of --iters rounds,
+the paths in a new random order every round so that none always inherits the cache state of the same
+predecessor): "% memcpy" is against the memcpy measured in the same rounds, so the ratios hold on a shared,
+loaded machine.
 
 Bytes counted for our kernels (the minimum traffic): rms_norm fwd reads x (and residual) and writes out (and the
 new residual); bwd reads dout (and dresidual), h and writes dh. Gated (with z, one group, Falcon-H1's
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
+import statistics
 import sys
 import time
 
@@ -30,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import h1r_ops  # noqa: E402
 from h1r_ops import reference as R  # noqa: E402
-from common import memory_bandwidths, print_table, ratio_row, timeit_round_robin  # noqa: E402
+from common import memory_bandwidths, print_table, ratio_row  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,6 +69,33 @@ def make_gated_fns(impl, x, z, w, dout, eps=1e-5):
     return fwd, fwd_bwd
 
 
+def timeit_shuffled(fns: dict, warmup: int = 2, iters: int = 10, clock=time.perf_counter, copy_bytes: int = 1 << 30,
+                    seed: int = 0) -> tuple[dict, float]:
+    """As common.timeit_round_robin (median seconds of each path and the memcpy bandwidth of a ``copy_bytes``
+    fp32 copy, all timed in turns within each round), with the paths and the copy in a new random order every
+    round: a path then does not always run on the cache state its predecessor left (in a fixed order the h1r
+    forward always followed the eager backward's fp32 temporaries, and torch.compile's forward always followed
+    the h1r backward, which had just read x)."""
+    src = torch.ones(copy_bytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    calls = dict(fns)
+    calls["__memcpy__"] = lambda: dst.copy_(src)
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    rng = random.Random(seed)
+    keys = list(calls)
+    times: dict[str, list] = {k: [] for k in keys}
+    for _ in range(iters):
+        rng.shuffle(keys)
+        for k in keys:
+            t0 = clock()
+            calls[k]()
+            times[k].append(clock() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return med, 2 * copy_bytes / med.pop("__memcpy__")
+
+
 def parse_shapes(text):
     return [tuple(int(v) for v in s.split("x")) for s in text.split(",") if s]
 
@@ -91,6 +122,9 @@ def main():
     if a.quick:
         shapes, a.iters = [(2048, a.hidden)], 5
     bw, bw_fresh = memory_bandwidths()
+    # One compiled function per op serves every shape and dtype (and grad mode): more than dynamo's default
+    # recompile limit of 8, past which it silently falls back to eager.
+    torch._dynamo.config.recompile_limit = 64
     compiled = {"rms_norm": torch.compile(R.rms_norm), "gated": torch.compile(R.gated_rms_norm)}
     rows = []
     for op in a.ops.split(","):
@@ -123,9 +157,9 @@ def bench_case(op, n_rows, hidden, dtype, name, a, compiled_ref, bw, bw_fresh):
     fns = {}
     for impl_name, impl in impls.items():
         fns[impl_name, "fwd"], fns[impl_name, "fwd+bwd"] = make(impl)
-    # Every path and a 1 GiB memcpy in turns, each round: the ratios hold on a loaded machine.
+    # Every path and a 1 GiB memcpy in turns, each round in a new order: the ratios hold on a loaded machine.
     clock = time.process_time if a.cpu_clock else time.perf_counter
-    times, bw_case = timeit_round_robin(fns, 2, a.iters, clock=clock)
+    times, bw_case = timeit_shuffled(fns, 2, a.iters, clock=clock)
     rows = []
     for mode in ("fwd", "fwd+bwd"):
         anchors = {k: times[k, mode] for k in ("eager", "compile") if (k, mode) in times}

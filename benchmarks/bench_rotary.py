@@ -6,7 +6,8 @@ and torch.compile of it, plus GB/s against the memory-copy bandwidth measured in
     python benchmarks/bench_rotary.py --seqlen 8192 --dtypes bf16 --hf-layout
 
 Each dtype times h1r, eager, torch.compile and a 1 GiB memcpy in turns (round robin, median of --iters
-rounds): "% memcpy" is against the memcpy measured in the same rounds, so the ratios hold on a loaded machine.
+rounds, the paths in a new random order every round, see bench_rms_norm.timeit_shuffled): "% memcpy" is
+against the memcpy measured in the same rounds, so the ratios hold on a loaded machine.
 
 Bytes counted (the minimum traffic): each of fwd and bwd reads q, k and writes them once (cos / sin are
 small); the in-place forward counts the same.
@@ -25,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import h1r_ops  # noqa: E402
-from common import memory_bandwidths, print_table, ratio_row, timeit_round_robin  # noqa: E402
+from bench_rms_norm import timeit_shuffled  # noqa: E402
+from common import memory_bandwidths, print_table, ratio_row  # noqa: E402
 from transformers.models.falcon_h1.modeling_falcon_h1 import apply_rotary_pos_emb  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,8 +88,8 @@ def main():
             fns[impl_name, "fwd"], fns[impl_name, "fwd+bwd"] = fwd, fwd_bwd
         qi, ki = q.detach().clone(), k.detach().clone()
         fns["h1r", "in-place fwd"] = lambda: h1r_ops.rotary_(qi, ki, cos, sin)
-        # Every path and a 1 GiB memcpy in turns, each round: the ratios hold on a loaded machine.
-        times, bw_case = timeit_round_robin(fns, 2, a.iters, clock=clock)
+        # Every path and a 1 GiB memcpy in turns, each round in a new order: the ratios hold on a loaded machine.
+        times, bw_case = timeit_shuffled(fns, 2, a.iters, clock=clock)
         for mode, streams in (("fwd", 2), ("fwd+bwd", 4), ("in-place fwd", 2)):
             ref_mode = "fwd" if mode == "in-place fwd" else mode
             anchors = {k: times[k, ref_mode] for k in ("eager", "compile") if (k, ref_mode) in times}

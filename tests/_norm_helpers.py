@@ -61,3 +61,26 @@ def run_subset_under_isa(test_file: str, keyword: str, isa: str):
 
 def isa_in_use() -> str:
     return torch.ops.h1r.cpu_isa()
+
+
+def assert_same_bits_without_hw_bf16(module: str, fn: str, tmp_path):
+    """``tests.<module>.<fn>()`` (a tuple of tensors) gives the same bits here as in a subprocess with
+    H1R_CPU_NO_AVX512_BF16=1, i.e. AVX512-BF16's vcvtneps2bf16 (used where the CPU has it) rounds exactly as
+    ATen's software path. Skipped unless the avx512 kernels are in use."""
+    from _isa import run_script
+
+    if isa_in_use() != "avx512":
+        pytest.skip("no avx512 kernels on this CPU")
+    torch.save(getattr(importlib.import_module(module), fn)(), tmp_path / "hw.pt")
+    code = (
+        f"import torch, {module} as t\n"
+        f"want = torch.load({str(tmp_path / 'hw.pt')!r})\n"
+        f"got = t.{fn}()\n"
+        "assert len(got) == len(want)\n"
+        "bits = {2: torch.int16, 4: torch.int32}\n"
+        "for i, (a, b) in enumerate(zip(got, want)):\n"
+        "    assert a.dtype == b.dtype and a.shape == b.shape, i\n"
+        "    assert torch.equal(a.view(bits[a.element_size()]), b.view(bits[b.element_size()])), i\n"
+        "print('ok')\n"
+    )
+    run_script(code, {"H1R_CPU_NO_AVX512_BF16": "1"}, timeout=300)

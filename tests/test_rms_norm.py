@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 import h1r_ops
 from h1r_ops import reference as R
-from _norm_helpers import (DTYPE_IDS, DTYPES, KernelOps, assert_close, run_subset_under_isa,
-                           run_triton_subset_interpreted)
+from _norm_helpers import (DTYPE_IDS, DTYPES, KernelOps, assert_close, assert_same_bits_without_hw_bf16,
+                           run_subset_under_isa, run_triton_subset_interpreted)
 from _triton_interp import triton_device
 
 EPS = 1e-6
@@ -186,7 +186,8 @@ def test_interpreted_triton_kernels():
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 def test_cpu_isa_variants(isa):
     run_subset_under_isa("tests/test_rms_norm.py",
-                         "(test_cpu_rms_norm or test_cpu_gated) and (f32 or bf16) and not 3072 and not 8191", isa)
+                         "((test_cpu_rms_norm or test_cpu_gated) and (f32 or bf16) and not 3072 and not 8191) or streamed",
+                         isa)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -240,6 +241,43 @@ def test_cpu_gated_extreme_gate(dtype, norm_before_gate):
     dx, dz, _ = torch.ops.h1r.gated_rms_norm_bwd(dout, x, z, w, rstd, EPS, d, norm_before_gate)
     for t in (out, dx):
         assert t[2].isnan().any() and not t[[0, 1, 3]].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cpu_large_outputs_streamed(dtype):
+    """Outputs of 8 MiB and more are written with non-temporal stores (rows 64-byte aligned): same results."""
+    check_rms_norm(CPU_OPS, dtype, 1024, 4096, True)
+    check_gated(CPU_OPS, dtype, 1024, 4096, 2048, True, False)
+
+
+def hw_bf16_outputs():
+    """Every bf16 output of the CPU norm kernels on inputs that hold what vcvtneps2bf16 rounds differently
+    from the software path (denormal results from denormal weights and gradients, NaN, inf) and many exact
+    ties (products of bf16 values), at 1024 x 4096 (8 MiB outputs: non-temporal stores) and 37 x 1000 (a
+    vector tail)."""
+    outs = []
+    for rows, d in ((1024, 4096), (37, 1000)):
+        g = torch.Generator().manual_seed(3)
+        x, r, dout, dres, z = (torch.randn(rows, d, generator=g).bfloat16() for _ in range(5))
+        w = (1 + 0.5 * torch.randn(d, generator=g)).bfloat16()
+        w[3::97] = 3e-39  # denormal: w * xn and the gradients through w are denormal
+        x[5, 7], x[6, 8], r[8, 9] = float("nan"), float("inf"), float("-inf")
+        dout[9] *= 1e-37  # a row of tiny gradients: denormal dh
+        z[10, 11] = float("nan")
+        for res, dr in ((None, None), (r, dres)):
+            out, h, rstd = torch.ops.h1r.rms_norm_fwd(x, w, EPS, res)
+            outs += [out, h, rstd, *torch.ops.h1r.rms_norm_bwd(dout, dr, h if res is not None else x, w, rstd)]
+        for zz in (z, None):
+            for nbg in (False, True):
+                out, rstd = torch.ops.h1r.gated_rms_norm_fwd(x, zz, w, EPS, d // 2 if nbg else d, nbg)
+                outs += [out, rstd, *torch.ops.h1r.gated_rms_norm_bwd(dout, x, zz, w, rstd, EPS,
+                                                                      d // 2 if nbg else d, nbg)]
+    return tuple(outs)
+
+
+def test_cpu_hw_bf16_rounding_is_bit_exact(tmp_path):
+    """bf16 outputs rounded by AVX512-BF16 (where the CPU has it) have the software rounding's bits."""
+    assert_same_bits_without_hw_bf16("tests.test_rms_norm", "hw_bf16_outputs", tmp_path)
 
 
 def test_dweight_deterministic_across_thread_counts():

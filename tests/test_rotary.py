@@ -17,8 +17,8 @@ import torch
 
 import h1r_ops
 from h1r_ops import reference as R
-from _norm_helpers import (DTYPE_IDS, DTYPES, KernelOps, assert_close, run_subset_under_isa,
-                           run_triton_subset_interpreted)
+from _norm_helpers import (DTYPE_IDS, DTYPES, KernelOps, assert_close, assert_same_bits_without_hw_bf16,
+                           run_subset_under_isa, run_triton_subset_interpreted)
 from _triton_interp import triton_device
 
 TRITON_DEVICE = triton_device()
@@ -157,6 +157,41 @@ def test_cpu_rotary_fp32_cos(dtype):
     check_rotary(CPU_OPS, dtype, 2, 3, 1, 9, 16, 16, "hf", "table", torch.float32)
 
 
+@pytest.mark.parametrize("dtype,b,hq,hk,s,hd,rd,layout", [
+    (torch.bfloat16, 1, 8, 2, 4096, 128, 128, "contiguous"),
+    (torch.bfloat16, 1, 8, 2, 4096, 128, 64, "hf"),
+    (torch.float32, 1, 4, 1, 4096, 128, 128, "hf"),
+], ids=["bf16", "bf16-partial-hf", "f32-hf"])
+def test_cpu_rotary_large_outputs_streamed(dtype, b, hq, hk, s, hd, rd, layout):
+    """q_out of 8 MiB and more is written with non-temporal stores (k_out, smaller, is not): same results."""
+    check_rotary(CPU_OPS, dtype, b, hq, hk, s, hd, rd, layout, "shared", dtype)
+
+
+def rotary_hw_bf16_outputs():
+    """bf16 outputs of the CPU rotary (forward, inverse, in place) on inputs that hold what vcvtneps2bf16
+    rounds differently from the software path (denormal results, NaN, inf), with an 8 MiB q_out
+    (non-temporal stores) and a small odd shape (vector tails, a partial rotation)."""
+    outs = []
+    for b, hq, hk, s, hd, rd in ((1, 8, 2, 4096, 128, 128), (2, 3, 1, 7, 10, 6)):
+        g = torch.Generator().manual_seed(4)
+        q = torch.randn(b, hq, s, hd, generator=g).bfloat16()
+        k = torch.randn(b, hk, s, hd, generator=g).bfloat16()
+        q[0, 0, 1] *= 1e-38  # a row of tiny values: denormal results
+        q[0, 1, 2, 3], k[0, 0, 3, 1], q[0, 2, 4, 0] = float("nan"), float("inf"), 3e-39
+        cos, sin = R.rotary_cos_sin(torch.arange(s)[None], rd, 1e4, torch.bfloat16)
+        for inverse in (False, True):
+            outs += list(torch.ops.h1r.rotary(q, k, cos, sin, None, inverse))
+        q2, k2 = q.clone(), k.clone()
+        torch.ops.h1r.rotary_(q2, k2, cos, sin, None, False)
+        outs += [q2, k2]
+    return tuple(outs)
+
+
+def test_cpu_hw_bf16_rounding_is_bit_exact(tmp_path):
+    """bf16 outputs rounded by AVX512-BF16 (where the CPU has it) have the software rounding's bits."""
+    assert_same_bits_without_hw_bf16("tests.test_rotary", "rotary_hw_bf16_outputs", tmp_path)
+
+
 @needs_triton
 @pytest.mark.parametrize("layout,cos_form", [("hf", "batch"), ("contiguous", "table")])
 @pytest.mark.parametrize("b,hq,hk,s,hd,rd", SHAPES[:2] + [(2, 4, 2, 5, 64, 32), (1, 12, 2, 3, 128, 128), SHAPES[4]])
@@ -176,7 +211,7 @@ def test_interpreted_triton_kernels():
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 def test_cpu_isa_variants(isa):
-    run_subset_under_isa("tests/test_rotary.py", "test_cpu_rotary and (f32 or bf16) and not 128", isa)
+    run_subset_under_isa("tests/test_rotary.py", "(test_cpu_rotary and (f32 or bf16) and not 128) or streamed", isa)
 
 
 # ---- public API: autograd, HF drop-in, opcheck, compile, bad input -------------------------------------------

@@ -65,7 +65,8 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x, const Tensor& w
   if (rows == 0) return {out, residual_out, rstd};
   cpu::RmsNormFwdParams p{x.data_ptr(), ptr_or_null(residual), weight.data_ptr(), out.data_ptr(),
                           residual ? residual_out.data_ptr() : nullptr, rstd.data_ptr<float>(), rows, d,
-                          static_cast<float>(eps), float_type(x), float_type(weight)};
+                          static_cast<float>(eps), float_type(x), float_type(weight),
+                          cpu::cpu_has_avx512_bf16()};
   H1R_CPU_DISPATCH(rms_norm_fwd_kernel, p);
   return {out, residual_out, rstd};
 }
@@ -85,7 +86,8 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dout, const std::optional<
   Tensor partial = at::empty({nblocks, d}, dweight.options());
   cpu::RmsNormBwdParams p{dout.data_ptr(), ptr_or_null(dresidual_out), h.data_ptr(), weight.data_ptr(),
                           rstd.data_ptr<float>(), dh.data_ptr(), partial.data_ptr<float>(),
-                          dweight.data_ptr<float>(), rows, d, nblocks, float_type(h), float_type(weight)};
+                          dweight.data_ptr<float>(), rows, d, nblocks, float_type(h), float_type(weight),
+                          cpu::cpu_has_avx512_bf16()};
   H1R_CPU_DISPATCH(rms_norm_bwd_kernel, p);
   return {dh, dweight};
 }
@@ -108,7 +110,7 @@ std::tuple<Tensor, Tensor> gated_rms_norm_fwd(const Tensor& x, const std::option
   if (rows == 0) return {out, rstd};
   cpu::GatedRmsNormFwdParams p{x.data_ptr(), ptr_or_null(z), weight.data_ptr(), out.data_ptr(),
                                rstd.data_ptr<float>(), rows, d, group_size, static_cast<float>(eps),
-                               norm_before_gate, float_type(x), float_type(weight)};
+                               norm_before_gate, float_type(x), float_type(weight), cpu::cpu_has_avx512_bf16()};
   H1R_CPU_DISPATCH(gated_rms_norm_fwd_kernel, p);
   return {out, rstd};
 }
@@ -133,7 +135,8 @@ std::tuple<Tensor, Tensor, Tensor> gated_rms_norm_bwd(const Tensor& dout, const 
   cpu::GatedRmsNormBwdParams p{dout.data_ptr(), x.data_ptr(), ptr_or_null(z), weight.data_ptr(),
                                rstd.data_ptr<float>(), dx.data_ptr(), z ? dz.data_ptr() : nullptr,
                                partial.data_ptr<float>(), dweight.data_ptr<float>(), rows, d, group_size,
-                               nblocks, norm_before_gate, float_type(x), float_type(weight)};
+                               nblocks, norm_before_gate, float_type(x), float_type(weight),
+                               cpu::cpu_has_avx512_bf16()};
   H1R_CPU_DISPATCH(gated_rms_norm_bwd_kernel, p);
   return {dx, dz, dweight};
 }

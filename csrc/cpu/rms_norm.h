@@ -20,6 +20,7 @@ struct RmsNormFwdParams {
   int64_t rows, d;
   float eps;
   FloatType dtype, wdtype;  // of x / residual / out, and of weight
+  bool hw_bf16;             // bf16 may be narrowed by AVX512-BF16 (cpu_has_avx512_bf16())
 };
 
 // dh = rstd * (g - xn * mean(g * xn)) (+ dresidual_out), g = dout * w, xn = h * rstd;
@@ -36,6 +37,7 @@ struct RmsNormBwdParams {
   float* dweight;          // (d,)
   int64_t rows, d, nblocks;
   FloatType dtype, wdtype;
+  bool hw_bf16;  // as in RmsNormFwdParams
 };
 
 // Mamba2 gated norm, statistics per group of group_size channels, all in fp32, one cast at the end.
@@ -50,6 +52,7 @@ struct GatedRmsNormFwdParams {
   float eps;
   bool norm_before_gate;
   FloatType dtype, wdtype;
+  bool hw_bf16;  // as in RmsNormFwdParams
 };
 
 struct GatedRmsNormBwdParams {
@@ -65,6 +68,7 @@ struct GatedRmsNormBwdParams {
   int64_t rows, d, group_size, nblocks;
   bool norm_before_gate;
   FloatType dtype, wdtype;
+  bool hw_bf16;  // as in RmsNormFwdParams
 };
 
 // Rows are split into this many blocks (at most) for the deterministic dweight reduction.

@@ -73,7 +73,7 @@ cpu::RotaryParams make_params(const Tensor& q, const Tensor& k, const Tensor& q_
   check_contiguous(sin, "sin");
   return {head_tensor(q, q_out), head_tensor(k, k_out), b, s, hd, rd, cos.data_ptr(), sin.data_ptr(),
           cos_batch_stride, position_ids ? position_ids->data_ptr<int64_t>() : nullptr, inverse,
-          float_type(q), float_type(cos)};
+          float_type(q), float_type(cos), cpu::cpu_has_avx512_bf16()};
 }
 
 void run(const cpu::RotaryParams& p) {

@@ -31,6 +31,7 @@ struct RotaryParams {
   const int64_t* position_ids;  // nullable, (batch, seqlen): cos/sin are then tables (max_pos, rot_dim)
   bool inverse;
   FloatType dtype, cos_dtype;
+  bool hw_bf16;  // bf16 may be narrowed by AVX512-BF16 (cpu_has_avx512_bf16())
 };
 
 }  // namespace h1r::cpu
