@@ -182,9 +182,9 @@ def _reshape_and_cache_fake(key, value, key_cache, value_cache, slot_mapping):
 
 @torch.library.register_fake("h1r::paged_attention_decode")
 def _decode_fake(q, key_cache, value_cache, block_tables, seq_lens, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, whatever q's layout
 
 
 @torch.library.register_fake("h1r::paged_attention_prefill")
 def _prefill_fake(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, whatever q's layout
