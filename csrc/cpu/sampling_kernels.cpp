@@ -6,9 +6,10 @@
 //      id first) in one pass: a block of 64 logits is only looked at when its max beats the current k-th value
 //      (after the first blocks, rarely), and then only at its lanes above that value;
 //   2. p_i = exp((x_i - max) / T) (the unnormalized tempered distribution), the sum of exp(x_i - max) (the
-//      raw normalizer, for the log-probs only: ATen's faster exp_u20 serves it), and a histogram of p over NB equal-width buckets of (max - x)
-//      (bucket 0 holds the largest logits; the width spans at most 40 nats of p, lower logits share the
-//      last bucket): the key is monotone in the logit, so the buckets are ordered by value;
+//      raw normalizer, for the log-probs only: ATen's faster exp_u20 serves it), and a histogram of p over
+//      NB equal-width buckets of (max - x) (bucket 0 holds the largest logits; the width spans at most 40
+//      nats of p, lower logits share the last bucket): the key is monotone in the logit, so the buckets
+//      are ordered by value;
 //   3. the nucleus: buckets whose cumulative mass (from the top) stays below top_p of the total are kept
 //      whole, those after the crossing bucket dropped whole; the crossing bucket's few tokens are sorted
 //      (value descending, id ascending) and kept while the mass ranked above each is below top_p;
@@ -136,7 +137,7 @@ void sample_row(const SampleTopPParams& prm, int64_t r, RowScratch& s) {
     lo = std::min(lo, xi);
     top.push(xi, i);
   }
-  // 2. tempered probabilities, raw normalizer, bucket histogram (one pass)
+  // 2. tempered probabilities, raw normalizer, bucket histogram
   const float temp = prm.temperature[r];
   const bool greedy = !(temp > 0.f);
   const float inv_t = greedy ? 1.f : 1.f / temp;
@@ -145,7 +146,6 @@ void sample_row(const SampleTopPParams& prm, int64_t r, RowScratch& s) {
   float* p = s.p.data();
   int32_t* key = s.key.data();
   float* mass = s.mass.data();
-  if (!greedy) std::fill(mass, mass + kHists * kBuckets, 0.f);
   const Vec vm(m), vit(inv_t), vks(kscale), vlast(static_cast<float>(kBuckets - 1));
   Vec raw_sum(0.f);
   i = 0;
@@ -164,12 +164,6 @@ void sample_row(const SampleTopPParams& prm, int64_t r, RowScratch& s) {
     raw += inv_t != 1.f ? std::exp(-d) : p[i];
     key[i] = static_cast<int32_t>(std::min(d * kscale, static_cast<float>(kBuckets - 1)));
   }
-  if (!greedy) {  // token i's mass goes to histogram copy i % kHists
-    int64_t j = 0;
-    for (; j + kHists <= V; j += kHists)
-      for (int64_t h = 0; h < kHists; ++h) mass[h * kBuckets + key[j + h]] += p[j + h];
-    for (; j < V; ++j) mass[(j % kHists) * kBuckets + key[j]] += p[j];
-  }
   const float lse = m + std::log(raw);
   for (int64_t j = 0; j < prm.k; ++j) {
     prm.top_logprobs[r * prm.k + j] = top.v[j] - lse;
@@ -179,6 +173,11 @@ void sample_row(const SampleTopPParams& prm, int64_t r, RowScratch& s) {
   if (greedy) {
     tok = top.id[0];
   } else {
+    std::fill(mass, mass + kHists * kBuckets, 0.f);
+    i = 0;
+    for (; i + kHists <= V; i += kHists)
+      for (int64_t h = 0; h < kHists; ++h) mass[h * kBuckets + key[i + h]] += p[i + h];
+    for (; i < V; ++i) mass[key[i]] += p[i];
     for (int64_t h = 1; h < kHists; ++h)
       for (int64_t b = 0; b < kBuckets; ++b) mass[b] += mass[h * kBuckets + b];
     // 3. the nucleus: the crossing bucket c, and the sorted cut inside it
