@@ -172,6 +172,23 @@ def test_decode_partitions_and_fp32_query_on_bf16_cache(threads):
     assert_close(out, paged_attention_decode_ref(q, kc, vc, bt, sl, scale=0.2), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_query_row_views_read_in_place(dtype):
+    """q as row views of a wider buffer (the decoder's projection output: any token stride, each row
+    contiguous) gives the bits of a contiguous q, for decode and prefill; the output is contiguous."""
+    seq_lens, hq, hk, hd = [5, 40, 17], 8, 2, 64
+    kc, vc, bt, _, _ = make_paged(seq_lens, 16, hk, hd, dtype=dtype, seed=11)
+    buf = torch.randn(3, hq * hd + 24).to(dtype)
+    q = buf[:, 8 : 8 + hq * hd].view(3, hq, hd)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    out = torch.ops.h1r.paged_attention_decode(q, kc, vc, bt, sl, 0.125)
+    assert out.is_contiguous() and out.dtype == dtype
+    assert torch.equal(out, torch.ops.h1r.paged_attention_decode(q.contiguous(), kc, vc, bt, sl, 0.125))
+    cu = torch.arange(4, dtype=torch.int32)
+    pre = torch.ops.h1r.paged_attention_prefill(q, kc, vc, bt, sl, cu, 0.125)
+    assert torch.equal(pre, torch.ops.h1r.paged_attention_prefill(q.contiguous(), kc, vc, bt, sl, cu, 0.125))
+
+
 PREFILL_CASES = [  # (seq_lens, q_lens, block_size, hq, hk, hd)
     ([1, 17, 40, 5], [1, 5, 40, 2], 16, 4, 4, 64),
     ([33, 1, 150], [33, 1, 70], 16, 12, 2, 128),   # tiles of 10 queries x 6 heads
@@ -217,6 +234,21 @@ def test_reshape_and_cache_matches_reference(dtype):
     reshape_and_cache(key, value, kc, vc, slots)
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
 
+
+
+def test_reshape_and_cache_row_views():
+    """key / value as row views of one projection buffer are written without a copy, same bits."""
+    g = torch.Generator().manual_seed(4)
+    nb, bs, hk, hd, T = 5, 4, 2, 32, 9
+    buf = torch.randn(T, 3 * hk * hd + 5, generator=g).to(torch.bfloat16)
+    key = buf[:, 5 : 5 + hk * hd].view(T, hk, hd)
+    value = buf[:, 5 + 2 * hk * hd :].view(T, hk, hd)
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    kc, vc = torch.zeros(nb, bs, hk, hd, dtype=torch.bfloat16), torch.zeros(nb, bs, hk, hd, dtype=torch.bfloat16)
+    kr, vr = kc.clone(), vc.clone()
+    torch.ops.h1r.reshape_and_cache(key, value, kc, vc, slots)
+    torch.ops.h1r.reshape_and_cache(key.contiguous(), value.contiguous(), kr, vr, slots)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr) and kc.abs().sum() > 0
 
 def test_write_then_attend_round_trip():
     """reshape_and_cache + prefill on a fresh cache equals SDPA on the contiguous sequence."""

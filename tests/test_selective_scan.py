@@ -294,6 +294,27 @@ def test_state_update_fast_path_matches_checked_path():
 
 
 @needs_cpu
+@pytest.mark.parametrize("b", [1, 5])
+def test_state_update_row_views(b):
+    """x, dt, B, C, z as row views of one projection buffer (the decode step's layout: any batch stride,
+    the rest contiguous) are read in place and give the same bits as contiguous copies."""
+    h, p, g, n = 4, 8, 2, 16
+    gen = torch.Generator().manual_seed(5)
+    proj = torch.randn(b, h * p + 2 * g * n + h + h * p + 3, generator=gen).to(torch.bfloat16)
+    x, B, C, dt, z, _ = proj.split([h * p, g * n, g * n, h, h * p, 3], dim=-1)
+    x, B, C, z = x.view(b, h, p), B.view(b, g, n), C.view(b, g, n), z.view(b, h, p)
+    A = -torch.rand(h, generator=gen) - 0.3
+    D, bias = torch.randn(h, p, generator=gen), torch.randn(h, generator=gen)
+    idx = torch.arange(b, dtype=torch.int32).flip(0)
+    pool = torch.randn(b + 1, h, p, n, generator=gen).to(torch.bfloat16)
+    s_view, s_copy = pool.clone(), pool.clone()
+    got = torch.ops.h1r.selective_state_update(s_view, x, dt, A, B, C, D, z, bias, True, idx)
+    want = torch.ops.h1r.selective_state_update(s_copy, x.contiguous(), dt.contiguous(), A, B.contiguous(),
+                                                C.contiguous(), D, z.contiguous(), bias, True, idx)
+    assert got.is_contiguous() and torch.equal(got, want) and torch.equal(s_view, s_copy)
+
+
+@needs_cpu
 def test_state_update_fast_path_taken_and_bad_input_raises(monkeypatch):
     """A well-formed CPU call skips the Python checks; bad input still raises the API's ValueError."""
     from h1r_ops.ops import selective_scan as api

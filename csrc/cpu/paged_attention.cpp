@@ -1,7 +1,7 @@
 // Torch-facing glue of the paged-attention CPU kernels: argument checks (including the page tables'
-// values, so that a direct torch.ops.h1r.* call can never read outside the cache), dtype normalization
-// (q in fp32 for the kernel, output back in q's dtype), allocation and dispatch to the ISA kernels in
-// paged_attention_kernels.cpp.
+// values, so that a direct torch.ops.h1r.* call can never read outside the cache), allocation and dispatch
+// to the ISA kernels in paged_attention_kernels.cpp. The kernels read q in its own dtype and layout (rows
+// of any token stride, widened to fp32 per tile) and write the output in q's dtype.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -12,7 +12,7 @@
 H1R_DECLARE_CPU_KERNEL(void, paged_attention_decode_kernel, const h1r::cpu::PagedAttentionParams&);
 H1R_DECLARE_CPU_KERNEL(void, paged_attention_prefill_kernel, const h1r::cpu::PagedAttentionParams&);
 H1R_DECLARE_CPU_KERNEL(void, reshape_and_cache_kernel, const void*, const void*, void*, void*, const int64_t*,
-                       int64_t, int64_t);
+                       int64_t, int64_t, int64_t, int64_t);
 
 namespace h1r {
 namespace {
@@ -87,17 +87,28 @@ PagedAttentionParams attention_params(const at::Tensor& q, const at::Tensor& key
   return p;
 }
 
+// q as the kernels read it: in place when each token's (num_heads, head_dim) row is contiguous (the
+// decoder's row views of its projection output: any token stride), else a contiguous copy; its dtype is
+// the output's. Sets p.q, p.q_dtype, p.q_stride; returns the tensor that owns the data.
+at::Tensor query_rows(const at::Tensor& q, PagedAttentionParams& p) {
+  const bool rows = (q.size(2) == 1 || q.stride(2) == 1) && (q.size(1) == 1 || q.stride(1) == q.size(2));
+  at::Tensor r = rows ? q : q.contiguous();
+  p.q = r.data_ptr();
+  p.q_dtype = cache_dtype(r);
+  p.q_stride = r.size(0) > 1 ? r.stride(0) : 0;
+  return r;
+}
+
 at::Tensor paged_attention_decode_cpu(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                       const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
   PagedAttentionParams p = attention_params(q, key_cache, value_cache, block_tables, seq_lens, scale);
   TORCH_CHECK_VALUE(q.size(0) == p.batch, "argument 'q': expected one query per sequence, q.size(0) = ", p.batch,
                     " (block_tables.size(0)), got ", q.size(0));
-  const at::Tensor qf = q.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
-  p.q = qf.data_ptr<float>();
-  p.out = out.data_ptr<float>();
+  const at::Tensor qr = query_rows(q, p);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  p.out = out.data_ptr();
   if (out.numel() > 0) H1R_CPU_DISPATCH(paged_attention_decode_kernel, p);
-  return out.to(q.scalar_type());
+  return out;
 }
 
 at::Tensor paged_attention_prefill_cpu(const at::Tensor& q, const at::Tensor& key_cache,
@@ -117,12 +128,11 @@ at::Tensor paged_attention_prefill_cpu(const at::Tensor& q, const at::Tensor& ke
                       " queries, expected between 0 and its seq_lens = ", p.seq_lens[i]);
   }
   p.cu_seqlens_q = cu;
-  const at::Tensor qf = q.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
-  p.q = qf.data_ptr<float>();
-  p.out = out.data_ptr<float>();
+  const at::Tensor qr = query_rows(q, p);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  p.out = out.data_ptr();
   if (out.numel() > 0) H1R_CPU_DISPATCH(paged_attention_prefill_kernel, p);
-  return out.to(q.scalar_type());
+  return out;
 }
 
 void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
@@ -146,11 +156,18 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::T
   for (int64_t t = 0; t < tokens; ++t)
     TORCH_CHECK_VALUE(slots[t] < num_slots, "argument 'slot_mapping': slot_mapping[", t, "] = ", slots[t],
                       " is past the cache (num_blocks * block_size = ", num_slots, ")");
-  const at::Tensor k = key.to(key_cache.scalar_type()).contiguous();
-  const at::Tensor v = value.to(key_cache.scalar_type()).contiguous();
+  // in the cache's dtype, each token's (num_kv_heads, head_dim) row contiguous: the decoder's row views of
+  // its projection output are read in place (any token stride)
+  auto token_rows = [&](const at::Tensor& t) {
+    at::Tensor r = t.to(key_cache.scalar_type());
+    const bool rows = (hd == 1 || r.stride(2) == 1) && (hk == 1 || r.stride(1) == hd);
+    return rows ? r : r.contiguous();
+  };
+  const at::Tensor k = token_rows(key), v = token_rows(value);
   if (tokens == 0 || hk * hd == 0) return;
+  const int64_t es = key_cache.element_size();
   H1R_CPU_DISPATCH(reshape_and_cache_kernel, k.data_ptr(), v.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
-                   slots, tokens, hk * hd * (int64_t)key_cache.element_size());
+                   slots, tokens, hk * hd * es, k.stride(0) * es, v.stride(0) * es);
 }
 
 }  // namespace

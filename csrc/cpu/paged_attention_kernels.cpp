@@ -326,10 +326,54 @@ void attend_pages(Tile& tile, const HeadPages<T>& kv, int64_t page_begin, int64_
   }
 }
 
-// out_r = acc_r / l_r (rows that saw no key, l = 0, give 0).
-inline void write_normalized(const float* acc, float l, int hd, float* out) {
+// dst[0, n) = scale * src[0, n) in fp32, src of q's dtype.
+template <typename Q>
+inline void widen_scaled(const Q* src, float scale, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) (load_f(src + i) * Vec(scale)).store(dst + i);
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+}
+
+// dst[0, n) = mul * src[0, n) narrowed to the output's dtype (round to nearest even).
+template <typename Q>
+inline void narrow_scaled(const float* src, float mul, Q* dst, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<Q, float>) {
+    for (; i + W <= n; i += W) (Vec::loadu(src + i) * Vec(mul)).store(dst + i);
+  } else {
+    for (; i + 2 * W <= n; i += 2 * W)
+      at::vec::convert_from_float<Q>(Vec::loadu(src + i) * Vec(mul), Vec::loadu(src + i + W) * Vec(mul))
+          .store(dst + i);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<Q>(src[i] * mul);
+}
+
+// Run f(Q{}) with Q the C++ type of q / out.
+template <typename F>
+inline void with_q_type(CacheDtype t, F&& f) {
+  switch (t) {
+    case CacheDtype::f32: f(float{}); break;
+    case CacheDtype::bf16: f(c10::BFloat16{}); break;
+    case CacheDtype::f16: f(c10::Half{}); break;
+  }
+}
+
+// The n = G hd query values of query token `token`, heads [head0, head0 + G), times the softmax scale,
+// widened into the tile.
+inline void load_queries(const PagedAttentionParams& p, int64_t token, int64_t head0, int64_t n, float* dst) {
+  with_q_type(p.q_dtype, [&](auto t) {
+    using Q = decltype(t);
+    widen_scaled(static_cast<const Q*>(p.q) + token * p.q_stride + head0 * p.hd, p.scale, dst, n);
+  });
+}
+
+// out[token, head] = acc / l in q's dtype (a row that saw no key, l = 0, gives 0).
+inline void write_normalized(const PagedAttentionParams& p, int64_t token, int64_t head, const float* acc, float l) {
   const float inv = l > 0.f ? 1.f / l : 0.f;
-  at::vec::map([inv](Vec x) { return x * Vec(inv); }, out, acc, hd);
+  with_q_type(p.q_dtype, [&](auto t) {
+    using Q = decltype(t);
+    narrow_scaled(acc, inv, static_cast<Q*>(p.out) + (token * p.hq + head) * p.hd, p.hd);
+  });
 }
 
 template <typename T>
@@ -391,14 +435,12 @@ void decode_impl(const PagedAttentionParams& p) {
 
       Tile tile = buf.make(G, (int)hd, (int)bs);
       tile.max_limit = p.seq_lens[i];
-      const float* q = p.q + (i * p.hq + head * G) * hd;
-      for (int64_t x = 0; x < G * hd; ++x) tile.q[x] = q[x] * p.scale;
+      load_queries(p, i, head * G, G * hd, tile.q);
       for (int g = 0; g < G; ++g) tile.limit[g] = p.seq_lens[i];
       attend_pages(tile, head_pages<T>(p, i, head), first, last);
 
       if (nparts == 1) {
-        for (int g = 0; g < G; ++g)
-          write_normalized(tile.acc + g * hd, tile.l[g], (int)hd, p.out + (i * p.hq + head * G + g) * hd);
+        for (int g = 0; g < G; ++g) write_normalized(p, i, head * G + g, tile.acc + g * hd, tile.l[g]);
       } else {
         const int64_t row = (part * hk + head) * G;
         std::memcpy(part_acc.data() + row * hd, tile.acc, sizeof(float) * G * hd);
@@ -410,14 +452,17 @@ void decode_impl(const PagedAttentionParams& p) {
   if (!split) return;
 
   // Reduce the partitions: with M = max_p m_p, out = sum_p e^{m_p - M} acc_p / sum_p e^{m_p - M} l_p.
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel num_threads(threads)
+  {
+  std::vector<float> sum(hd);
+#pragma omp for schedule(static)
   for (int64_t x = 0; x < B * hk * G; ++x) {
     const int64_t i = x / (hk * G), hg = x % (hk * G);
     const int64_t p0 = part_off[i], p1 = part_off[i + 1];
     if (p1 - p0 == 1) continue;
     float M = kNegInf;
     for (int64_t q = p0; q < p1; ++q) M = std::max(M, part_m[q * hk * G + hg]);
-    float* out = p.out + (i * p.hq + hg) * hd;
+    float* out = sum.data();
     std::fill(out, out + hd, 0.f);
     float L = 0.f;
     for (int64_t q = p0; q < p1; ++q) {
@@ -428,8 +473,8 @@ void decode_impl(const PagedAttentionParams& p) {
       at::vec::map2([w](Vec o, Vec a) { return at::vec::fmadd(Vec(w), a, o); }, out, out,
                     part_acc.data() + row * hd, hd);
     }
-    const float inv = L > 0.f ? 1.f / L : 0.f;
-    at::vec::map([inv](Vec o) { return o * Vec(inv); }, out, out, hd);
+    write_normalized(p, i, hg, out, L);
+  }
   }
 }
 
@@ -466,9 +511,7 @@ void prefill_impl(const PagedAttentionParams& p) {
       Tile tile = buf.make(R, (int)hd, (int)bs);
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t visible = seq_len - q_len + j + 1;  // query j sits at position seq_len - q_len + j
-        const float* q = p.q + ((q0 + j) * p.hq + head * G) * hd;
-        float* tq = tile.q + (j - j0) * G * hd;
-        for (int64_t x = 0; x < G * hd; ++x) tq[x] = q[x] * p.scale;
+        load_queries(p, q0 + j, head * G, G * hd, tile.q + (j - j0) * G * hd);
         for (int g = 0; g < G; ++g) tile.limit[(j - j0) * G + g] = visible;
       }
       tile.max_limit = seq_len - q_len + j1;
@@ -476,7 +519,7 @@ void prefill_impl(const PagedAttentionParams& p) {
       for (int64_t j = j0; j < j1; ++j)
         for (int g = 0; g < G; ++g) {
           const int64_t r = (j - j0) * G + g;
-          write_normalized(tile.acc + r * hd, tile.l[r], (int)hd, p.out + ((q0 + j) * p.hq + head * G + g) * hd);
+          write_normalized(p, q0 + j, head * G + g, tile.acc + r * hd, tile.l[r]);
         }
     }
   }
@@ -505,10 +548,12 @@ void paged_attention_decode_kernel(const PagedAttentionParams& p) { by_cache_dty
 
 void paged_attention_prefill_kernel(const PagedAttentionParams& p) { by_cache_dtype<Prefill>(p); }
 
-// Scatter token rows (row_bytes each) into the caches: row t goes to flat cache row slots[t]
-// (= block * block_size + offset); negative slots are padding and are skipped.
+// Scatter token rows (row_bytes each; token t's key row at key + t * key_stride bytes, likewise value)
+// into the caches: row t goes to flat cache row slots[t] (= block * block_size + offset); negative slots
+// are padding and are skipped.
 void reshape_and_cache_kernel(const void* key, const void* value, void* key_cache, void* value_cache,
-                              const int64_t* slots, int64_t tokens, int64_t row_bytes) {
+                              const int64_t* slots, int64_t tokens, int64_t row_bytes, int64_t key_stride,
+                              int64_t value_stride) {
   const char* k = static_cast<const char*>(key);
   const char* v = static_cast<const char*>(value);
   char* kc = static_cast<char*>(key_cache);
@@ -517,8 +562,8 @@ void reshape_and_cache_kernel(const void* key, const void* value, void* key_cach
   for (int64_t t = 0; t < tokens; ++t) {
     const int64_t s = slots[t];
     if (s < 0) continue;
-    std::memcpy(kc + s * row_bytes, k + t * row_bytes, row_bytes);
-    std::memcpy(vc + s * row_bytes, v + t * row_bytes, row_bytes);
+    std::memcpy(kc + s * row_bytes, k + t * key_stride, row_bytes);
+    std::memcpy(vc + s * row_bytes, v + t * value_stride, row_bytes);
   }
 }
 

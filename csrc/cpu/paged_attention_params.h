@@ -9,9 +9,13 @@ namespace h1r::cpu {
 enum class CacheDtype : int { f32 = 0, bf16 = 1, f16 = 2 };
 
 struct PagedAttentionParams {
-  // q (total_q, hq, hd) fp32 and out (total_q, hq, hd) fp32, contiguous. For decode total_q = batch.
-  const float* q;
-  float* out;
+  // q (total_q, hq, hd) of dtype q_dtype, token rows q_stride elements apart (each row contiguous: the
+  // decoder passes row views of its projection output), and out (total_q, hq, hd) contiguous, of q's
+  // dtype. For decode total_q = batch.
+  const void* q;
+  void* out;
+  CacheDtype q_dtype;
+  int64_t q_stride;
   // key_cache, value_cache (num_blocks, block_size, hk, hd) contiguous, of dtype cache_dtype.
   const void* key_cache;
   const void* value_cache;

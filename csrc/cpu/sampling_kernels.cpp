@@ -3,18 +3,25 @@
 // One row (one trace's logits over the vocabulary) is sampled in a few streaming passes that stay in the
 // core's cache, with no sort of the vocabulary:
 //   1. widen to fp32 (16-bit logits); max, min and the top-k (k = max(k, 1), value descending, ties lowest
-//      id first) in one pass: a block of 64 logits is only looked at element by element when its max beats
-//      the current k-th value, which after the first blocks is rare;
+//      id first) in one pass: a block of 64 logits is only looked at when its max beats the current k-th value
+//      (after the first blocks, rarely), and then only at its lanes above that value;
 //   2. p_i = exp((x_i - max) / T) (the unnormalized tempered distribution), the sum of exp(x_i - max) (the
-//      raw normalizer, for the log-probs), and a histogram of p over NB equal-width buckets of (max - x)
-//      (bucket 0 holds the largest logits; the width spans at most 40 nats of p, lower logits share the
-//      last bucket): the key is monotone in the logit, so the buckets are ordered by value;
+//      raw normalizer, for the log-probs only: ATen's faster exp_u20 serves it), and a histogram of p over
+//      NB equal-width buckets of (max - x) (bucket 0 holds the largest logits; the width spans at most 40
+//      nats of p, lower logits share the last bucket): the key is monotone in the logit, so the buckets
+//      are ordered by value;
 //   3. the nucleus: buckets whose cumulative mass (from the top) stays below top_p of the total are kept
 //      whole, those after the crossing bucket dropped whole; the crossing bucket's few tokens are sorted
 //      (value descending, id ascending) and kept while the mass ranked above each is below top_p;
 //   4. the draw: the first token in vocabulary order whose cumulative kept mass reaches u times the kept
 //      total (blocks of kept mass are skipped whole until the one that holds the crossing).
 // Rows are independent (OpenMP over rows), so a row's token does not depend on the batch.
+// GCC 12 reports the "undefined" source registers of ATen's vector reductions and conversions as maybe
+// uninitialized once they are inlined into the OpenMP body: a false positive, silenced for this file.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -83,17 +90,18 @@ struct RowScratch {
   RowScratch(int64_t V, int64_t k) : x(V), p(V), key(V), mass(kHists * kBuckets), tv(k), ti(k) {}
 };
 
+// Lanes of v above t, as a bit mask (bit l: lane l).
+inline uint32_t lanes_above(const Vec& v, const Vec& t) {
+  return ~static_cast<uint32_t>((v > t).zero_mask()) & ((uint32_t(1) << VL) - 1);
+}
+
 template <typename T>
 void sample_row(const SampleTopPParams& prm, int64_t r, RowScratch& s) {
   const int64_t V = prm.vocab, kk = std::max<int64_t>(prm.k, 1);
   const T* src = static_cast<const T*>(prm.logits) + r * prm.row_stride;
-  const float* x;
-  if constexpr (std::is_same_v<T, float>) {
-    x = src;
-  } else {
-    for_lanes(V, [&](int64_t i, int64_t n) { load_n(src + i, n).store(s.x.data() + i, n); });
-    x = s.x.data();
-  }
+  // fp32 logits: read in place; 16-bit ones are widened into s.x by the first pass as it reads them
+  float* const xw = std::is_same_v<T, float> ? nullptr : s.x.data();
+  const float* x = xw ? xw : reinterpret_cast<const float*>(src);
   // 1. max, min, top-k
   // fewer than k finite logits leave -inf entries (id 0) at the end
   std::fill(s.tv.begin(), s.tv.end(), -std::numeric_limits<float>::infinity());
@@ -101,25 +109,33 @@ void sample_row(const SampleTopPParams& prm, int64_t r, RowScratch& s) {
   TopK top{kk, 0, s.tv.data(), s.ti.data()};
   Vec mx(-std::numeric_limits<float>::infinity()), mn(std::numeric_limits<float>::infinity());
   int64_t i = 0;
+  constexpr int64_t kVecs = kBlock / VL;
   for (; i + kBlock <= V; i += kBlock) {
-    Vec bm = Vec::loadu(x + i);
-    mn = at::vec::minimum(mn, bm);
-    for (int64_t j = VL; j < kBlock; j += VL) {
-      const Vec v = Vec::loadu(x + i + j);
+    Vec bm(-std::numeric_limits<float>::infinity());
+    for (int64_t u = 0; u < kVecs; ++u) {
+      const Vec v = load_n(src + i + u * VL, VL);
+      if (xw) v.store(xw + i + u * VL);
       bm = at::vec::maximum(bm, v);
       mn = at::vec::minimum(mn, v);
     }
     mx = at::vec::maximum(mx, bm);
-    const float t = top.thresh();
-    if (vmax(bm) > t)
-      for (int64_t j = i; j < i + kBlock; ++j)
-        if (x[j] > t) top.push(x[j], j);
+    // a block is looked at lane by lane only where it beats the current k-th value (after the first
+    // blocks, rarely), and then only its lanes above it, in id order
+    const Vec t(top.thresh());
+    if (!lanes_above(bm, t)) continue;
+    for (int64_t u = 0; u < kVecs; ++u)
+      for (uint32_t bits = lanes_above(Vec::loadu(x + i + u * VL), t); bits; bits &= bits - 1) {
+        const int64_t j = i + u * VL + __builtin_ctz(bits);
+        top.push(x[j], j);
+      }
   }
   float m = vmax(mx), lo = vmin(mn);
   for (; i < V; ++i) {
-    m = std::max(m, x[i]);
-    lo = std::min(lo, x[i]);
-    top.push(x[i], i);
+    const float xi = static_cast<float>(src[i]);
+    if (xw) xw[i] = xi;
+    m = std::max(m, xi);
+    lo = std::min(lo, xi);
+    top.push(xi, i);
   }
   // 2. tempered probabilities, raw normalizer, bucket histogram
   const float temp = prm.temperature[r];
@@ -136,8 +152,8 @@ void sample_row(const SampleTopPParams& prm, int64_t r, RowScratch& s) {
   for (; i + VL <= V; i += VL) {
     const Vec d = vm - Vec::loadu(x + i);  // max - x >= 0
     const Vec pv = (d * Vec(-inv_t)).exp();
-    if (inv_t != 1.f) raw_sum = raw_sum + d.neg().exp();
-    else raw_sum = raw_sum + pv;
+    // the raw normalizer only feeds the log-probs: the faster exp (within 20 ulp) serves it
+    raw_sum = raw_sum + (inv_t != 1.f ? d.neg().exp_u20() : pv);
     pv.store(p + i);
     at::vec::convert_to_int_of_same_size(at::vec::minimum(d * vks, vlast)).store(key + i);
   }

@@ -187,16 +187,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
           like(dinit, initial_states)};
 }
 
+// Whether t's dimensions after the first (the batch) are contiguous: the decode step's kernel takes any
+// batch stride (row views of a projection's output), so only other layouts are copied.
+bool rows_contiguous(const Tensor& t) {
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+
+// A decode-step input in dtype `dtype` with contiguous rows (any batch stride), copied only where needed.
+Tensor with_contiguous_rows(const Tensor& t, at::ScalarType dtype) {
+  Tensor r = t.to(dtype);
+  return rows_contiguous(r) ? r : r.contiguous();
+}
+
 // A decode-step input converted to x's dtype (the public API's normalization, done here so that its fast
-// path can call this glue directly): checked for shape, float dtype and device, made contiguous.
+// path can call this glue directly): checked for shape, float dtype and device, rows made contiguous.
 optional<Tensor> in_x_dtype(const optional<Tensor>& t, const char* name, std::initializer_list<int64_t> shape,
                             const Tensor& x) {
   if (!t.has_value()) return c10::nullopt;
   h1r::check_shape(*t, name, shape);
   h1r::check_same_device(*t, name, x, "x");
   h1r::check_float(*t, name);
-  return t->to(x.scalar_type()).contiguous();
+  return with_contiguous_rows(*t, x.scalar_type());
 }
+
+// Elements between batch rows of a (rows-contiguous) decode-step input; 0 for a batch of one row.
+int64_t batch_stride(const Tensor& t) { return t.size(0) > 1 ? t.stride(0) : 0; }
 
 // The decode step. Accepts what the public API does for the per-head (Mamba2) form without a Python-side
 // copy: x, dt, B, C, z in any float dtype (converted to x's) and strides, D (h,) or (h, p),
@@ -219,7 +239,7 @@ Tensor selective_state_update_cpu(Tensor& state, const Tensor& x, const Tensor& 
   TORCH_CHECK_VALUE(B.dim() == 3, "argument 'B': expected shape (b, g, n), got ", h1r::shape_str(B.sizes()));
   const int64_t g = B.size(1);
   TORCH_CHECK_VALUE(g > 0 && h % g == 0, "argument 'B': the number of groups ", g, " must divide nheads ", h);
-  Tensor xc = x.contiguous();
+  Tensor xc = with_contiguous_rows(x, x.scalar_type());
   Tensor dtc = *in_x_dtype(dt, "dt", {b, h}, xc);
   Tensor Bc = *in_x_dtype(B, "B", {b, g, n}, xc);
   Tensor Cc = *in_x_dtype(C, "C", {b, g, n}, xc);
@@ -236,15 +256,20 @@ Tensor selective_state_update_cpu(Tensor& state, const Tensor& x, const Tensor& 
                       "argument 'state_batch_indices': expected dtype int32 or int64, got ",
                       state_batch_indices->scalar_type());
     h1r::check_same_device(*state_batch_indices, "state_batch_indices", state, "state");
-    if (b > 0) {  // checked before the int32 conversion, so that no int64 index wraps into range
-      const int64_t mx = state_batch_indices->max().item<int64_t>();
-      TORCH_CHECK_VALUE(mx < S, "argument 'state_batch_indices': index ", mx, " out of range for ", S, " state rows");
+    // checked before the int32 conversion, so that no int64 index wraps into range (a loop on the host:
+    // no reduction op per decode step)
+    const Tensor& si = *state_batch_indices;
+    const bool i64 = si.scalar_type() == at::kLong;
+    for (int64_t i = 0; i < b; ++i) {
+      const int64_t row = i64 ? si.data_ptr<int64_t>()[i * si.stride(0)] : si.data_ptr<int32_t>()[i * si.stride(0)];
+      TORCH_CHECK_VALUE(row < S, "argument 'state_batch_indices': index ", row, " out of range for ", S,
+                        " state rows");
     }
-    idx = state_batch_indices->to(at::kInt).contiguous();
+    idx = si.to(at::kInt).contiguous();
   } else {
     TORCH_CHECK_VALUE(b <= S, "argument 'state': expected at least b = ", b, " rows, got ", S);
   }
-  Tensor out = at::empty_like(xc);
+  Tensor out = at::empty({b, h, p}, xc.options());
   StateUpdateParams prm{};
   prm.batch = b; prm.nheads = h; prm.headdim = p; prm.ngroups = g; prm.dstate = n;
   prm.dtype = scan_dtype(xc); prm.state_dtype = scan_dtype(state);
@@ -252,6 +277,9 @@ Tensor selective_state_update_cpu(Tensor& state, const Tensor& x, const Tensor& 
   prm.B = Bc.data_ptr(); prm.C = Cc.data_ptr(); prm.D = ptr_or_null<float>(Df); prm.z = vptr_or_null(zc);
   prm.dt_bias = ptr_or_null<float>(biasf); prm.dt_softplus = dt_softplus;
   prm.state_batch_indices = ptr_or_null<int32_t>(idx); prm.out = out.data_ptr();
+  prm.x_bstride = batch_stride(xc); prm.dt_bstride = batch_stride(dtc);
+  prm.B_bstride = batch_stride(Bc); prm.C_bstride = batch_stride(Cc);
+  prm.z_bstride = zc.has_value() ? batch_stride(*zc) : 0;
   prm.hw_bf16 = h1r::cpu::cpu_has_avx512_bf16();
   if (b > 0) H1R_CPU_DISPATCH(selective_state_update_kernel, prm);
   return out;

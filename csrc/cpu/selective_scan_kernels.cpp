@@ -609,6 +609,13 @@ struct StoreStateBf16Hw {
 };
 #endif
 
+// How far ahead of the row being updated the state is prefetched (with write intent). One core streams
+// the state at only ~14 GB/s read + write on its own (bound by its outstanding misses, not by the memory:
+// two cores stream twice that); requests ~4 KiB ahead, across the end of a head into the next (batch,
+// head)'s state (wherever its slot is: the hardware prefetcher stops at the 4 KiB page), keep more lines
+// in flight: 64 x 16 x 64 x 128 bf16 states, one thread, 2.5 -> 1.6 ms.
+constexpr int64_t kStatePrefetchBytes = 4096;
+
 // One (batch, head) of the decode step: dt' and the decay once, then every channel row of its state.
 template <typename T, typename TS, typename Store>
 inline void state_update_head(const StateUpdateParams& p, int64_t bh, float* Bf, float* Cf, float* yr,
@@ -616,20 +623,32 @@ inline void state_update_head(const StateUpdateParams& p, int64_t bh, float* Bf,
   const int64_t H = p.nheads, P = p.headdim, G = p.ngroups, N = p.dstate, hpg = H / G;
   const int64_t b = bh / H, h = bh % H, g = h / hpg;
   const int64_t row = p.state_batch_indices ? p.state_batch_indices[b] : b;
-  const T* z = static_cast<const T*>(p.z);
+  const T* z = p.z ? static_cast<const T*>(p.z) + b * p.z_bstride + h * P : nullptr;
   T* o = static_cast<T*>(p.out) + bh * P;
   if (row < 0) {  // padded slot: no state to update
     for (int64_t i = 0; i < P; ++i) o[i] = static_cast<T>(0.f);
     return;
   }
-  float d = static_cast<float>(static_cast<const T*>(p.dt)[bh]) + (p.dt_bias ? p.dt_bias[h] : 0.f);
+  float d = static_cast<float>(static_cast<const T*>(p.dt)[b * p.dt_bstride + h]) + (p.dt_bias ? p.dt_bias[h] : 0.f);
   if (p.dt_softplus) d = softplus(d);
   const Vec decay(std::exp(d * p.A[h]));
-  to_float(static_cast<const T*>(p.B) + (b * G + g) * N, Bf, N);
-  to_float(static_cast<const T*>(p.C) + (b * G + g) * N, Cf, N);
+  to_float(static_cast<const T*>(p.B) + b * p.B_bstride + g * N, Bf, N);
+  to_float(static_cast<const T*>(p.C) + b * p.C_bstride + g * N, Cf, N);
   TS* s = static_cast<TS*>(p.state) + (row * H + h) * P * N;
-  const T* xr = static_cast<const T*>(p.x) + bh * P;
+  const T* xr = static_cast<const T*>(p.x) + b * p.x_bstride + h * P;
+  // rows ahead to prefetch, and the next (batch, head)'s state, where the prefetch runs on past this one's end
+  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(TS));
+  const int64_t pf = std::max<int64_t>(1, kStatePrefetchBytes / row_bytes);
+  const TS* next = nullptr;
+  if (bh + 1 < p.batch * H) {
+    const int64_t nb = (bh + 1) / H, nh = (bh + 1) % H;
+    const int64_t nrow = p.state_batch_indices ? p.state_batch_indices[nb] : nb;
+    if (nrow >= 0) next = static_cast<const TS*>(p.state) + (nrow * H + nh) * P * N;
+  }
   for (int64_t i = 0; i < P; ++i, s += N) {
+    const TS* ahead = i + pf < P ? s + pf * N : next ? next + std::min(i + pf - P, P - 1) * N : nullptr;
+    if (ahead)
+      for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(reinterpret_cast<const char*>(ahead) + c, 1, 3);
     const float xv = static_cast<float>(xr[i]);
     const Vec dx(d * xv);
     // The state row in TS (fp32 / bf16 / fp16) is widened to fp32 lanes, updated in fp32 and narrowed
@@ -644,7 +663,7 @@ inline void state_update_head(const StateUpdateParams& p, int64_t bh, float* Bf,
     float y = hsum(acc);
     if (p.D) y += p.D[h * P + i] * xv;
     if (z) {
-      const float zv = static_cast<float>(z[bh * P + i]);
+      const float zv = static_cast<float>(z[i]);
       y *= zv / (1.f + std::exp(-zv));
     }
     yr[i] = y;

@@ -64,6 +64,9 @@ struct StateUpdateParams {
   const float* dt_bias;
   bool dt_softplus;
   const int32_t* state_batch_indices;
+  // elements between consecutive batch rows of x, dt, B, C, z (their other dimensions are contiguous:
+  // the decode step takes row views of a projection's output without a copy)
+  int64_t x_bstride, dt_bstride, B_bstride, C_bstride, z_bstride;
   void* out;
   bool hw_bf16;  // a bf16 state may be rounded by AVX512-BF16's vcvtneps2bf16 (cpu_has_avx512_bf16())
 };

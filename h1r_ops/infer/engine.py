@@ -341,7 +341,7 @@ class Engine:
         ``pos`` (b,) int64, all below ``max_pos``; returns the final-normed hidden states (b, hidden)."""
 
         def attend(i, q, kc, vc, scale):
-            # q goes as the row view: the op widens it to a contiguous fp32 copy anyway
+            # q goes as the row view of the projection output: the op reads it in place
             return h1r_ops.paged_attention_decode(q, kc, vc, bt, seq_lens, scale=scale)
 
         def mix(i, mamba, z, xBC, dt):

@@ -238,8 +238,17 @@ class BatchParams:
 def draw_uniforms(params: list[SamplingParams], generators: list[torch.Generator], device) -> torch.Tensor:
     """One uniform in (0, 1] per row from the row's own generator (1 for greedy rows, which draw nothing):
     the inverse-CDF draw of ``sample_rows`` and of the fused ``h1r_ops.sample_top_p``."""
-    return torch.stack([1.0 - torch.rand((), generator=g, device=device) if p.temperature > 0
-                        else torch.ones((), device=device) for p, g in zip(params, generators)])
+    # one rand(1) per sampled row and a single 1 - u over the batch (the values of 1 - rand((), generator=g),
+    # with a third of the per-row ops); greedy rows take 1 - 0
+    zero = None
+    draws = []
+    for p, g in zip(params, generators):
+        if p.temperature > 0:
+            draws.append(torch.rand(1, generator=g, device=device))
+        else:
+            zero = torch.zeros(1, device=device) if zero is None else zero
+            draws.append(zero)
+    return torch.rsub(torch.cat(draws), 1.0)
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],

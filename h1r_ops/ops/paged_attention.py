@@ -82,6 +82,17 @@ def _fast_decode_ok(q, key_cache, value_cache, block_tables, seq_lens) -> bool:
     )
 
 
+def _fast_cache_ok(key, value, key_cache, value_cache, slot_mapping) -> bool:
+    """A CPU cache write with int64 slots (the decoder's, once per layer per step): the kernel's glue checks
+    every shape, dtype, device and slot itself (raising the same ValueError), so the Shapes validation,
+    which costs more than the write of a decode step, is skipped."""
+    return (
+        type(key) is torch.Tensor and type(value) is torch.Tensor and type(key_cache) is torch.Tensor
+        and type(value_cache) is torch.Tensor and type(slot_mapping) is torch.Tensor
+        and slot_mapping.dtype == torch.int64 and key_cache.device.type == "cpu"
+    )
+
+
 def _check_table_values(s: Shapes, block_tables, seq_lens, block_size: int, num_blocks: int):
     """Page-table values, with torch ops (non-CPU devices; the CPU glue checks them itself)."""
     if block_tables.device.type == "cpu" or torch.compiler.is_compiling():
@@ -105,6 +116,10 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) -> None:
         slot_mapping: ``(tokens,)`` int64 (int32 accepted): ``block * block_size + offset`` of each token;
             negative slots (padding) are skipped.
     """
+    if not torch.compiler.is_compiling() and _fast_cache_ok(key, value, key_cache, value_cache, slot_mapping) \
+            and _cpu_kernel_loaded():
+        torch.ops.h1r.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+        return
     s = Shapes("reshape_and_cache")
     _check_caches(s, key_cache, value_cache)
     s.check("key", key, ("tokens", "num_kv_heads", "head_dim"))
@@ -182,9 +197,9 @@ def _reshape_and_cache_fake(key, value, key_cache, value_cache, slot_mapping):
 
 @torch.library.register_fake("h1r::paged_attention_decode")
 def _decode_fake(q, key_cache, value_cache, block_tables, seq_lens, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, whatever q's layout
 
 
 @torch.library.register_fake("h1r::paged_attention_prefill")
 def _prefill_fake(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, whatever q's layout
