@@ -21,6 +21,12 @@
 //   * the epilogue (muP scale, bias, SwiGLU, alpha, residual add) runs in fp32 on the block's tile before
 //     its single rounding to the output dtype, so no intermediate tensor is written.
 // bf16 batches of 5+ rows run on AMX tiles where the CPU has them (linear_amx below: the same epilogue).
+// GCC 12 reports ATen's AVX-512 intrinsic wrappers (the __Y operand of the reductions) as (maybe)
+// uninitialized wherever they are inlined into an OpenMP body: a false positive, silenced for this file.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
