@@ -32,7 +32,7 @@ def _common(ap: argparse.ArgumentParser) -> None:
                          "memory per trace of an fp32 model)")
     ap.add_argument("--prepack-weights", action="store_true",
                     help="bf16 on CPU: oneDNN-blocked copies of the projection weights for the many-trace GEMMs "
-                         "(faster decode steps, one more copy of those weights in memory)")
+                         "(one more copy of those weights in memory; pays on CPUs without AMX, where h1r's AMX GEMM is off)")
 
 
 def _load(args):
