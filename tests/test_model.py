@@ -343,3 +343,20 @@ def test_amx_rows_match_the_blas_path():
     for a, b in zip(amx, blas):
         a, b = a.float(), b.float()
         assert (a - b).abs().max() <= 0.02 * b.abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_tokens_equal_argmax_first_max(dtype):
+    # generate_greedy's token choice: h1r::sample_top_p at temperature 0 must be argmax's first max, ties included
+    from h1r_ops.model.falcon_h1 import greedy_tokens
+
+    g = torch.Generator().manual_seed(0)
+    for b, vocab in ((1, 1), (3, 7), (16, 32000), (5, 1000)):
+        x = torch.randn(b, vocab, generator=g).to(dtype)
+        if vocab > 8:
+            x[:, 3] = 50.0    # ties: the first of them wins
+            x[:, vocab - 2] = 50.0
+        assert torch.equal(greedy_tokens(x), x.argmax(-1))
+        assert torch.equal(greedy_tokens(x[:, :vocab]), x.argmax(-1))
+    wide = torch.randn(4, 64, generator=g).to(dtype)
+    assert torch.equal(greedy_tokens(wide[:, ::2]), wide[:, ::2].argmax(-1))   # strided columns: argmax path

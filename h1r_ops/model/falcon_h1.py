@@ -226,6 +226,21 @@ def cpu_direct(name: str):
     return f
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` of (b, vocab) logits (the first max of each row): by ``h1r::sample_top_p`` at
+    temperature 0 where the device has that kernel (one pass over the row; ATen's CPU argmax of a (16, 32k)
+    bf16 batch takes ~1.7 ms, 5x as long), else by argmax."""
+    from h1r_ops import _registry
+
+    if torch.compiler.is_compiling() or not _registry.has_kernel("sample_top_p", logits.device.type) \
+            or logits.dim() != 2 or logits.stride(1) != 1 or logits.shape[1] == 0:
+        return logits.argmax(-1)
+    b = logits.shape[0]
+    zeros = torch.zeros(b, device=logits.device)
+    ones = torch.ones(b, device=logits.device)
+    return torch.ops.h1r.sample_top_p(logits, zeros, ones, ones, 0)[0]
+
+
 def row_kernel_op():
     """``torch.ops.h1r.linear``'s CPU kernel (:func:`cpu_direct`) when this build has it (and ``swiglu``),
     else None."""
@@ -916,7 +931,7 @@ class FalconH1ForCausalLM(nn.Module):
         logits = self.prefill(input_ids, cache)
         out = [input_ids]
         for i in range(max_new_tokens):
-            tok = logits.argmax(-1)
+            tok = greedy_tokens(logits)
             out.append(tok[:, None])
             if i + 1 < max_new_tokens:
                 logits = self.step(tok, cache)
