@@ -19,8 +19,7 @@
 // both sides, so both layouts and the backward read them without bounds tests.
 // dweight / dbias are reduced per work item into their own slots, then summed in a fixed order: the
 // result does not depend on the thread count or the schedule (deterministic).
-// GCC 12 flags the _mm512_undefined_* idiom inside ATen's AVX-512 conversions; not our code.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include "cpu/vec_diagnostics.h"
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>

@@ -10,6 +10,7 @@
 //   sweep 3  (gradients) dx_j = c (p_j (alpha + beta u_j) + kappa) + c gamma [j == y],  p_j = exp(u_j - lse)
 // Every gradient of this family has the form of sweep 3 (see the coefficients at the call sites), so a
 // single writer serves cross entropy, log-probs and entropy, forward (Liger-style) and backward.
+#include "cpu/vec_diagnostics.h"
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>

@@ -21,12 +21,8 @@
 //   * the epilogue (muP scale, bias, SwiGLU, alpha, residual add) runs in fp32 on the block's tile before
 //     its single rounding to the output dtype, so no intermediate tensor is written.
 // bf16 batches of 5+ rows run on AMX tiles where the CPU has them (linear_amx below: the same epilogue).
-// GCC 12 reports ATen's AVX-512 intrinsic wrappers (the __Y operand of the reductions) as (maybe)
-// uninitialized wherever they are inlined into an OpenMP body: a false positive, silenced for this file.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+#define H1R_SILENCE_UNINITIALIZED
+#include "cpu/vec_diagnostics.h"
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -42,6 +38,7 @@
 
 #include "cpu/float_io.h"
 #include "cpu/linear.h"
+#include "cpu/narrow_store.h"
 
 namespace h1r::cpu::H1R_ISA {
 namespace {
@@ -316,20 +313,11 @@ AmxPanel amx_panel_vectors(const LinearParams& p, int64_t j0, int64_t n_out) {
   return e;
 }
 
-// 16 fp32 lanes rounded to bf16 and stored: by AVX512-BF16's vcvtneps2bf16 (HW) or in software
-template <bool HW>
-inline void store_bf16(c10::BFloat16* out, const VF& v);
-template <>
-inline void store_bf16<false>(c10::BFloat16* out, const VF& v) { store_n(out, v, 16); }
-template <>
-__attribute__((target("avx512bf16"))) inline void store_bf16<true>(c10::BFloat16* out, const VF& v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(__m512(v)));
-}
-
 // The fp32 epilogue (as epilogue() above) straight from the accumulator tiles of one panel and one block
 // of ``rows`` rows of x starting at i0: each 16 x 16 tile of out^T is transposed in registers, then every
-// row of x gets its 16 (SwiGLU) or 32 outputs scaled, activated, added and rounded once.
-template <bool HW>
+// row of x gets its 16 (SwiGLU) or 32 outputs scaled, activated, added and rounded once, by the narrowing
+// policy Cvt (narrow_store.h: AVX512-BF16's vcvtneps2bf16 or ATen's software rounding, the same bits).
+template <typename Cvt>
 void amx_epilogue_impl(const LinearParams& p, const float* ct, bool two, int64_t j0, int64_t i0, int64_t rows,
                        const AmxPanel& e) {
   using T = c10::BFloat16;
@@ -345,28 +333,24 @@ void amx_epilogue_impl(const LinearParams& p, const float* ct, bool two, int64_t
         const VF gate = at::vec::fmadd(VF(col[0][j]), e.scale[0], e.bias[0]);
         VF v = silu(gate) * at::vec::fmadd(VF(col[1][j]), e.scale[1], e.bias[1]);
         if (res) v = v + load_n(res, 16);
-        store_bf16<HW>(out, v);
+        Cvt::store(out, v, 16);
         continue;
       }
       for (int a = 0; a < (two ? 2 : 1); ++a) {
         VF v = at::vec::fmadd(VF(col[a][j]), e.scale[a], e.bias[a]);
         if (res) v = v + load_n(res + 16 * a, 16);
-        store_bf16<HW>(out + 16 * a, v);
+        Cvt::store(out + 16 * a, v, 16);
       }
     }
   }
 }
 
-__attribute__((target("avx512bf16"), flatten)) void amx_epilogue_hw(const LinearParams& p, const float* ct,
-                                                                    bool two, int64_t j0, int64_t i0,
-                                                                    int64_t rows, const AmxPanel& e) {
-  amx_epilogue_impl<true>(p, ct, two, j0, i0, rows, e);
-}
-
 void amx_epilogue(const LinearParams& p, const float* ct, bool two, int64_t j0, int64_t i0, int64_t rows,
                   const AmxPanel& e) {
-  if (p.bf16_dot) amx_epilogue_hw(p, ct, two, j0, i0, rows, e);  // the CPU has AVX512-BF16
-  else amx_epilogue_impl<false>(p, ct, two, j0, i0, rows, e);
+  // the hardware rounding where the CPU has AVX512-BF16 (p.bf16_dot: cpu_has_avx512_bf16())
+  with_cvt<c10::BFloat16>(p.bf16_dot, [&](auto cvt) {
+    amx_epilogue_impl<decltype(cvt)>(p, ct, two, j0, i0, rows, e);
+  });
 }
 
 void linear_amx(const LinearParams& p) {

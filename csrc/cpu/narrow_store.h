@@ -9,7 +9,7 @@
 //               where the software path keeps denormals and writes NaNs its own way: a vector holding a
 //               denormal or a NaN (one vfpclassps test, rarely taken) takes the software path, so both
 //               policies write the same bits for every input. fp32 / fp16 take the software path.
-// Use (as state_update_head_bf16_hw in selective_scan_kernels.cpp does): the kernel body is a template on the
+// Use (as the norms, rotary, linear's AMX epilogue and the state update do): the kernel body is a template on the
 // policy; with_cvt<T>(hw, body) runs body(HwBf16Cvt{}) inside a function compiled for avx512bf16 with
 // flatten (the body and its callees inlined there, where the instruction is allowed) when T is bf16 and hw
 // is set (the glue passes cpu_has_avx512_bf16(): the CPU has it and H1R_CPU_NO_AVX512_BF16 is unset), and

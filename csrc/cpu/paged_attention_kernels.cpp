@@ -13,12 +13,8 @@
 //
 // Decode splits long sequences into partitions of pages (flash-decoding) when the batch alone cannot
 // keep the threads busy, and merges the partial states afterwards.
-// GCC 12 reports ATen's AVX-512 intrinsic wrappers (the __Y operand of the reductions) as (maybe)
-// uninitialized wherever they are inlined into an OpenMP body: a false positive, silenced for this file.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+#define H1R_SILENCE_UNINITIALIZED
+#include "cpu/vec_diagnostics.h"
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>

@@ -17,13 +17,8 @@
 // Rows (and dweight blocks) are handed out dynamically: on a shared machine a descheduled thread does not
 // hold up the others, and the fixed block partition keeps dweight deterministic.
 
-// GCC 12 reports the "undefined" source register of some AVX-512 intrinsics (_mm512_undefined_epi32 in
-// vpmovzxwd / vpslld, ATen's vec_reduce_all) as maybe uninitialized once they are inlined into the flattened
-// AVX512-BF16 row functions: a false positive, silenced for this file.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+#define H1R_SILENCE_UNINITIALIZED
+#include "cpu/vec_diagnostics.h"
 #include <omp.h>
 
 #include <algorithm>

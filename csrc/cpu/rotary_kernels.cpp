@@ -5,13 +5,8 @@
 // every q head and every k head at those positions: the cos / sin block stays in L1 while q and k stream
 // through, whatever their strides. bf16 results are rounded by AVX512-BF16 where the CPU has it, and large
 // out-of-place results are written with non-temporal stores (narrow_store.h).
-// GCC 12 reports the "undefined" source register of some AVX-512 intrinsics (_mm512_undefined_epi32 in
-// ATen's bf16 widening and in vpmovzxwd / vpslld) as (maybe) uninitialized once inlined into the OpenMP body
-// and the flattened AVX512-BF16 block: a false positive, silenced for this file.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+#define H1R_SILENCE_UNINITIALIZED
+#include "cpu/vec_diagnostics.h"
 #include <omp.h>
 
 #include <algorithm>

@@ -16,12 +16,8 @@
 //   4. the draw: the first token in vocabulary order whose cumulative kept mass reaches u times the kept
 //      total (blocks of kept mass are skipped whole until the one that holds the crossing).
 // Rows are independent (OpenMP over rows), so a row's token does not depend on the batch.
-// GCC 12 reports the "undefined" source registers of ATen's vector reductions and conversions as maybe
-// uninitialized once they are inlined into the OpenMP body: a false positive, silenced for this file.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+#define H1R_SILENCE_UNINITIALIZED
+#include "cpu/vec_diagnostics.h"
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>

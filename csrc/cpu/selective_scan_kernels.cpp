@@ -12,11 +12,7 @@
 // right-hand operand along contiguous rows; B, C (and fp32 x) are read in place. Work is parallel over
 // batch x heads (OpenMP). Denormals are flushed (FlushDenormals) for speed.
 
-// GCC 12 reports the "undefined" source register of _mm512_shuffle_f32x4 (ATen's vec_reduce_all) as maybe
-// uninitialized wherever hsum() is inlined into an OpenMP body: a false positive, silenced for this file.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#include "cpu/vec_diagnostics.h"
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -29,6 +25,7 @@
 #include <vector>
 
 #include "cpu/float_io.h"
+#include "cpu/narrow_store.h"
 #include "cpu/selective_scan_params.h"
 
 namespace h1r::cpu::H1R_ISA {
@@ -589,26 +586,6 @@ void selective_scan_bwd_kernel(const ScanParams& p) {
 // State elements (batch x heads x headdim x dstate) below which the decode step runs on one thread.
 constexpr int64_t kStateUpdateParallelWork = int64_t(1) << 18;
 
-// Narrowing an updated fp32 state vector back to TS: ATen's conversions (for bf16, a software round to
-// nearest even of ~8 instructions per vector).
-struct StoreState {
-  template <typename TS>
-  void operator()(TS* s, const Vec& v, int64_t k) const { store_n(s, v, k); }
-};
-
-#if defined(CPU_CAPABILITY_AVX512)
-// A bf16 state on AVX512-BF16 CPUs: vcvtneps2bf16 rounds 16 lanes to nearest even in one instruction (the
-// same bits as the software path for every fp32 value but denormals, which the kernel flushes anyway):
-// the bf16 state update is bound by its rounding, not by memory, without it.
-struct StoreStateBf16Hw {
-  __attribute__((target("avx512bf16"))) void operator()(c10::BFloat16* s, const Vec& v, int64_t k) const {
-    const __m256i r = (__m256i)_mm512_cvtneps_pbh(__m512(v));
-    if (k == kLanes) _mm256_storeu_si256(reinterpret_cast<__m256i*>(s), r);
-    else _mm256_mask_storeu_epi16(s, static_cast<__mmask16>((1u << k) - 1), r);
-  }
-};
-#endif
-
 // How far ahead of the row being updated the state is prefetched (with write intent). One core streams
 // the state at only ~14 GB/s read + write on its own (bound by its outstanding misses, not by the memory:
 // two cores stream twice that); requests ~4 KiB ahead, across the end of a head into the next (batch,
@@ -616,10 +593,12 @@ struct StoreStateBf16Hw {
 // in flight: 64 x 16 x 64 x 128 bf16 states, one thread, 2.5 -> 1.6 ms.
 constexpr int64_t kStatePrefetchBytes = 4096;
 
-// One (batch, head) of the decode step: dt' and the decay once, then every channel row of its state.
-template <typename T, typename TS, typename Store>
-inline void state_update_head(const StateUpdateParams& p, int64_t bh, float* Bf, float* Cf, float* yr,
-                              Store store) {
+// One (batch, head) of the decode step: dt' and the decay once, then every channel row of its state, narrowed
+// back to TS by the policy Cvt (narrow_store.h). A bf16 state on AVX512-BF16 CPUs takes vcvtneps2bf16 (one
+// instruction per vector, the same bits as ATen's ~8-instruction software rounding): without it the bf16
+// state update is bound by its rounding, not by memory.
+template <typename T, typename TS, typename Cvt>
+inline void state_update_head(const StateUpdateParams& p, int64_t bh, float* Bf, float* Cf, float* yr) {
   const int64_t H = p.nheads, P = p.headdim, G = p.ngroups, N = p.dstate, hpg = H / G;
   const int64_t b = bh / H, h = bh % H, g = h / hpg;
   const int64_t row = p.state_batch_indices ? p.state_batch_indices[b] : b;
@@ -657,7 +636,7 @@ inline void state_update_head(const StateUpdateParams& p, int64_t bh, float* Bf,
     for_lanes(N, [&](int64_t n, int64_t k) {
       Vec sv = load_n(s + n, k);
       sv = at::vec::fmadd(sv, decay, dx * Vec::loadu(&Bf[n], k));
-      store(s + n, sv, k);
+      Cvt::store(s + n, sv, k);
       acc = at::vec::fmadd(sv, Vec::loadu(&Cf[n], k), acc);
     });
     float y = hsum(acc);
@@ -671,16 +650,6 @@ inline void state_update_head(const StateUpdateParams& p, int64_t bh, float* Bf,
   from_float(yr, o, P);
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
-// The head step with the hardware bf16 rounding, compiled for AVX512-BF16 as a whole (flatten: the row
-// loop and its store inlined here, where the instruction is allowed) and called only where the CPU has it.
-template <typename T>
-__attribute__((target("avx512bf16"), flatten)) void state_update_head_bf16_hw(
-    const StateUpdateParams& p, int64_t bh, float* Bf, float* Cf, float* yr) {
-  state_update_head<T, c10::BFloat16>(p, bh, Bf, Cf, yr, StoreStateBf16Hw{});
-}
-#endif
-
 template <typename T, typename TS>
 void state_update(const StateUpdateParams& p) {
   const int64_t H = p.nheads, P = p.headdim, N = p.dstate;
@@ -689,24 +658,15 @@ void state_update(const StateUpdateParams& p) {
   // only opened when the state to stream is large enough to repay it.
   const int64_t work = p.batch * H * P * N;
   const bool parallel = p.batch * H > 1 && work >= kStateUpdateParallelWork;
-#if defined(CPU_CAPABILITY_AVX512)
-  const bool hw_bf16 = std::is_same_v<TS, c10::BFloat16> && p.hw_bf16;
-#endif
 #pragma omp parallel if (parallel)
   {
     FlushDenormals ftz;
     std::vector<float> Bf(N), Cf(N), yr(P);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < p.batch * H; ++bh) {
-#if defined(CPU_CAPABILITY_AVX512)
-      if constexpr (std::is_same_v<TS, c10::BFloat16>) {
-        if (hw_bf16) {
-          state_update_head_bf16_hw<T>(p, bh, Bf.data(), Cf.data(), yr.data());
-          continue;
-        }
-      }
-#endif
-      state_update_head<T, TS>(p, bh, Bf.data(), Cf.data(), yr.data(), StoreState{});
+      with_cvt<TS>(p.hw_bf16, [&](auto cvt) {
+        state_update_head<T, TS, decltype(cvt)>(p, bh, Bf.data(), Cf.data(), yr.data());
+      });
     }
   }
 }
