@@ -17,6 +17,7 @@
 #include <string>
 
 #include "cpu/isa.h"
+#include "cpu/amx.h"
 #include "cpu/linear.h"
 
 TORCH_LIBRARY(h1r, m) {
@@ -172,7 +173,7 @@ TORCH_LIBRARY(h1r, m) {
   // Whether h1r::linear multiplies bf16 x of 5 or more rows on AMX tiles on this machine (the CPU has
   // AMX-BF16, the OS grants the tile state, H1R_CPU_NO_AMX unset), for shapes with k % 32 == 0 and
   // n_out % 16 == 0: the weight read in its plain layout (no per-call reorder), the epilogue fused.
-  m.def("linear_amx() -> bool", []() -> bool { return h1r::cpu::linear_amx_usable(); });
+  m.def("linear_amx() -> bool", []() -> bool { return h1r::cpu::amx_usable(); });
 
   // ---- build introspection -------------------------------------------------------------------------
   // The CPU ISA the kernels were dispatched for at load time ("avx512", "avx2" or "scalar").

@@ -3,42 +3,14 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#if defined(__x86_64__)
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-
 #include "checks.h"
 #include "cpu/glue.h"
+#include "cpu/amx.h"
 #include "cpu/isa.h"
 #include "cpu/linear.h"
 
 H1R_DECLARE_CPU_KERNEL(void, linear_kernel, const h1r::cpu::LinearParams&);
 H1R_DECLARE_CPU_KERNEL(void, swiglu_kernel, const h1r::cpu::SwigluParams&);
-
-namespace h1r::cpu {
-
-bool linear_amx_usable() {
-  static const bool usable = [] {
-#if defined(__x86_64__)
-    if (cpu_isa() != Isa::avx512 || std::getenv("H1R_CPU_NO_AMX") != nullptr) return false;
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    const bool amx_bf16 = (edx >> 22) & 1, amx_tile = (edx >> 24) & 1;
-    if (!amx_bf16 || !amx_tile) return false;
-    // Linux hands out the 8 KiB tile state only on request (oneDNN makes the same one)
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-#else
-    return false;
-#endif
-  }();
-  return usable;
-}
-
-}  // namespace h1r::cpu
 
 namespace h1r {
 namespace {
@@ -67,7 +39,7 @@ std::optional<Tensor> channel_vector(const std::optional<Tensor>& t, const char*
 // Many bf16 rows go to the AMX tiles where the shapes fit them whole (k in steps of 32, n_out of 16).
 bool use_amx(const Tensor& x, int64_t m, int64_t k, int64_t n_out) {
   return x.scalar_type() == at::kBFloat16 && m >= cpu::kLinearAmxMinRows && k % 32 == 0 && n_out % 16 == 0 &&
-         cpu::linear_amx_usable();
+         cpu::amx_usable();
 }
 
 Tensor linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,

@@ -28,13 +28,9 @@ struct LinearParams {
   float alpha;
   bool swiglu;
   bool bf16_dot;             // the CPU has AVX512-BF16 (dot products of bf16 pairs) and it may be used
-  bool amx;                  // bf16 on AMX tiles (linear_amx_usable(), k % 32 == 0, n_out % 16 == 0, many rows)
+  bool amx;                  // bf16 on AMX tiles (amx_usable(), k % 32 == 0, n_out % 16 == 0, many rows)
   FloatType dtype;
 };
-
-// Whether this process may multiply bf16 on AMX tiles: the CPU has AMX-TILE and AMX-BF16, the ISA in use is
-// avx512, the OS granted the tile state (arch_prctl) and H1R_CPU_NO_AMX is not set (csrc/cpu/linear.cpp).
-bool linear_amx_usable();
 
 // Rows of x from which h1r::linear runs on AMX tiles when it may (fewer rows: the weight-streaming dot
 // product kernel, which is memory-bound there anyway).

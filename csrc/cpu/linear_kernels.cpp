@@ -36,6 +36,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/amx_tiles.h"
 #include "cpu/float_io.h"
 #include "cpu/linear.h"
 #include "cpu/narrow_store.h"
@@ -178,50 +179,7 @@ void epilogue(const LinearParams& p, const float* tile, int64_t ld, int64_t j0, 
 //
 // Threads take contiguous runs of panels: each streams its own slab of W once; the panel (32 rows x k)
 // stays in L2 while the blocks of x pass, and xp (m x k bf16) is shared, read from L2 / L3.
-struct alignas(64) TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 constexpr int64_t kAmxRows = 32;  // rows of x per block: two B tiles
-
-// out[j] = column j of the 16 x 16 matrix of 32-bit lanes whose rows are ``rows``, in three shuffle stages
-// (pairs of rows, quads, then 128-bit lanes across the four quads); bit patterns move unchanged.
-inline void transpose16(const __m512 rows[16], __m512 out[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    const __m512 a = rows[2 * i], b = rows[2 * i + 1];
-    t[2 * i] = _mm512_unpacklo_ps(a, b);      // lane L: a[4L], b[4L], a[4L+1], b[4L+1]
-    t[2 * i + 1] = _mm512_unpackhi_ps(a, b);  // lane L: a[4L+2], b[4L+2], a[4L+3], b[4L+3]
-  }
-  // u[4g + c], lane L: rows 4g .. 4g+3 of column 4L + c
-  for (int g = 0; g < 4; ++g) {
-    const __m512d lo = _mm512_castps_pd(t[4 * g]), lo2 = _mm512_castps_pd(t[4 * g + 2]);
-    const __m512d hi = _mm512_castps_pd(t[4 * g + 1]), hi2 = _mm512_castps_pd(t[4 * g + 3]);
-    u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, lo2));
-    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, lo2));
-    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi, hi2));
-    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi, hi2));
-  }
-  // column 4L + c = lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
-  for (int c = 0; c < 4; ++c) {
-    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
-    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
-    out[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
-    out[c + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
-    out[c + 8] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
-    out[c + 12] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
-  }
-}
-
-// transpose16 of a 16 x 16 fp32 tile stored with rows of 64 bytes
-inline void transpose16(const float* m, __m512 out[16]) {
-  __m512 rows[16];
-  for (int r = 0; r < 16; ++r) rows[r] = _mm512_load_ps(m + 16 * r);
-  transpose16(rows, out);
-}
 
 // xp for rows 16 mb .. 16 mb + 15 of x (all k blocks), see above: each 16 rows x 32 k slice of x, read as
 // 16 x 16 bf16 pairs, is one transpose away from its B tile.
@@ -278,20 +236,6 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const c10::BFloat16*
     _tile_stored(3, ct + 768, 64);
   }
 }
-
-__attribute__((target("amx-tile"))) void amx_configure() {
-  TileConfig cfg{};
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  // GCC (12) does not see ldtilecfg read the struct and drops the stores above: make them happen
-  asm volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
-}
-
-__attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 
 // The epilogue's per-column vectors of one panel (its two 16-column halves: SwiGLU's gate and up), with
 // alpha folded in where it multiplies linearly: out = y * scale + bias (alpha * (y * s + b)), or for SwiGLU
