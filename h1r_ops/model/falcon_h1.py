@@ -51,7 +51,9 @@ from .config import FalconH1Config
 class LayerCache:
     """One layer's decode state for a batch of sequences of equal length.
 
-    key, value: (b, kv_heads, max_len, head_dim) post-RoPE, filled up to ``HybridCache.length``;
+    key, value: (b, max_len, kv_heads, head_dim) post-RoPE, filled up to ``HybridCache.length``: the paged
+        attention kernels' cache layout with one page of max_len slots per sequence, so the fused decode step
+        attends through ``h1r::paged_attention_decode`` with the trivial table (sequence i -> page i);
     conv_state: (b, conv_dim, d_conv - 1), the last inputs of the depthwise conv;
     ssm_state: (b, mamba_heads, mamba_d_head, d_state) fp32."""
 
@@ -70,7 +72,7 @@ class HybridCache:
 
     @property
     def max_len(self) -> int:
-        return self.layers[0].key.shape[2]
+        return self.layers[0].key.shape[1]
 
 
 def mup_vector(cfg: FalconH1Config) -> torch.Tensor:
@@ -226,6 +228,19 @@ def cpu_direct(name: str):
     return f
 
 
+def _paged_decode_op(*args):
+    """``h1r::paged_attention_decode`` (q (b, heads, d) at any row stride, caches (pages, slots, kv, d),
+    tables, lens, scale) for the fused decode step: on CPU its kernel directly (the glue checks the tables)."""
+    return (cpu_direct if args[0].device.type == "cpu" else lambda n: getattr(torch.ops.h1r, n))(
+        "paged_attention_decode")(*args)
+
+
+def _paged_decode_ok(device: torch.device) -> bool:
+    from h1r_ops import _registry
+
+    return _registry.has_kernel("paged_attention_decode", device.type)
+
+
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(-1)`` of (b, vocab) logits (the first max of each row): by ``h1r::sample_top_p`` at
     temperature 0 where the device has that kernel (one pass over the row; ATen's CPU argmax of a (16, 32k)
@@ -304,10 +319,12 @@ def attend(q, k, v, scale: float, mask=None, cache: LayerCache | None = None, st
     attend to every cached position before them too. No ``mask``: causal (query i at position start + i);
     a single query (decode) attends to every cached position."""
     l = q.shape[2]
-    if cache is not None:
-        cache.key.narrow(2, start, l).copy_(k)
-        cache.value.narrow(2, start, l).copy_(v)
-        k, v = cache.key.narrow(2, 0, start + l), cache.value.narrow(2, 0, start + l)
+    if cache is not None:  # the cache is (b, max_len, kv_heads, d): write and read it as (b, kv_heads, len, d)
+        cache.key.narrow(1, start, l).copy_(k.transpose(1, 2))
+        cache.value.narrow(1, start, l).copy_(v.transpose(1, 2))
+        if start > 0:  # from position 0 the keys and values are just k and v (no strided read back)
+            k = cache.key.narrow(1, 0, start + l).transpose(1, 2)
+            v = cache.value.narrow(1, 0, start + l).transpose(1, 2)
     if mask is None and l > 1:
         if start == 0:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -643,17 +660,27 @@ class DecoderLayer(nn.Module):
                             packed_of(pk.get("down"), ff.down_proj.weight), inplace=True)
 
     def forward_fused(self, x, b: int, l: int, rope, pos_ids, mask=None, seq_idx=None,
-                      cache: LayerCache | None = None, start: int = 0, decode: bool = False) -> torch.Tensor:
+                      cache: LayerCache | None = None, start: int = 0, decode: bool = False,
+                      pages: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The whole layer on the fused path: x (b*l, hidden); rope = (cos, sin) tables (max_pos, head_dim);
         pos_ids (b, l) int64. ``decode`` (l == 1, with ``cache``) steps the mixer's cached states;
-        otherwise the full-sequence mixer runs (with ``cache``: from position 0, final states written)."""
+        otherwise the full-sequence mixer runs (with ``cache``: from position 0, final states written).
+        ``pages`` (decode only): (block_tables (b, 1), seq_lens (b,)) int32 of the cache seen as one page per
+        sequence; the step's attention then runs in ``h1r::paged_attention_decode`` (one call for all heads,
+        no (b, heads, len) score tensors as SDPA's small-query path makes)."""
         at = self.self_attn
         z, xBC, dt, q, k, v = self.project_fused(x)
         q4, k4 = q.view(b, l, at.n_heads, at.head_dim), k.view(b, l, at.n_kv, at.head_dim)
         torch.ops.h1r.rotary_(q4.transpose(1, 2), k4.transpose(1, 2), rope[0], rope[1], pos_ids, False)
-        q4, k4, v4 = q4.transpose(1, 2), k4.transpose(1, 2), v.view(b, l, at.n_kv, at.head_dim).transpose(1, 2)
-        o = attend(q4, k4, v4, at.scale, mask=mask, cache=cache, start=start)
-        o = o.transpose(1, 2).reshape(b * l, at.n_heads * at.head_dim)
+        if pages is not None:
+            cache.key.select(1, start).copy_(k)
+            cache.value.select(1, start).copy_(v)
+            o = _paged_decode_op(q, cache.key, cache.value, pages[0], pages[1], at.scale)
+            o = o.view(b, at.n_heads * at.head_dim)
+        else:
+            q4, k4, v4 = q4.transpose(1, 2), k4.transpose(1, 2), v.view(b, l, at.n_kv, at.head_dim).transpose(1, 2)
+            o = attend(q4, k4, v4, at.scale, mask=mask, cache=cache, start=start)
+            o = o.transpose(1, 2).reshape(b * l, at.n_heads * at.head_dim)
         if decode:
             y = self.mamba.step_fused(z, xBC, dt, cache.conv_state, cache.ssm_state)
         else:
@@ -792,8 +819,8 @@ class FalconH1ForCausalLM(nn.Module):
         dtype = dtype or p.dtype
         layers = [
             LayerCache(
-                key=torch.zeros(batch, c.num_key_value_heads, max_len, c.head_dim, dtype=dtype, device=p.device),
-                value=torch.zeros(batch, c.num_key_value_heads, max_len, c.head_dim, dtype=dtype, device=p.device),
+                key=torch.zeros(batch, max_len, c.num_key_value_heads, c.head_dim, dtype=dtype, device=p.device),
+                value=torch.zeros(batch, max_len, c.num_key_value_heads, c.head_dim, dtype=dtype, device=p.device),
                 conv_state=torch.zeros(batch, c.conv_dim, c.mamba_d_conv - 1, dtype=dtype, device=p.device),
                 ssm_state=torch.zeros(batch, c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state, dtype=torch.float32,
                                       device=p.device),
@@ -873,9 +900,14 @@ class FalconH1ForCausalLM(nn.Module):
         pos = position_ids.to(torch.int64).expand(b, l).contiguous()
         rope = self.rope_tables(max_pos, x.dtype)
         x = x.reshape(b * l, d)
+        pages = None
+        if decode and _paged_decode_ok(x.device):  # the cache as one page per sequence (LayerCache)
+            pages = (torch.arange(b, dtype=torch.int32, device=x.device).view(b, 1),
+                     torch.full((b,), start + 1, dtype=torch.int32, device=x.device))
         for i, layer in enumerate(self.model.layers):
             x = layer.forward_fused(x, b, l, rope, pos, mask=mask, seq_idx=seq_idx,
-                                    cache=None if cache is None else cache.layers[i], start=start, decode=decode)
+                                    cache=None if cache is None else cache.layers[i], start=start, decode=decode,
+                                    pages=pages)
         if cache is not None:
             cache.length = start + l
         ln = self.model.final_layernorm
