@@ -162,6 +162,30 @@ def test_cpu_gated(dtype, rows, d, group_size, has_z, norm_before_gate):
     check_gated(CPU_OPS, dtype, rows, d, group_size, has_z, norm_before_gate)
 
 
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+@pytest.mark.parametrize("shape", [(7, 96), (2, 5, 64), (1, 40)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cpu_gated_strided_z_rows(dtype, shape, norm_before_gate):
+    """z as a column slice of a wider buffer (the fused model's in-projection output) is read in place and
+    gives the bits of its contiguous copy; a z whose last dimension is strided is copied, same result."""
+    torch.manual_seed(3)
+    d = shape[-1]
+    x = torch.randn(shape).to(dtype)
+    wide = torch.randn(*shape[:-1], 3 * d + 5).to(dtype)
+    z = wide[..., d + 3:2 * d + 3]
+    w = (1 + 0.1 * torch.randn(d)).to(dtype)
+    want = torch.ops.h1r.gated_rms_norm_fwd(x, z.contiguous(), w, 1e-5, d // 2 if d % 2 == 0 else d,
+                                            norm_before_gate)
+    got = torch.ops.h1r.gated_rms_norm_fwd(x, z, w, 1e-5, d // 2 if d % 2 == 0 else d, norm_before_gate)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    zt = wide[..., :2 * d:2]  # last-dimension stride 2
+    got = torch.ops.h1r.gated_rms_norm_fwd(x, zt, w, 1e-5, d, norm_before_gate)
+    want = torch.ops.h1r.gated_rms_norm_fwd(x, zt.contiguous(), w, 1e-5, d, norm_before_gate)
+    assert torch.equal(got[0], want[0])
+    with pytest.raises(ValueError, match="'z'"):
+        torch.ops.h1r.gated_rms_norm_fwd(x, wide, w, 1e-5, d, norm_before_gate)
+
+
 @needs_triton
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("rows,d", [(1, 1), (5, 7), (3, 3072), (2, 8191), (37, 96)])

@@ -103,12 +103,23 @@ std::tuple<Tensor, Tensor> gated_rms_norm_fwd(const Tensor& x, const std::option
   const int64_t d = check_rows(x, "x");
   const int64_t rows = x.numel() / d;
   const int64_t ngroups = check_groups(d, group_size);
-  if (z) check_like(*z, "z", x, "x");
+  // z: x's shape, dtype and device; its rows may be strided (a column slice of a wider buffer, as the fused
+  // model's in-projection output): read in place when they are, else one contiguous copy
+  Tensor zr;
+  if (z) {
+    TORCH_CHECK_VALUE(z->sizes() == x.sizes(), "argument 'z': expected shape ", shape_str(x.sizes()),
+                      " (that of 'x'), got ", shape_str(z->sizes()));
+    check_dtype(*z, "z", x.scalar_type());
+    check_same_device(*z, "z", x, "x");
+    zr = z->reshape({rows, d});
+    if (d > 1 && zr.stride(1) != 1) zr = zr.contiguous();
+  }
   check_weight(weight, d, x);
   Tensor out = at::empty_like(x);
   Tensor rstd = at::empty({rows, ngroups}, x.options().dtype(at::kFloat));
   if (rows == 0) return {out, rstd};
-  cpu::GatedRmsNormFwdParams p{x.data_ptr(), ptr_or_null(z), weight.data_ptr(), out.data_ptr(),
+  const int64_t z_stride = zr.defined() && rows > 1 ? zr.stride(0) : d;
+  cpu::GatedRmsNormFwdParams p{x.data_ptr(), zr.defined() ? zr.data_ptr() : nullptr, z_stride, weight.data_ptr(), out.data_ptr(),
                                rstd.data_ptr<float>(), rows, d, group_size, static_cast<float>(eps),
                                norm_before_gate, float_type(x), float_type(weight), cpu::cpu_has_avx512_bf16()};
   H1R_CPU_DISPATCH(gated_rms_norm_fwd_kernel, p);

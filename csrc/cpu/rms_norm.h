@@ -45,6 +45,7 @@ struct RmsNormBwdParams {
 struct GatedRmsNormFwdParams {
   const void* x;
   const void* z;  // nullable
+  int64_t z_stride;  // elements between z's rows (d when contiguous; the fused model passes a column slice)
   const void* weight;
   void* out;
   float* rstd;  // (rows, d / group_size)

@@ -252,13 +252,13 @@ inline void gated_fwd_row(const GatedRmsNormFwdParams& p, const float* w, float*
   const bool gate_before = z && !p.norm_before_gate;  // normalize u = x * silu(z)
   const bool gate_after = z && p.norm_before_gate;    // out = norm(x) * w * silu(z)
   for (int64_t grp = 0; grp < ngroups; ++grp) {
-    const int64_t off = row * d + grp * gs;
+    const int64_t off = row * d + grp * gs, zoff = row * p.z_stride + grp * gs;
     // 1. u = x (or x * silu(z)) and sum(u^2).
     VF sumsq(0.f);
     for_lanes(gs, [&](int64_t i, int64_t n) {
       VF uv = load_n(x + off + i, n);
       if (gate_before) {
-        const VF zv = load_n(z + off + i, n);
+        const VF zv = load_n(z + zoff + i, n);
         uv = uv * zv * sigmoid(zv).s;
       }
       store_n(u + i, uv, n);
@@ -270,10 +270,10 @@ inline void gated_fwd_row(const GatedRmsNormFwdParams& p, const float* w, float*
     const VF vrstd(rstd);
     for_lanes(gs, [&](int64_t i, int64_t n) {
       prefetch_next(x + off + gs + i);  // the next group or row
-      if (z) prefetch_next(z + off + gs + i);
+      if (z) prefetch_next(z + zoff + gs + i);
       VF y = load_n(u + i, n) * vrstd * load_n(w + grp * gs + i, n);
       if (gate_after) {
-        const VF zv = load_n(z + off + i, n);
+        const VF zv = load_n(z + zoff + i, n);
         y = y * zv * sigmoid(zv).s;
       }
       put<kStream, Cvt>(out + off + i, y, n);

@@ -486,6 +486,8 @@ class Mixer(nn.Module):
         if self.norm is None:
             return y
         n = self.norm
+        if y.device.type == "cpu":  # the CPU kernel reads z's strided rows (a slice of the projection) in place
+            return cpu_direct("gated_rms_norm_fwd")(y, z, n.weight, n.eps, n.group_size, n.norm_before_gate)[0]
         return torch.ops.h1r.gated_rms_norm_fwd(y, z.contiguous(), n.weight, n.eps, n.group_size,
                                                 n.norm_before_gate)[0]
 
