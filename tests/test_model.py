@@ -1,5 +1,6 @@
 """The native Falcon-H1 model against transformers' FalconH1ForCausalLM on the same random weights."""
 
+import contextlib
 import json
 import math
 import os
@@ -225,6 +226,26 @@ def test_fused_path_matches_module_path(pair, batch):
     for l1, l2 in zip(c1.layers, c2.layers):
         torch.testing.assert_close(l1.ssm_state, l2.ssm_state, atol=2e-5, rtol=2e-5)
         torch.testing.assert_close(l1.key[:, :18], l2.key[:, :18], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cache_positions_past_length_are_never_read(pair, fused):
+    """new_cache leaves the key/value slots uninitialized: poison them with NaN and the prefill + steps
+    must give exactly the logits of a zeroed cache (on both paths)."""
+    _, ours, _ = pair
+    torch.manual_seed(5)
+    ids = torch.randint(3, 97, (2, 9))
+    outs = []
+    with torch.no_grad(), (contextlib.nullcontext() if fused else _module_path(ours)):
+        for fill in (0.0, float("nan")):
+            c = ours.new_cache(2, 16)
+            for layer in c.layers:
+                layer.key.fill_(fill)
+                layer.value.fill_(fill)
+            steps = [ours.prefill(ids, c)] + [ours.step(ids[:, i], c) for i in range(4)]
+            outs.append(torch.stack(steps))
+    assert not outs[1].isnan().any()
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_fused_path_packed_sequences_and_positions(pair):

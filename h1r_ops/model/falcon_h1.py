@@ -821,8 +821,9 @@ class FalconH1ForCausalLM(nn.Module):
         dtype = dtype or p.dtype
         layers = [
             LayerCache(
-                key=torch.zeros(batch, max_len, c.num_key_value_heads, c.head_dim, dtype=dtype, device=p.device),
-                value=torch.zeros(batch, max_len, c.num_key_value_heads, c.head_dim, dtype=dtype, device=p.device),
+                # positions at or past the cache's length are never read: no need to clear them
+                key=torch.empty(batch, max_len, c.num_key_value_heads, c.head_dim, dtype=dtype, device=p.device),
+                value=torch.empty(batch, max_len, c.num_key_value_heads, c.head_dim, dtype=dtype, device=p.device),
                 conv_state=torch.zeros(batch, c.conv_dim, c.mamba_d_conv - 1, dtype=dtype, device=p.device),
                 ssm_state=torch.zeros(batch, c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state, dtype=torch.float32,
                                       device=p.device),
