@@ -154,12 +154,22 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t 
 }
 
 // dst (cols x rows) = src (rows x cols, leading dim ld)^T, in 16 x 16 blocks (a block's source rows stay
-// in L1 while its destination rows are written whole).
+// in L1 while its destination rows are written whole; with AVX-512 a whole block moves through registers,
+// amx_tiles.h's transpose16).
 inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
   constexpr int64_t TB = 16;
   for (int64_t r0 = 0; r0 < rows; r0 += TB)
     for (int64_t c0 = 0; c0 < cols; c0 += TB) {
       const int64_t r1 = std::min(rows, r0 + TB), c1 = std::min(cols, c0 + TB);
+#if defined(CPU_CAPABILITY_AVX512)
+      if (r1 - r0 == TB && c1 - c0 == TB) {
+        __m512 in[TB], out[TB];
+        for (int64_t r = 0; r < TB; ++r) in[r] = _mm512_loadu_ps(src + (r0 + r) * ld + c0);
+        transpose16(in, out);
+        for (int64_t c = 0; c < TB; ++c) _mm512_storeu_ps(dst + (c0 + c) * rows + r0, out[c]);
+        continue;
+      }
+#endif
       for (int64_t c = c0; c < c1; ++c)
         for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * ld + c];
     }
@@ -207,24 +217,58 @@ struct ChunkDecay {
   explicit ChunkDecay(int64_t Q) : dtp(Q), cs(Q), e(Q), w(Q), dstart(Q), doc(Q) {}
 
   // Chunk cumsum for head h of batch b, tokens [t0, t0 + q); prev_doc: document of the entering state.
-  template <typename T>
+  // kVec: softplus and the decays on vectors (ATen's Sleef functions, 1 ulp) instead of libm's scalar calls
+  // (also within 1 ulp, but not the same bits): the AMX path's, where ~400 scalar calls per chunk were a
+  // tenth of its time; the fp32 path keeps its bits.
+  template <bool kVec = false, typename T>
   void compute(const ScanView<T>& v, int64_t b, int64_t h, int64_t t0, int64_t q, int32_t prev_doc) {
     const ScanParams& p = v.p;
     const float A = p.A[h];
     const float bias = p.dt_bias ? p.dt_bias[h] : 0.f;
+    if constexpr (kVec) {
+      for (int64_t i = 0; i < q; ++i) dtp[i] = static_cast<float>(v.dt[(b * v.L + t0 + i) * v.H + h]) + bias;
+      const Vec lo(p.dt_min), hi(p.dt_max), big(20.f);
+      for (int64_t i = 0; i < q; i += VL) {
+        const int64_t k = std::min(VL, q - i);
+        Vec d = Vec::loadu(&dtp[i], k);
+        if (p.dt_softplus) d = Vec::blendv(d.exp().log1p(), d, d > big);
+        if (clamp_dt(p)) d = at::vec::minimum(at::vec::maximum(d, lo), hi);
+        d.store(&dtp[i], k);
+      }
+    }
     float run = 0.f;
     for (int64_t i = 0; i < q; ++i) {
-      float d = static_cast<float>(v.dt[(b * v.L + t0 + i) * v.H + h]) + bias;
-      if (p.dt_softplus) d = softplus(d);
-      if (clamp_dt(p)) d = std::min(std::max(d, p.dt_min), p.dt_max);
-      dtp[i] = d;
+      float d;
+      if constexpr (kVec) {
+        d = dtp[i];
+      } else {
+        d = static_cast<float>(v.dt[(b * v.L + t0 + i) * v.H + h]) + bias;
+        if (p.dt_softplus) d = softplus(d);
+        if (clamp_dt(p)) d = std::min(std::max(d, p.dt_min), p.dt_max);
+        dtp[i] = d;
+      }
       run += d * A;
       cs[i] = run;
       doc[i] = v.doc(b, t0 + i);
       dstart[i] = (i > 0 && doc[i] == doc[i - 1]) ? dstart[i - 1] : i;
     }
-    for (int64_t i = 0; i < q; ++i) e[i] = doc[i] == prev_doc ? std::exp(cs[i]) : 0.f;
-    for (int64_t j = 0; j < q; ++j) w[j] = doc[j] == doc[q - 1] ? std::exp(cs[q - 1] - cs[j]) : 0.f;
+    if constexpr (kVec) {
+      const Vec last(cs[q - 1]);
+      for (int64_t i = 0; i < q; i += VL) {
+        const int64_t k = std::min(VL, q - i);
+        const Vec c = Vec::loadu(&cs[i], k);
+        c.exp().store(&e[i], k);
+        (last - c).exp().store(&w[i], k);
+      }
+      if (p.seq_idx)
+        for (int64_t i = 0; i < q; ++i) {
+          if (doc[i] != prev_doc) e[i] = 0.f;
+          if (doc[i] != doc[q - 1]) w[i] = 0.f;
+        }
+    } else {
+      for (int64_t i = 0; i < q; ++i) e[i] = doc[i] == prev_doc ? std::exp(cs[i]) : 0.f;
+      for (int64_t j = 0; j < q; ++j) w[j] = doc[j] == doc[q - 1] ? std::exp(cs[q - 1] - cs[j]) : 0.f;
+    }
     e_last = e[q - 1];
   }
 
@@ -241,7 +285,9 @@ struct ChunkDecay {
       const int64_t j1 = i + 1;
       for (int64_t j = 0; j < j1; j += VL) {
         const int64_t k = std::min(VL, j1 - j);
-        Vec d = (ci - Vec::loadu(&cs[j], k)).exp();
+        // exp to 1 ulp for fp32 (the fp32 path's bits), ATen's 20-ulp polynomial where the entry is rounded to bf16
+        const Vec diff = ci - Vec::loadu(&cs[j], k);
+        Vec d = std::is_same_v<TO, float> ? diff.exp() : diff.exp_u20();
         if (cb) d = d * Vec::loadu(cb + i * ldcb + j, k);
         if (colscale) d = d * Vec::loadu(colscale + j, k);
         store_n(row + j, d, k);
@@ -449,7 +495,7 @@ void scan_fwd(const ScanParams& p) {
   {
     FlushDenormals ftz;
     ChunkDecay dc(Q);
-    std::vector<float> X(Q * P), Xw, Lm, Y(Q * P), S(N * P), zr(P);
+    std::vector<float> X, Xw, Lm, Y(Q * P), S(N * P), zr(P);
 #if defined(CPU_CAPABILITY_AVX512)
     std::optional<AmxChunkBuffers> amx_buf;
     if (amx) {
@@ -458,6 +504,7 @@ void scan_fwd(const ScanParams& p) {
     }
 #endif
     if (!amx) {
+      X.resize(std::is_same_v<T, float> ? 0 : Q * P);
       Xw.resize(Q * P);
       Lm.resize(Q * Q);
     }
@@ -473,25 +520,20 @@ void scan_fwd(const ScanParams& p) {
       int32_t prev_doc = v.doc(b, 0);
       for (int64_t c = 0; c < v.nc; ++c) {
         const int64_t t0 = c * Q, q = std::min(Q, L - t0);
-        dc.compute(v, b, h, t0, q, prev_doc);
-        // x rows of this head: read in place (fp32, rows H * P apart) or converted (also for the D skip).
-        const float* xc;
-        int64_t ldx;
-        if constexpr (std::is_same_v<T, float>) {
-          xc = v.x + ((b * L + t0) * H + h) * P;
-          ldx = H * P;
-        } else {
-          load_head_rows(v, v.x, b, h, t0, q, X.data());
-          xc = X.data();
-          ldx = P;
-        }
+        if (amx) dc.compute<true>(v, b, h, t0, q, prev_doc);
+        else dc.compute(v, b, h, t0, q, prev_doc);
         if (amx) {
 #if defined(CPU_CAPABILITY_AVX512)
           if constexpr (std::is_same_v<T, c10::BFloat16>)
             chunk_products_amx(v, dc, b, h, g, c, t0, q, *amx_buf, Y.data(), S.data());
 #endif
+        } else if constexpr (std::is_same_v<T, float>) {
+          // x rows of this head read in place (rows H * P apart)
+          chunk_products_f32(v, dc, b, g, c, t0, q, v.x + ((b * L + t0) * H + h) * P, H * P, Lm.data(), Xw.data(),
+                             Y.data(), S.data());
         } else {
-          chunk_products_f32(v, dc, b, g, c, t0, q, xc, ldx, Lm.data(), Xw.data(), Y.data(), S.data());
+          load_head_rows(v, v.x, b, h, t0, q, X.data());
+          chunk_products_f32(v, dc, b, g, c, t0, q, X.data(), P, Lm.data(), Xw.data(), Y.data(), S.data());
         }
         prev_doc = dc.doc[q - 1];
 
@@ -503,7 +545,7 @@ void scan_fwd(const ScanParams& p) {
           for (int64_t j = 0; j < P; j += VL) {
             const int64_t k = std::min(VL, P - j);
             Vec yv = Vec::loadu(y + j, k);
-            if (p.D) yv = at::vec::fmadd(Vec::loadu(p.D + h * P + j, k), Vec::loadu(xc + i * ldx + j, k), yv);
+            if (p.D) yv = at::vec::fmadd(Vec::loadu(p.D + h * P + j, k), load_n(v.x + off + j, k), yv);
             if (v.z) {
               const Vec zv = Vec::loadu(&zr[j], k);
               yv = yv * zv / (Vec(1.f) + zv.neg().exp());
