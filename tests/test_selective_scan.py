@@ -168,6 +168,18 @@ def test_fwd_bf16_amx_shapes(shape, opts):
     check_fwd(b, l, h, p, g, n, chunk, dtype=torch.bfloat16, state_tol=AMX_STATE_TOL, **opts)
 
 
+@needs_cpu
+def test_fwd_bf16_amx_rising_decay():
+    """Raw dt with negative entries (no softplus, no clamp): the log-decay rises inside chunks, where the AMX
+    path's decay matrix takes the direct exp instead of its factored form."""
+    args, kw = make_inputs(1, 150, 2, 32, 1, 64, dtype=torch.bfloat16, seq=False)
+    assert (args["dt"] < 0).any()
+    out, fs = h1r_ops.selective_scan(**args, chunk_size=64, **kw, dt_softplus=False, return_final_states=True)
+    a32, k32 = upcast(args, kw)
+    ro, rs = selective_scan_ref(**a32, chunk_size=64, **k32, dt_softplus=False, return_final_states=True)
+    assert rel_err(out, ro) < TOL[torch.bfloat16] and rel_err(fs, rs) < AMX_STATE_TOL
+
+
 def _fwd_paths(shape=(2, 150, 4, 64, 2, 128, 64)):
     """The bf16 kernel's out / final states and the fp32 kernel's on the same (upcast) inputs, out rounded
     to bf16: what the fp32 path gives bf16 inputs, bit for bit (it widens the inputs exactly and rounds once)."""

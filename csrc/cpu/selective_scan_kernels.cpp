@@ -214,7 +214,10 @@ struct ChunkDecay {
   std::vector<int64_t> dstart;  // first position of token i's document inside the chunk
   std::vector<int32_t> doc;
   float e_last = 0.f;  // decay of the entering state over the whole chunk (0 after a document boundary)
-  explicit ChunkDecay(int64_t Q) : dtp(Q), cs(Q), e(Q), w(Q), dstart(Q), doc(Q) {}
+  bool rising = false;  // some dt'_i A > 0: the log-decay cs rises somewhere in the chunk
+  mutable std::vector<float> colf, rowf;  // decay_matrix's factors (its bf16 form)
+  explicit ChunkDecay(int64_t Q)
+      : dtp(Q), cs(Q), e(Q), w(Q), dstart(Q), doc(Q), colf((Q + VL - 1) / VL * VL), rowf((Q + VL - 1) / VL * Q) {}
 
   // Chunk cumsum for head h of batch b, tokens [t0, t0 + q); prev_doc: document of the entering state.
   // kVec: softplus and the decays on vectors (ATen's Sleef functions, 1 ulp) instead of libm's scalar calls
@@ -225,6 +228,7 @@ struct ChunkDecay {
     const ScanParams& p = v.p;
     const float A = p.A[h];
     const float bias = p.dt_bias ? p.dt_bias[h] : 0.f;
+    rising = false;
     if constexpr (kVec) {
       for (int64_t i = 0; i < q; ++i) dtp[i] = static_cast<float>(v.dt[(b * v.L + t0 + i) * v.H + h]) + bias;
       const Vec lo(p.dt_min), hi(p.dt_max), big(20.f);
@@ -248,6 +252,7 @@ struct ChunkDecay {
         dtp[i] = d;
       }
       run += d * A;
+      rising |= d * A > 0.f;
       cs[i] = run;
       doc[i] = v.doc(b, t0 + i);
       dstart[i] = (i > 0 && doc[i] == doc[i - 1]) ? dstart[i - 1] : i;
@@ -275,21 +280,49 @@ struct ChunkDecay {
   // Lm = CB o Lmask o colscale_j (q x q, row-major with rows ld >= q elements apart, zero above the diagonal,
   // before each row's document start and in columns q .. ld); with cb == nullptr, Lmask itself. Computed
   // in fp32 and stored as TO (fp32, or bf16 rounded once: the AMX path's left operand).
+  //
+  // bf16 entries of a chunk whose log-decay never rises (dt'_i A <= 0: always in Mamba2, A < 0 < dt') take
+  // fewer exps: below the last column a of a full column block [j0, j0 + VL), exp(cs_i - cs_j) =
+  // exp(cs_i - cs_a) exp(cs_a - cs_j), both factors <= 1 (no overflow; an underflow only where the entry is
+  // below fp32's range anyway), one exp per row and block (on vectors of rows) instead of one per entry;
+  // within a few fp32 ulp of the direct exp, far below the bf16 rounding that follows.
   template <typename TO>
   void decay_matrix(const float* cb, int64_t ldcb, int64_t q, TO* Lm, const float* colscale = nullptr,
                     int64_t ld = 0) const {
     if (ld == 0) ld = q;
+    const bool factor = !std::is_same_v<TO, float> && !rising;
+    const int64_t Q = static_cast<int64_t>(cs.size());
+    if (factor) {
+      for (int64_t j0 = 0; j0 + VL <= q; j0 += VL) {
+        const int64_t a = j0 + VL - 1, jb = j0 / VL;
+        const Vec ca(cs[a]);
+        Vec cf = (ca - Vec::loadu(&cs[j0])).exp_u20();
+        if (colscale) cf = cf * Vec::loadu(colscale + j0);
+        cf.store(&colf[j0]);
+        for (int64_t i = a; i < q; i += VL) {
+          const int64_t k = std::min(VL, q - i);
+          (Vec::loadu(&cs[i], k) - ca).exp_u20().store(&rowf[jb * Q + i], k);
+        }
+      }
+    }
     for (int64_t i = 0; i < q; ++i) {
       TO* row = Lm + i * ld;
       const Vec ci(cs[i]);
       const int64_t j1 = i + 1;
       for (int64_t j = 0; j < j1; j += VL) {
         const int64_t k = std::min(VL, j1 - j);
-        // exp to 1 ulp for fp32 (the fp32 path's bits), ATen's 20-ulp polynomial where the entry is rounded to bf16
-        const Vec diff = ci - Vec::loadu(&cs[j], k);
-        Vec d = std::is_same_v<TO, float> ? diff.exp() : diff.exp_u20();
-        if (cb) d = d * Vec::loadu(cb + i * ldcb + j, k);
-        if (colscale) d = d * Vec::loadu(colscale + j, k);
+        Vec d;
+        if (factor && j + VL <= j1) {  // a full block whose last column is <= i: the factored entries
+          d = Vec(rowf[(j / VL) * Q + i]) * Vec::loadu(&colf[j]);  // colscale included
+          if (cb) d = d * Vec::loadu(cb + i * ldcb + j);
+        } else {
+          // exp to 1 ulp for fp32 (the fp32 path's bits), ATen's 20-ulp polynomial where the entry is rounded
+          // to bf16
+          const Vec diff = ci - Vec::loadu(&cs[j], k);
+          d = std::is_same_v<TO, float> ? diff.exp() : diff.exp_u20();
+          if (cb) d = d * Vec::loadu(cb + i * ldcb + j, k);
+          if (colscale) d = d * Vec::loadu(colscale + j, k);
+        }
         store_n(row + j, d, k);
       }
       std::fill(row, row + dstart[i], TO(0.f));
