@@ -528,7 +528,7 @@ void scan_fwd(const ScanParams& p) {
   {
     FlushDenormals ftz;
     ChunkDecay dc(Q);
-    std::vector<float> X, Xw, Lm, Y(Q * P), S(N * P), zr(P);
+    std::vector<float> X, Xw, Lm, Y(Q * P), S(N * P);
 #if defined(CPU_CAPABILITY_AVX512)
     std::optional<AmxChunkBuffers> amx_buf;
     if (amx) {
@@ -570,23 +570,20 @@ void scan_fwd(const ScanParams& p) {
         }
         prev_doc = dc.doc[q - 1];
 
-        // out = (Y + D x) * silu(z)
+        // out = (Y + D x) * silu(z), x and z read and out written in their dtype (one rounding)
         for (int64_t i = 0; i < q; ++i) {
           const int64_t off = ((b * L + t0 + i) * H + h) * P;
-          float* y = &Y[i * P];
-          if (v.z) to_float(v.z + off, zr.data(), P);
+          const float* y = &Y[i * P];
           for (int64_t j = 0; j < P; j += VL) {
             const int64_t k = std::min(VL, P - j);
             Vec yv = Vec::loadu(y + j, k);
             if (p.D) yv = at::vec::fmadd(Vec::loadu(p.D + h * P + j, k), load_n(v.x + off + j, k), yv);
             if (v.z) {
-              const Vec zv = Vec::loadu(&zr[j], k);
+              const Vec zv = load_n(v.z + off + j, k);
               yv = yv * zv / (Vec(1.f) + zv.neg().exp());
             }
-            if constexpr (std::is_same_v<T, float>) yv.store(out + off + j, k);
-            else yv.store(y + j, k);
+            store_n(out + off + j, yv, k);
           }
-          if constexpr (!std::is_same_v<T, float>) from_float(y, out + off, P);
         }
       }
       // Final state, back to (p, n).
