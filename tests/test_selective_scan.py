@@ -2,6 +2,7 @@
 
 Tolerances (max abs error relative to the reference's max magnitude, both computed in fp32 from the same
 rounded inputs): fp32 1e-4; bf16 / fp16 one output rounding, 2e-2 / 4e-3. Gradients: fp32 1e-3, bf16 4e-2.
+Final states 1e-4, or 1e-2 for bf16 on AMX tiles (bf16 operands, see AMX_STATE_TOL).
 """
 
 import math
@@ -99,7 +100,7 @@ Q = 8
 LENGTHS = [1, 2, 7, Q - 1, Q, Q + 1, 3 * Q + 5]
 
 
-def check_fwd(b, l, h, p, g, n, chunk, dtype=torch.float32, **opts):
+def check_fwd(b, l, h, p, g, n, chunk, dtype=torch.float32, state_tol=1e-4, **opts):
     args, kw = make_inputs(b, l, h, p, g, n, dtype=dtype, **opts)
     for softplus, limit in [(True, (0.0, math.inf))] + ([(False, (0.05, 0.7))] if dtype == torch.float32 else []):
         out, fs = h1r_ops.selective_scan(**args, chunk_size=chunk, **kw, dt_softplus=softplus, dt_limit=limit,
@@ -110,7 +111,7 @@ def check_fwd(b, l, h, p, g, n, chunk, dtype=torch.float32, **opts):
         assert out.dtype == dtype and out.shape == args["x"].shape
         assert fs.dtype == torch.float32
         assert rel_err(out, ro) < TOL[dtype], (l, dtype, opts)
-        assert rel_err(fs, rs) < 1e-4, (l, dtype, opts)
+        assert rel_err(fs, rs) < state_tol, (l, dtype, opts)
 
 
 @needs_cpu
@@ -138,6 +139,77 @@ def test_fwd_big(shape):
 @needs_cpu
 def test_fwd_bf16_big_state():
     check_fwd(1, 40, 2, 32, 1, 256, 16, dtype=torch.bfloat16)
+
+
+# ---- bf16 forward on AMX tiles -------------------------------------------------------------------------
+# bf16 inputs run the forward's chunk products on AMX tiles where the CPU has them (torch.ops.h1r.linear_amx():
+# the same amx_usable()) and chunk % 32 == dstate % 32 == headdim % 16 == 0, with mamba_ssm's bf16 operands:
+# the decay-masked CB (o dt'), the state read by C and (w o dt') B are each rounded once to bf16 (relative
+# error <= 2^-9 ~ 2e-3 per operand), products exact and summed in fp32; the state itself stays fp32.
+# Output: its own bf16 rounding (2^-9 of the value) still dominates, so TOL[bf16] (2e-2) holds as for the
+# fp32 path. Final states (fp32): every chunk's contribution carries the rounding of its (w o dt') B operand,
+# and the state passed on carries the rounded-state reads of the outputs only (not the recurrence): measured
+# ~3e-3 of the max magnitude, against 1e-6 for the fp32 path; AMX_STATE_TOL = 1e-2 allows ~5 roundings.
+AMX = HAS_CPU and bool(torch.ops.h1r.linear_amx())
+needs_amx = pytest.mark.skipif(not AMX, reason="no AMX tiles (CPU, ISA or H1R_CPU_NO_AMX)")
+AMX_STATE_TOL = 1e-2
+AMX_SHAPES = [(1, 300, 4, 64, 1, 128, 128),   # Falcon-H1's head / state / chunk, last chunk partial (44 steps)
+              (2, 200, 4, 32, 2, 64, 64),     # two groups, last chunk of 8 steps
+              (1, 96, 2, 16, 1, 32, 32),      # chunks filled exactly
+              (2, 77, 6, 48, 3, 96, 32)]      # three groups, odd chunk tail (13 steps), 3 column tiles
+
+
+@needs_cpu
+@pytest.mark.parametrize("shape", AMX_SHAPES)
+@pytest.mark.parametrize("opts", [{}, dict(D="h", z=False, init=False, seq=False), dict(D=None, dt_bias=False)])
+def test_fwd_bf16_amx_shapes(shape, opts):
+    """bf16 on the AMX path (where there is one; else the fp32 path) against the fp32 reference."""
+    b, l, h, p, g, n, chunk = shape
+    check_fwd(b, l, h, p, g, n, chunk, dtype=torch.bfloat16, state_tol=AMX_STATE_TOL, **opts)
+
+
+@needs_cpu
+def test_fwd_bf16_amx_rising_decay():
+    """Raw dt with negative entries (no softplus, no clamp): the log-decay rises inside chunks, where the AMX
+    path's decay matrix takes the direct exp instead of its factored form."""
+    args, kw = make_inputs(1, 150, 2, 32, 1, 64, dtype=torch.bfloat16, seq=False)
+    assert (args["dt"] < 0).any()
+    out, fs = h1r_ops.selective_scan(**args, chunk_size=64, **kw, dt_softplus=False, return_final_states=True)
+    a32, k32 = upcast(args, kw)
+    ro, rs = selective_scan_ref(**a32, chunk_size=64, **k32, dt_softplus=False, return_final_states=True)
+    assert rel_err(out, ro) < TOL[torch.bfloat16] and rel_err(fs, rs) < AMX_STATE_TOL
+
+
+def _fwd_paths(shape=(2, 150, 4, 64, 2, 128, 64)):
+    """The bf16 kernel's out / final states and the fp32 kernel's on the same (upcast) inputs, out rounded
+    to bf16: what the fp32 path gives bf16 inputs, bit for bit (it widens the inputs exactly and rounds once)."""
+    b, l, h, p, g, n, chunk = shape
+    args, kw = make_inputs(b, l, h, p, g, n, dtype=torch.bfloat16)
+    out, fs = h1r_ops.selective_scan(**args, chunk_size=chunk, **kw, dt_softplus=True, return_final_states=True)
+    a32, k32 = upcast(args, kw)
+    o32, s32 = h1r_ops.selective_scan(**a32, chunk_size=chunk, **k32, dt_softplus=True, return_final_states=True)
+    ro, rs = selective_scan_ref(**a32, chunk_size=chunk, **k32, dt_softplus=True, return_final_states=True)
+    return out, fs, o32.to(torch.bfloat16), s32, ro, rs
+
+
+@needs_amx
+def test_fwd_bf16_amx_taken_and_no_amx_is_the_fp32_path():
+    """The AMX path runs (its results differ from the fp32 path's, both within tolerance of the reference),
+    and under H1R_CPU_NO_AMX=1 bf16 gives exactly the fp32 path's bits (subprocess)."""
+    out, fs, out_f32path, fs_f32path, ro, rs = _fwd_paths()
+    assert not torch.equal(fs, fs_f32path), "final states equal the fp32 path's: the AMX path did not run"
+    assert not torch.equal(out.view(torch.int16), out_f32path.view(torch.int16))
+    assert rel_err(out, ro) < TOL[torch.bfloat16] and rel_err(out_f32path, ro) < TOL[torch.bfloat16]
+    assert rel_err(fs, rs) < AMX_STATE_TOL and rel_err(fs_f32path, rs) < 1e-4
+    code = (
+        "import torch, tests.test_selective_scan as t\n"
+        "assert not torch.ops.h1r.linear_amx()\n"
+        "out, fs, o, s, ro, rs = t._fwd_paths()\n"
+        "assert torch.equal(out.view(torch.int16), o.view(torch.int16))\n"
+        "assert torch.equal(fs, s)\n"
+        "print('ok')\n"
+    )
+    run_script(code, {"H1R_CPU_NO_AMX": "1"}, timeout=120)
 
 
 # ---- backward kernel ----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 // (b[2 kk][j], b[2 kk + 1][j])).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -70,6 +71,109 @@ inline void transpose16(const float* m, __m512 out[16]) {
   __m512 rows[16];
   for (int r = 0; r < 16; ++r) rows[r] = _mm512_load_ps(m + 16 * r);
   transpose16(rows, out);
+}
+
+
+// ---- a small tile GEMM on operands packed in plain row-major buffers --------------------------------
+// Operands as raw bits (uint16_t: bf16; uint32_t: a pair of bf16, the first in the low half):
+//   A (m x k bf16): row-major, lda elements between rows: an A tile is 16 rows x 32 k, read in place;
+//   B (k x n bf16) in "pair rows": Bp[kk][j] = (b[2 kk][j], b[2 kk + 1][j]) as one uint32_t, ldb words
+//     between pair rows: a B tile is 16 pair rows x 16 columns, read in place;
+//   C (m x n fp32): row-major, ldc floats between rows.
+
+// dst (k_pad / 2 pair rows x n, ldd words) = the pair rows of src (k x n bf16 rows, lds elements apart):
+// dst[kk][j] = (src[2 kk][j], src[2 kk + 1][j]), rows k .. k_pad zero. n % 16 == 0, k_pad even.
+inline void amx_pack_pair_rows(const uint16_t* src, int64_t lds, int64_t k, int64_t k_pad, int64_t n, uint32_t* dst,
+                               int64_t ldd) {
+  for (int64_t kk = 0; 2 * kk < k_pad; ++kk) {
+    const uint16_t* r0 = src + 2 * kk * lds;
+    const uint16_t* r1 = r0 + lds;
+    const bool has0 = 2 * kk < k, has1 = 2 * kk + 1 < k;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __m512i lo = has0 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + j)))
+                              : _mm512_setzero_si512();
+      const __m512i hi = has1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + j)))
+                              : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + kk * ldd + j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+// dst (cols x rows_pad words, ldd apart) = src (rows x cols words, lds apart)^T, columns rows .. rows_pad
+// zero; cols % 16 == 0, rows_pad % 16 == 0. With src the bf16 rows of a matrix b (n x k, read as k / 2 words
+// per row), dst is the B operand of a product by b^T (pair rows along k); with src pair rows (k / 2 x m), dst
+// is the A operand of a product by their matrix's transpose (m rows of k bf16).
+inline void amx_transpose_words(const uint32_t* src, int64_t lds, int64_t rows, int64_t rows_pad, int64_t cols,
+                                uint32_t* dst, int64_t ldd) {
+  for (int64_t r0 = 0; r0 < rows_pad; r0 += 16)
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      __m512 in[16], out[16];
+      for (int r = 0; r < 16; ++r)
+        in[r] = r0 + r < rows ? _mm512_loadu_ps(reinterpret_cast<const float*>(src + (r0 + r) * lds + c0))
+                              : _mm512_setzero_ps();
+      transpose16(in, out);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_ps(reinterpret_cast<float*>(dst + (c0 + c) * ldd + r0), out[c]);
+    }
+}
+
+// One block of MA x NB accumulator tiles (16 x 16 fp32 each; MA, NB in {1, 2}) of C (+)= A B over k in
+// [0, kend) (kend % 32 == 0): tiles 0..3 accumulate, 4..5 hold A, 6..7 B.
+template <int MA, int NB>
+__attribute__((target("amx-tile,amx-bf16"))) void amx_gemm_block(const uint16_t* a, int64_t lda, const uint32_t* b,
+                                                                  int64_t ldb, float* c, int64_t ldc, int64_t kend,
+                                                                  bool acc) {
+  const int64_t sa = lda * 2, sb = ldb * 4, sc = ldc * 4;
+  float* c01 = c + 16;
+  float* c10 = c + 16 * ldc;
+  float* c11 = c10 + 16;
+  if (acc) {
+    _tile_loadd(0, c, sc);
+    if constexpr (NB == 2) _tile_loadd(1, c01, sc);
+    if constexpr (MA == 2) _tile_loadd(2, c10, sc);
+    if constexpr (MA == 2 && NB == 2) _tile_loadd(3, c11, sc);
+  } else {
+    _tile_zero(0);
+    if constexpr (NB == 2) _tile_zero(1);
+    if constexpr (MA == 2) _tile_zero(2);
+    if constexpr (MA == 2 && NB == 2) _tile_zero(3);
+  }
+  for (int64_t k0 = 0; k0 < kend; k0 += 32) {
+    const uint32_t* bk = b + (k0 / 2) * ldb;
+    _tile_loadd(6, bk, sb);
+    if constexpr (NB == 2) _tile_loadd(7, bk + 16, sb);
+    _tile_loadd(4, a + k0, sa);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NB == 2) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MA == 2) {
+      _tile_loadd(5, a + 16 * lda + k0, sa);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NB == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, sc);
+  if constexpr (NB == 2) _tile_stored(1, c01, sc);
+  if constexpr (MA == 2) _tile_stored(2, c10, sc);
+  if constexpr (MA == 2 && NB == 2) _tile_stored(3, c11, sc);
+}
+
+// C (m x n fp32) = A B, or += with acc (C read into the accumulators), on the tiles (configured by
+// amx_configure() on this thread): m, n multiples of 16, k of 32. ``lower``: A is lower triangular (A[i][kk]
+// = 0 for kk > i), so a block of rows stops at the first multiple of 32 past its last row.
+inline void amx_gemm(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+                     float* c, int64_t ldc, bool acc, bool lower = false) {
+  for (int64_t i0 = 0; i0 < m; i0 += 32) {
+    const bool two_a = i0 + 32 <= m;
+    const int64_t kend = lower ? std::min(k, (i0 + (two_a ? 32 : 16) + 31) / 32 * 32) : k;
+    const uint16_t* ai = a + i0 * lda;
+    for (int64_t j0 = 0; j0 < n; j0 += 32) {
+      const bool two_b = j0 + 32 <= n;
+      float* cij = c + i0 * ldc + j0;
+      if (two_a && two_b) amx_gemm_block<2, 2>(ai, lda, b + j0, ldb, cij, ldc, kend, acc);
+      else if (two_a) amx_gemm_block<2, 1>(ai, lda, b + j0, ldb, cij, ldc, kend, acc);
+      else if (two_b) amx_gemm_block<1, 2>(ai, lda, b + j0, ldb, cij, ldc, kend, acc);
+      else amx_gemm_block<1, 1>(ai, lda, b + j0, ldb, cij, ldc, kend, acc);
+    }
+  }
 }
 
 #endif

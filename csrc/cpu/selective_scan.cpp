@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cpu/amx.h"
 #include "cpu/isa.h"
 #include "cpu/selective_scan_params.h"
 
@@ -102,12 +103,19 @@ struct ScanArgs {
                                                                     : static_cast<float>(dt_max);
   }
   int64_t nchunks() const { return (prm.seqlen + prm.chunk - 1) / prm.chunk; }
-  // Scratch of the "bmm" stage: CB per (batch, group, chunk), and fp32 copies of B, C for 16-bit inputs.
+  // Whether the forward's bf16 chunk products may run on AMX tiles: whole 32-step blocks of the chunk (the
+  // last chunk is zero-padded) and of the state, whole 16-column tiles of the head (other shapes: fp32).
+  bool scan_amx() const {
+    return prm.dtype == ScanDtype::bf16 && prm.chunk % 32 == 0 && prm.dstate % 32 == 0 && prm.headdim % 16 == 0 &&
+           h1r::cpu::amx_usable();
+  }
+  // Scratch of the "bmm" stage: CB per (batch, group, chunk), and fp32 copies of B, C for 16-bit inputs
+  // (not read by the AMX path, which multiplies the bf16 inputs themselves).
   std::vector<Tensor> scratch() {
     const auto f32 = x.options().dtype(at::kFloat);
     std::vector<Tensor> t{at::empty({prm.batch, prm.ngroups, nchunks(), prm.chunk, prm.chunk}, f32)};
     prm.cb = t[0].data_ptr<float>();
-    if (prm.dtype != ScanDtype::f32) {
+    if (prm.dtype != ScanDtype::f32 && !prm.amx) {
       t.push_back(at::empty(B.sizes(), f32));
       t.push_back(at::empty(C.sizes(), f32));
       prm.B32 = t[1].data_ptr<float>();
@@ -131,6 +139,7 @@ std::tuple<Tensor, Tensor> selective_scan_fwd_cpu(const Tensor& x, const Tensor&
     if (a.init.has_value()) final_states.copy_(*a.init); else final_states.zero_();
     return {out, final_states};
   }
+  a.prm.amx = a.scan_amx();
   auto scratch = a.scratch();
   a.prm.out = out.data_ptr();
   a.prm.final_states = final_states.data_ptr<float>();

@@ -8,7 +8,8 @@
 //   chunk state    S  = e_last S_prev + B^T (w o dt' x)      w_j = exp(cs_last - cs_j) (same document as last)
 // and loops the chunks of one (batch, head) in order, so the state passing is the loop itself and the
 // only per-head intermediates are one chunk's q x q, q x p and n x p blocks. The four products are
-// register-blocked GEMMs (gemm() below); the state is kept as (n, p) so that every product reads its
+// register-blocked fp32 GEMMs (gemm() below), or for bf16 on CPUs with AMX tile products with mamba_ssm's
+// operand roundings (chunk_products_amx); the state is kept as (n, p) so that every product reads its
 // right-hand operand along contiguous rows; B, C (and fp32 x) are read in place. Work is parallel over
 // batch x heads (OpenMP). Denormals are flushed (FlushDenormals) for speed.
 
@@ -22,8 +23,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <vector>
 
+#include "cpu/amx_tiles.h"
 #include "cpu/float_io.h"
 #include "cpu/narrow_store.h"
 #include "cpu/selective_scan_params.h"
@@ -151,12 +154,22 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t 
 }
 
 // dst (cols x rows) = src (rows x cols, leading dim ld)^T, in 16 x 16 blocks (a block's source rows stay
-// in L1 while its destination rows are written whole).
+// in L1 while its destination rows are written whole; with AVX-512 a whole block moves through registers,
+// amx_tiles.h's transpose16).
 inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
   constexpr int64_t TB = 16;
   for (int64_t r0 = 0; r0 < rows; r0 += TB)
     for (int64_t c0 = 0; c0 < cols; c0 += TB) {
       const int64_t r1 = std::min(rows, r0 + TB), c1 = std::min(cols, c0 + TB);
+#if defined(CPU_CAPABILITY_AVX512)
+      if (r1 - r0 == TB && c1 - c0 == TB) {
+        __m512 in[TB], out[TB];
+        for (int64_t r = 0; r < TB; ++r) in[r] = _mm512_loadu_ps(src + (r0 + r) * ld + c0);
+        transpose16(in, out);
+        for (int64_t c = 0; c < TB; ++c) _mm512_storeu_ps(dst + (c0 + c) * rows + r0, out[c]);
+        continue;
+      }
+#endif
       for (int64_t c = c0; c < c1; ++c)
         for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * ld + c];
     }
@@ -201,46 +214,119 @@ struct ChunkDecay {
   std::vector<int64_t> dstart;  // first position of token i's document inside the chunk
   std::vector<int32_t> doc;
   float e_last = 0.f;  // decay of the entering state over the whole chunk (0 after a document boundary)
-  explicit ChunkDecay(int64_t Q) : dtp(Q), cs(Q), e(Q), w(Q), dstart(Q), doc(Q) {}
+  bool rising = false;  // some dt'_i A > 0: the log-decay cs rises somewhere in the chunk
+  mutable std::vector<float> colf, rowf;  // decay_matrix's factors (its bf16 form)
+  explicit ChunkDecay(int64_t Q)
+      : dtp(Q), cs(Q), e(Q), w(Q), dstart(Q), doc(Q), colf((Q + VL - 1) / VL * VL), rowf((Q + VL - 1) / VL * Q) {}
 
   // Chunk cumsum for head h of batch b, tokens [t0, t0 + q); prev_doc: document of the entering state.
-  template <typename T>
+  // kVec: softplus and the decays on vectors (ATen's Sleef functions, 1 ulp) instead of libm's scalar calls
+  // (also within 1 ulp, but not the same bits): the AMX path's, where ~400 scalar calls per chunk were a
+  // tenth of its time; the fp32 path keeps its bits.
+  template <bool kVec = false, typename T>
   void compute(const ScanView<T>& v, int64_t b, int64_t h, int64_t t0, int64_t q, int32_t prev_doc) {
     const ScanParams& p = v.p;
     const float A = p.A[h];
     const float bias = p.dt_bias ? p.dt_bias[h] : 0.f;
+    rising = false;
+    if constexpr (kVec) {
+      for (int64_t i = 0; i < q; ++i) dtp[i] = static_cast<float>(v.dt[(b * v.L + t0 + i) * v.H + h]) + bias;
+      const Vec lo(p.dt_min), hi(p.dt_max), big(20.f);
+      for (int64_t i = 0; i < q; i += VL) {
+        const int64_t k = std::min(VL, q - i);
+        Vec d = Vec::loadu(&dtp[i], k);
+        if (p.dt_softplus) d = Vec::blendv(d.exp().log1p(), d, d > big);
+        if (clamp_dt(p)) d = at::vec::minimum(at::vec::maximum(d, lo), hi);
+        d.store(&dtp[i], k);
+      }
+    }
     float run = 0.f;
     for (int64_t i = 0; i < q; ++i) {
-      float d = static_cast<float>(v.dt[(b * v.L + t0 + i) * v.H + h]) + bias;
-      if (p.dt_softplus) d = softplus(d);
-      if (clamp_dt(p)) d = std::min(std::max(d, p.dt_min), p.dt_max);
-      dtp[i] = d;
+      float d;
+      if constexpr (kVec) {
+        d = dtp[i];
+      } else {
+        d = static_cast<float>(v.dt[(b * v.L + t0 + i) * v.H + h]) + bias;
+        if (p.dt_softplus) d = softplus(d);
+        if (clamp_dt(p)) d = std::min(std::max(d, p.dt_min), p.dt_max);
+        dtp[i] = d;
+      }
       run += d * A;
+      rising |= d * A > 0.f;
       cs[i] = run;
       doc[i] = v.doc(b, t0 + i);
       dstart[i] = (i > 0 && doc[i] == doc[i - 1]) ? dstart[i - 1] : i;
     }
-    for (int64_t i = 0; i < q; ++i) e[i] = doc[i] == prev_doc ? std::exp(cs[i]) : 0.f;
-    for (int64_t j = 0; j < q; ++j) w[j] = doc[j] == doc[q - 1] ? std::exp(cs[q - 1] - cs[j]) : 0.f;
+    if constexpr (kVec) {
+      const Vec last(cs[q - 1]);
+      for (int64_t i = 0; i < q; i += VL) {
+        const int64_t k = std::min(VL, q - i);
+        const Vec c = Vec::loadu(&cs[i], k);
+        c.exp().store(&e[i], k);
+        (last - c).exp().store(&w[i], k);
+      }
+      if (p.seq_idx)
+        for (int64_t i = 0; i < q; ++i) {
+          if (doc[i] != prev_doc) e[i] = 0.f;
+          if (doc[i] != doc[q - 1]) w[i] = 0.f;
+        }
+    } else {
+      for (int64_t i = 0; i < q; ++i) e[i] = doc[i] == prev_doc ? std::exp(cs[i]) : 0.f;
+      for (int64_t j = 0; j < q; ++j) w[j] = doc[j] == doc[q - 1] ? std::exp(cs[q - 1] - cs[j]) : 0.f;
+    }
     e_last = e[q - 1];
   }
 
-  // Lm = CB o Lmask (q x q, row-major, zero above the diagonal and before each row's document start);
-  // with cb == nullptr, Lmask itself.
-  void decay_matrix(const float* cb, int64_t ldcb, int64_t q, float* Lm, const float* colscale = nullptr) const {
+  // Lm = CB o Lmask o colscale_j (q x q, row-major with rows ld >= q elements apart, zero above the diagonal,
+  // before each row's document start and in columns q .. ld); with cb == nullptr, Lmask itself. Computed
+  // in fp32 and stored as TO (fp32, or bf16 rounded once: the AMX path's left operand).
+  //
+  // bf16 entries of a chunk whose log-decay never rises (dt'_i A <= 0: always in Mamba2, A < 0 < dt') take
+  // fewer exps: below the last column a of a full column block [j0, j0 + VL), exp(cs_i - cs_j) =
+  // exp(cs_i - cs_a) exp(cs_a - cs_j), both factors <= 1 (no overflow; an underflow only where the entry is
+  // below fp32's range anyway), one exp per row and block (on vectors of rows) instead of one per entry;
+  // within a few fp32 ulp of the direct exp, far below the bf16 rounding that follows.
+  template <typename TO>
+  void decay_matrix(const float* cb, int64_t ldcb, int64_t q, TO* Lm, const float* colscale = nullptr,
+                    int64_t ld = 0) const {
+    if (ld == 0) ld = q;
+    const bool factor = !std::is_same_v<TO, float> && !rising;
+    const int64_t Q = static_cast<int64_t>(cs.size());
+    if (factor) {
+      for (int64_t j0 = 0; j0 + VL <= q; j0 += VL) {
+        const int64_t a = j0 + VL - 1, jb = j0 / VL;
+        const Vec ca(cs[a]);
+        Vec cf = (ca - Vec::loadu(&cs[j0])).exp_u20();
+        if (colscale) cf = cf * Vec::loadu(colscale + j0);
+        cf.store(&colf[j0]);
+        for (int64_t i = a; i < q; i += VL) {
+          const int64_t k = std::min(VL, q - i);
+          (Vec::loadu(&cs[i], k) - ca).exp_u20().store(&rowf[jb * Q + i], k);
+        }
+      }
+    }
     for (int64_t i = 0; i < q; ++i) {
-      float* row = Lm + i * q;
+      TO* row = Lm + i * ld;
       const Vec ci(cs[i]);
       const int64_t j1 = i + 1;
       for (int64_t j = 0; j < j1; j += VL) {
         const int64_t k = std::min(VL, j1 - j);
-        Vec d = (ci - Vec::loadu(&cs[j], k)).exp();
-        if (cb) d = d * Vec::loadu(cb + i * ldcb + j, k);
-        if (colscale) d = d * Vec::loadu(colscale + j, k);
-        d.store(row + j, k);
+        Vec d;
+        if (factor && j + VL <= j1) {  // a full block whose last column is <= i: the factored entries
+          d = Vec(rowf[(j / VL) * Q + i]) * Vec::loadu(&colf[j]);  // colscale included
+          if (cb) d = d * Vec::loadu(cb + i * ldcb + j);
+        } else {
+          // exp to 1 ulp for fp32 (the fp32 path's bits), ATen's 20-ulp polynomial where the entry is rounded
+          // to bf16
+          const Vec diff = ci - Vec::loadu(&cs[j], k);
+          d = std::is_same_v<TO, float> ? diff.exp() : diff.exp_u20();
+          if (cb) d = d * Vec::loadu(cb + i * ldcb + j, k);
+          if (colscale) d = d * Vec::loadu(colscale + j, k);
+        }
+        store_n(row + j, d, k);
       }
-      std::fill(row, row + dstart[i], 0.f);
-      std::fill(row + j1, row + q, 0.f);
+      std::fill(row, row + dstart[i], TO(0.f));
+      std::fill(row + j1, row + ld, TO(0.f));
     }
   }
 };
@@ -278,17 +364,183 @@ inline void load_head_rows(const ScanView<T>& v, const T* src, int64_t b, int64_
 }
 
 // ---- forward ------------------------------------------------------------------------------------------
+// The chunk products of one (batch, head) chunk: Y = (CB o Lmask o dt') x + e o (C S_prev) (q x P) and the
+// state passing S = e_last S + B^T ((w o dt') x), in fp32 (register-blocked gemm()). x rows: xc, ldx apart.
+template <typename T>
+void chunk_products_f32(const ScanView<T>& v, const ChunkDecay& dc, int64_t b, int64_t g, int64_t c, int64_t t0,
+                        int64_t q, const float* xc, int64_t ldx, float* Lm, float* Xw, float* Y, float* S) {
+  const int64_t P = v.P, N = v.N, Q = v.Q, G = v.G;
+  const float* Cc = v.crow(b, t0, g);
+  const float* Bc = v.brow(b, t0, g);
+  // Chunk scan, diagonal block: Y = (CB o Lmask o dt'_j) x (lower-triangular left operand).
+  dc.decay_matrix(v.cb(b, g, c), Q, q, Lm, dc.dtp.data());
+  gemm(q, P, q, Lm, q, 1, xc, ldx, Y, P, false, kLower);
+  // Off-diagonal: Y += e o (C S_prev), the entering state read by C and decayed to each position.
+  bool any_e = false;
+  for (int64_t i = 0; i < q; ++i) any_e |= dc.e[i] != 0.f;
+  if (any_e) gemm(q, P, N, Cc, G * N, 1, S, P, Y, P, true, kFull, dc.e.data());
+  // Chunk state and state passing: S = e_last S + B^T ((w o dt') x).
+  scale(S, dc.e_last, N * P);
+  for (int64_t i = 0; i < q; ++i) {
+    const Vec wd(dc.w[i] * dc.dtp[i]);
+    for (int64_t j = 0; j < P; j += VL) {
+      const int64_t k = std::min(VL, P - j);
+      (Vec::loadu(xc + i * ldx + j, k) * wd).store(&Xw[i * P + j], k);
+    }
+  }
+  gemm(N, P, q, Bc, 1, G * N, Xw, P, S, P, true);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// ---- bf16 chunk products on AMX tiles -----------------------------------------------------------------
+// For bf16 inputs where the CPU has AMX (p.amx: the glue's amx_usable(), chunk % 32, dstate % 32 and
+// headdim % 16 all zero), the four products run on the tiles (TDPBF16PS: bf16 operands, exact products,
+// fp32 accumulation) with the operands mamba_ssm's Triton kernels give tl.dot:
+//   bmm            CB = C B^T                       C, B: the bf16 inputs              (fp32 CB)
+//   chunk scan     Y  = bf16(CB o Lmask o dt') x     the decay-masked CB rounded once, x the bf16 input
+//                  Y += e o (C bf16(S_prev))         the fp32 state rounded for the product only
+//   chunk state    S  = e_last S + bf16((w o dt') o B)^T x
+// Everything else (the decays, cumsum, document masks, D skip, z gate) is the fp32 path's, and the state
+// itself stays fp32 across chunks (only the copy the product reads is rounded). Operand layouts (see
+// amx_tiles.h): x as pair rows along time (the B operand of both products with x), CB's right-hand side
+// B^T as the transposed words of B's rows, the state's left operand ((w o dt') o B)^T as the transposed
+// pair rows. A chunk shorter than Q is zero-padded to the next multiple of 32 (zero operand rows / columns
+// add nothing; the padded output rows are not read).
+inline const uint16_t* bits(const c10::BFloat16* ptr) { return reinterpret_cast<const uint16_t*>(ptr); }
+inline int64_t round32(int64_t v) { return (v + 31) / 32 * 32; }
+
+// fp32 lanes rounded to bf16 (nearest even; NaN stays NaN), as the bf16 bits in the upper half of each word.
+inline __m512i bf16_hi(const Vec& v) {
+  const __m512i r = _mm512_and_si512(_mm512_castps_si512(__m512(round_bf16(v))), _mm512_set1_epi32(int(0xffff0000u)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(__m512(v), __m512(v), _CMP_UNORD_Q);
+  return _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7fc00000));
+}
+
+// dst[0:n] = pair words (bf16(s0 r0[j]), bf16(s1 r1[j])) of two rows of S (fp32 or bf16) scaled by s0, s1;
+// a null row is zero. n % 16 == 0.
+template <typename S>
+inline void pack_pair_scaled(const S* r0, float s0, const S* r1, float s1, int64_t n, uint32_t* dst) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512i lo = r0 ? _mm512_srli_epi32(bf16_hi(load_f(r0 + j) * Vec(s0)), 16) : _mm512_setzero_si512();
+    const __m512i hi = r1 ? bf16_hi(load_f(r1 + j) * Vec(s1)) : _mm512_setzero_si512();
+    _mm512_storeu_si512(dst + j, _mm512_or_si512(lo, hi));
+  }
+}
+
+// The q rows of one chunk of a bf16 (b, l, g, n)-like tensor as a tile operand with rows ld elements apart:
+// in place when the chunk fills whole 32-row blocks, else copied into pad (q32 x n, zero rows past q).
+inline const uint16_t* chunk_rows(const c10::BFloat16* src, int64_t ld, int64_t q, int64_t n, uint16_t* pad,
+                                  int64_t& ld_out) {
+  const int64_t q32 = round32(q);
+  if (q == q32) {
+    ld_out = ld;
+    return bits(src);
+  }
+  for (int64_t i = 0; i < q; ++i) std::memcpy(pad + i * n, src + i * ld, n * sizeof(uint16_t));
+  std::fill(pad + q * n, pad + q32 * n, uint16_t(0));
+  ld_out = n;
+  return pad;
+}
+
+// Stage "bmm" on tiles: CB[b, g, c] = C_c B_c^T (fp32, q32 x q32 of the Q x Q block).
+inline void chunk_bmm_amx(const ScanView<c10::BFloat16>& v) {
+  const int64_t nb = v.p.batch, N = v.N, G = v.G, Q = v.Q;
+#pragma omp parallel
+  {
+    amx_configure();
+    std::vector<uint16_t> pad(Q * N);
+    std::vector<uint32_t> Bt(N / 2 * Q);
+#pragma omp for schedule(dynamic)
+    for (int64_t idx = 0; idx < nb * G * v.nc; ++idx) {
+      const int64_t c = idx % v.nc, g = (idx / v.nc) % G, b = idx / (v.nc * G);
+      const int64_t t0 = c * Q, q = std::min(Q, v.L - t0), q32 = round32(q);
+      const int64_t off = ((b * v.L + t0) * G + g) * N;
+      int64_t lda;
+      const uint16_t* Ca = chunk_rows(v.C + off, G * N, q, N, pad.data(), lda);
+      amx_transpose_words(reinterpret_cast<const uint32_t*>(v.B + off), G * N / 2, q, q32, N / 2, Bt.data(), q32);
+      amx_gemm(q32, q32, N, Ca, lda, Bt.data(), q32, const_cast<float*>(v.cb(b, g, c)), Q, false);
+    }
+    amx_release();
+  }
+}
+
+// Per-thread operand buffers of chunk_products_amx (sizes for a full chunk).
+struct AmxChunkBuffers {
+  std::vector<uint32_t> xp, Sp, Bw, Bt;
+  std::vector<uint16_t> Lb, Cpad;
+  AmxChunkBuffers(int64_t Q, int64_t P, int64_t N)
+      : xp(Q / 2 * P), Sp(N / 2 * P), Bw(Q / 2 * N), Bt(N * Q / 2), Lb(Q * Q), Cpad(Q * N) {}
+};
+
+// chunk_products_f32 on tiles (see above); Y holds round32(q) rows.
+inline void chunk_products_amx(const ScanView<c10::BFloat16>& v, const ChunkDecay& dc, int64_t b, int64_t h,
+                               int64_t g, int64_t c, int64_t t0, int64_t q, AmxChunkBuffers& w, float* Y, float* S) {
+  const int64_t L = v.L, H = v.H, P = v.P, N = v.N, Q = v.Q, G = v.G, q32 = round32(q);
+  // x of this head as pair rows along time: the right-hand operand of the diagonal block and the state.
+  amx_pack_pair_rows(bits(v.x + ((b * L + t0) * H + h) * P), H * P, q, q32, P, w.xp.data(), P);
+  // Off-diagonal: Y = e o (C bf16(S_prev)).
+  bool any_e = false;
+  for (int64_t i = 0; i < q; ++i) any_e |= dc.e[i] != 0.f;
+  if (any_e) {
+    for (int64_t kk = 0; kk < N / 2; ++kk)
+      pack_pair_scaled(S + 2 * kk * P, 1.f, S + (2 * kk + 1) * P, 1.f, P, w.Sp.data() + kk * P);
+    int64_t lda;
+    const uint16_t* Ca = chunk_rows(v.C + ((b * L + t0) * G + g) * N, G * N, q, N, w.Cpad.data(), lda);
+    amx_gemm(q32, P, N, Ca, lda, w.Sp.data(), P, Y, P, false);
+    for (int64_t i = 0; i < q; ++i) scale(Y + i * P, dc.e[i], P);
+  }
+  // Diagonal block: Y += bf16(CB o Lmask o dt'_j) x (lower triangular; padded rows and columns zero).
+  auto* Lb = reinterpret_cast<c10::BFloat16*>(w.Lb.data());
+  dc.decay_matrix(v.cb(b, g, c), Q, q, Lb, dc.dtp.data(), q32);
+  std::fill(w.Lb.begin() + q * q32, w.Lb.begin() + q32 * q32, uint16_t(0));
+  amx_gemm(q32, P, q32, w.Lb.data(), q32, w.xp.data(), P, Y, P, any_e, true);
+  // Chunk state: S = e_last S + bf16((w o dt') o B)^T x.
+  const c10::BFloat16* Bc = v.B + ((b * L + t0) * G + g) * N;
+  for (int64_t kk = 0; kk < q32 / 2; ++kk) {
+    const int64_t t = 2 * kk;
+    pack_pair_scaled(t < q ? Bc + t * G * N : nullptr, t < q ? dc.w[t] * dc.dtp[t] : 0.f,
+                     t + 1 < q ? Bc + (t + 1) * G * N : nullptr, t + 1 < q ? dc.w[t + 1] * dc.dtp[t + 1] : 0.f, N,
+                     w.Bw.data() + kk * N);
+  }
+  amx_transpose_words(w.Bw.data(), N, q32 / 2, q32 / 2, N, w.Bt.data(), q32 / 2);
+  scale(S, dc.e_last, N * P);
+  amx_gemm(N, P, q32, reinterpret_cast<const uint16_t*>(w.Bt.data()), q32, w.xp.data(), P, S, P, true);
+}
+#endif
+
 template <typename T>
 void scan_fwd(const ScanParams& p) {
   const ScanView<T> v(p);
-  const int64_t L = v.L, H = v.H, P = v.P, N = v.N, Q = v.Q, G = v.G;
-  chunk_bmm(v);
+  const int64_t L = v.L, H = v.H, P = v.P, N = v.N, Q = v.Q;
+  bool amx = false;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) amx = p.amx;
+#endif
+  if (amx) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) chunk_bmm_amx(v);
+#endif
+  } else {
+    chunk_bmm(v);
+  }
   T* out = static_cast<T*>(p.out);
 #pragma omp parallel
   {
     FlushDenormals ftz;
     ChunkDecay dc(Q);
-    std::vector<float> X(Q * P), Xw(Q * P), Lm(Q * Q), Y(Q * P), S(N * P), zr(P);
+    std::vector<float> X, Xw, Lm, Y(Q * P), S(N * P);
+#if defined(CPU_CAPABILITY_AVX512)
+    std::optional<AmxChunkBuffers> amx_buf;
+    if (amx) {
+      amx_configure();
+      amx_buf.emplace(Q, P, N);
+    }
+#endif
+    if (!amx) {
+      X.resize(std::is_same_v<T, float> ? 0 : Q * P);
+      Xw.resize(Q * P);
+      Lm.resize(Q * Q);
+    }
 #pragma omp for schedule(dynamic)
     for (int64_t bh = 0; bh < p.batch * H; ++bh) {
       const int64_t b = bh / H, h = bh % H, g = h / v.hpg;
@@ -301,63 +553,45 @@ void scan_fwd(const ScanParams& p) {
       int32_t prev_doc = v.doc(b, 0);
       for (int64_t c = 0; c < v.nc; ++c) {
         const int64_t t0 = c * Q, q = std::min(Q, L - t0);
-        dc.compute(v, b, h, t0, q, prev_doc);
-        // x rows of this head: read in place (fp32, rows H * P apart) or converted.
-        const float* xc;
-        int64_t ldx;
-        if constexpr (std::is_same_v<T, float>) {
-          xc = v.x + ((b * L + t0) * H + h) * P;
-          ldx = H * P;
+        if (amx) dc.compute<true>(v, b, h, t0, q, prev_doc);
+        else dc.compute(v, b, h, t0, q, prev_doc);
+        if (amx) {
+#if defined(CPU_CAPABILITY_AVX512)
+          if constexpr (std::is_same_v<T, c10::BFloat16>)
+            chunk_products_amx(v, dc, b, h, g, c, t0, q, *amx_buf, Y.data(), S.data());
+#endif
+        } else if constexpr (std::is_same_v<T, float>) {
+          // x rows of this head read in place (rows H * P apart)
+          chunk_products_f32(v, dc, b, g, c, t0, q, v.x + ((b * L + t0) * H + h) * P, H * P, Lm.data(), Xw.data(),
+                             Y.data(), S.data());
         } else {
           load_head_rows(v, v.x, b, h, t0, q, X.data());
-          xc = X.data();
-          ldx = P;
+          chunk_products_f32(v, dc, b, g, c, t0, q, X.data(), P, Lm.data(), Xw.data(), Y.data(), S.data());
         }
-        const float* Cc = v.crow(b, t0, g);
-        const float* Bc = v.brow(b, t0, g);
-
-        // Chunk scan, diagonal block: Y = (CB o Lmask o dt'_j) x (lower-triangular left operand).
-        dc.decay_matrix(v.cb(b, g, c), Q, q, Lm.data(), dc.dtp.data());
-        gemm(q, P, q, Lm.data(), q, 1, xc, ldx, Y.data(), P, false, kLower);
-        // Off-diagonal: Y += e o (C S_prev), the entering state read by C and decayed to each position.
-        bool any_e = false;
-        for (int64_t i = 0; i < q; ++i) any_e |= dc.e[i] != 0.f;
-        if (any_e) gemm(q, P, N, Cc, G * N, 1, S.data(), P, Y.data(), P, true, kFull, dc.e.data());
-
-        // Chunk state and state passing: S = e_last S + B^T ((w o dt') x).
-        scale(S.data(), dc.e_last, N * P);
-        for (int64_t i = 0; i < q; ++i) {
-          const Vec wd(dc.w[i] * dc.dtp[i]);
-          for (int64_t j = 0; j < P; j += VL) {
-            const int64_t k = std::min(VL, P - j);
-            (Vec::loadu(xc + i * ldx + j, k) * wd).store(&Xw[i * P + j], k);
-          }
-        }
-        gemm(N, P, q, Bc, 1, G * N, Xw.data(), P, S.data(), P, true);
         prev_doc = dc.doc[q - 1];
 
-        // out = (Y + D x) * silu(z)
+        // out = (Y + D x) * silu(z), x and z read and out written in their dtype (one rounding)
         for (int64_t i = 0; i < q; ++i) {
           const int64_t off = ((b * L + t0 + i) * H + h) * P;
-          float* y = &Y[i * P];
-          if (v.z) to_float(v.z + off, zr.data(), P);
+          const float* y = &Y[i * P];
           for (int64_t j = 0; j < P; j += VL) {
             const int64_t k = std::min(VL, P - j);
             Vec yv = Vec::loadu(y + j, k);
-            if (p.D) yv = at::vec::fmadd(Vec::loadu(p.D + h * P + j, k), Vec::loadu(xc + i * ldx + j, k), yv);
+            if (p.D) yv = at::vec::fmadd(Vec::loadu(p.D + h * P + j, k), load_n(v.x + off + j, k), yv);
             if (v.z) {
-              const Vec zv = Vec::loadu(&zr[j], k);
+              const Vec zv = load_n(v.z + off + j, k);
               yv = yv * zv / (Vec(1.f) + zv.neg().exp());
             }
-            if constexpr (std::is_same_v<T, float>) yv.store(out + off + j, k);
-            else yv.store(y + j, k);
+            store_n(out + off + j, yv, k);
           }
-          if constexpr (!std::is_same_v<T, float>) from_float(y, out + off, P);
         }
       }
       // Final state, back to (p, n).
       transpose(S.data(), N, P, P, p.final_states + bh * P * N);
     }
+#if defined(CPU_CAPABILITY_AVX512)
+    if (amx) amx_release();
+#endif
   }
 }
 

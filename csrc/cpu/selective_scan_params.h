@@ -30,6 +30,7 @@ struct ScanParams {
   float* cb;  // scratch: C_c B_c^T per (batch, group, chunk)
   float* B32;  // scratch (b, l, g, n) fp32 copies of B and C when dtype is not fp32 (else null)
   float* C32;
+  bool amx;  // bf16 chunk products on AMX tiles (the glue's scan_amx(): amx_usable() and the shapes fit the tiles)
   // forward outputs
   void* out;
   float* final_states;
