@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -330,13 +331,33 @@ struct AmxPending {
   AmxPanel e;
 };
 
+// Storage for xp, kept by the calling thread between calls up to 32 MiB (4096 x 4096 rows of bf16): a fresh
+// allocation of this size is mapped and page-faulted in on every call (with the zeroing of a std::vector,
+// ~100 us at 512 x 1024, 10-20 % of a 512-row projection); pack_x writes every element, so no zeroing.
+uint32_t* amx_x_scratch(int64_t n) {
+  constexpr int64_t kKeep = int64_t(8) << 20;  // uint32 elements
+  thread_local std::unique_ptr<uint32_t[]> kept;
+  thread_local int64_t kept_n = 0;
+  thread_local std::unique_ptr<uint32_t[]> once;
+  once.reset();
+  if (n > kKeep) {
+    once.reset(new uint32_t[n]);
+    return once.get();
+  }
+  if (n > kept_n) {
+    kept.reset(new uint32_t[n]);
+    kept_n = n;
+  }
+  return kept.get();
+}
+
 void linear_amx(const LinearParams& p) {
   using T = c10::BFloat16;
   const int64_t m = p.m, k = p.k, nkb = k / 32, n_out = p.swiglu ? p.n / 2 : p.n;
   const T* w = static_cast<const T*>(p.weight);
   const T* x = static_cast<const T*>(p.x);
   const int64_t m16 = (m + kAmxRows - 1) / kAmxRows * 2;  // blocks of 16 rows, padded to whole B-tile pairs
-  std::vector<uint32_t> xp(m16 * nkb * 256);
+  uint32_t* xp = amx_x_scratch(m16 * nkb * 256);
   // panels: 16 output columns with SwiGLU (gate + up rows), else 32 (the last one 16 when n_out % 32 == 16)
   // rows of x per pass over the weight: their xp (chunk x k bf16, ~1 MiB) stays in L2 while the panels pass
   const int64_t chunk = std::max<int64_t>(kAmxRows, (int64_t(1) << 19) / k / kAmxRows * kAmxRows);
@@ -346,7 +367,7 @@ void linear_amx(const LinearParams& p) {
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
-    for (int64_t mb = 0; mb < m16; ++mb) amx_pack_x(x, p.x_stride, m, k, mb, xp.data());
+    for (int64_t mb = 0; mb < m16; ++mb) amx_pack_x(x, p.x_stride, m, k, mb, xp);
     amx_configure();
     alignas(64) float ct[2][4 * 256];  // two blocks' accumulators: the one being finished, the pending one
     int cur = 0;
@@ -365,7 +386,7 @@ void linear_amx(const LinearParams& p) {
         const bool two = p.swiglu || nb > 16;
         const AmxPanel ep = amx_panel_vectors(p, j0, n_out);
         for (int64_t i0 = c0; i0 < c1; i0 += kAmxRows) {
-          const uint32_t* xb0 = xp.data() + (i0 / 16) * nkb * 256;
+          const uint32_t* xb0 = xp + (i0 / 16) * nkb * 256;
           const uint32_t* xb1 = xb0 + nkb * 256;
           // the previous block's epilogue (transposes, scale, activation, rounding: vector work) runs
           // between the two halves of this block's k loop, in the shadow of its queued tile multiplies
