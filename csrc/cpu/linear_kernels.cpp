@@ -30,6 +30,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -331,6 +332,37 @@ struct AmxPending {
   AmxPanel e;
 };
 
+// xp packed on demand, a pair of 16-row blocks (one block of 32 rows of x) at a time, by whichever thread
+// needs it first, or ahead of need in the deferred-work slot of a block's k loop (its transposes then run
+// while tile multiplies are queued, instead of before the first one: ~90 us of a 0.6-0.9 ms 512 x 1024 x
+// 1024 projection). state[q]: 0 to do, 1 being packed, 2 done (release / acquire: the tiles' bytes).
+struct XpPacker {
+  const c10::BFloat16* x;
+  int64_t xs, m, k;
+  uint32_t* xp;
+  std::atomic<uint8_t>* state;
+  int64_t pairs;
+
+  bool try_pack(int64_t q) {
+    uint8_t expected = 0;
+    if (!state[q].compare_exchange_strong(expected, 1, std::memory_order_acquire)) return false;
+    amx_pack_x(x, xs, m, k, 2 * q, xp);
+    amx_pack_x(x, xs, m, k, 2 * q + 1, xp);
+    state[q].store(2, std::memory_order_release);
+    return true;
+  }
+  // block q packed (by this thread, or waited for when the other one is at it)
+  void need(int64_t q) {
+    if (state[q].load(std::memory_order_acquire) == 2 || try_pack(q)) return;
+    while (state[q].load(std::memory_order_acquire) != 2) _mm_pause();
+  }
+  // pack one of the next two blocks from q if one is still to do
+  void ahead(int64_t q) {
+    for (int64_t r = q; r < std::min(pairs, q + 2); ++r)
+      if (state[r].load(std::memory_order_relaxed) == 0 && try_pack(r)) return;
+  }
+};
+
 // Storage for xp, kept by the calling thread between calls up to 32 MiB (4096 x 4096 rows of bf16): a fresh
 // allocation of this size is mapped and page-faulted in on every call (with the zeroing of a std::vector,
 // ~100 us at 512 x 1024, 10-20 % of a 512-row projection); pack_x writes every element, so no zeroing.
@@ -363,11 +395,13 @@ void linear_amx(const LinearParams& p) {
   const int64_t chunk = std::max<int64_t>(kAmxRows, (int64_t(1) << 19) / k / kAmxRows * kAmxRows);
   const int64_t cols = p.swiglu ? 16 : 32;
   const int64_t n_panels = (n_out + cols - 1) / cols;
-  const int threads = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), std::max(n_panels, m16)));
+  const int threads = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), n_panels));
+  const int64_t pairs = m16 / 2;
+  std::unique_ptr<std::atomic<uint8_t>[]> state(new std::atomic<uint8_t>[pairs]);
+  for (int64_t q = 0; q < pairs; ++q) state[q].store(0, std::memory_order_relaxed);
+  XpPacker packer{x, p.x_stride, m, k, xp, state.get(), pairs};
 #pragma omp parallel num_threads(threads)
   {
-#pragma omp for schedule(static)
-    for (int64_t mb = 0; mb < m16; ++mb) amx_pack_x(x, p.x_stride, m, k, mb, xp);
     amx_configure();
     alignas(64) float ct[2][4 * 256];  // two blocks' accumulators: the one being finished, the pending one
     int cur = 0;
@@ -388,12 +422,14 @@ void linear_amx(const LinearParams& p) {
         for (int64_t i0 = c0; i0 < c1; i0 += kAmxRows) {
           const uint32_t* xb0 = xp + (i0 / 16) * nkb * 256;
           const uint32_t* xb1 = xb0 + nkb * 256;
+          packer.need(i0 / kAmxRows);
           // the previous block's epilogue (transposes, scale, activation, rounding: vector work) runs
           // between the two halves of this block's k loop, in the shadow of its queued tile multiplies
           with_tiles(two, c1 - i0 > 16, [&](auto NA, auto NB) {
             amx_zero<NA(), NB()>();
             amx_steps<NA(), NB()>(w0, w1, p.w_stride, xb0, xb1, 0, nkb / 2);
             finish();
+            packer.ahead(i0 / kAmxRows + 1);
             amx_steps<NA(), NB()>(w0, w1, p.w_stride, xb0, xb1, nkb / 2, nkb);
             amx_store<NA(), NB()>(ct[cur]);
           });
