@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -181,15 +182,19 @@ void epilogue(const LinearParams& p, const float* tile, int64_t ld, int64_t j0, 
 //   alpha, residual: one rounding, no intermediate tensor).
 //
 // Threads take contiguous runs of panels: each streams its own slab of W once; the panel (32 rows x k)
-// stays in L2 while the blocks of x pass, and xp (m x k bf16) is shared, read from L2 / L3. Every k step
-// loads 4 KiB of tiles from L2 for four multiplies, so the tile unit is fed at about the rate L2 can
-// serve; the epilogue of a block (four 16 x 16 transposes and the fp32 math: vector work, ~15 % of the
-// time at k = 1024 when it ran between blocks) is deferred into the middle of the next block's k loop,
-// where it executes while that block's tile multiplies are queued (prefill 512 x 1024 rows, one thread:
-// 1.2-1.4 TF/s, from 1.05-1.15). The weight is read without software prefetch: measured at 16 rows (the
-// decode batch, memory-bound), prefetching this panel's rows a few k steps ahead or the next panel into
-// L2 was slower than leaving the stream to the hardware prefetchers (the prefetch instructions hold
-// line-fill buffers that the L2 streamer does not need).
+// stays in L2 while the blocks of x pass, and xp (m x k bf16) is shared, read from L2 / L3; a block of xp
+// is packed by the first thread that needs it (XpPacker), no barrier before the first multiply.
+// Every k step loads 4 KiB of tiles from L2 for four multiplies, so the tile unit is fed at about the rate
+// L2 can serve (all operands from L1, measured: +35 %). Vector work is kept off the tile unit's path: the
+// epilogue of a block (four 16 x 16 transposes and the fp32 math, ~15 % of the time at k = 1024 when it
+// ran between blocks) and the packing of the next block of x run between the two halves of a block's k
+// loop, while its tile multiplies are queued.
+// Measured and not kept (1-2 threads, 512 x 1024 rows and the decode batch of 16): copying the weight
+// panel into contiguous tiles (its cost > the strided loads' cost), k slices of 4-16 steps with the
+// accumulators spilled to L1 between them (the weight's or x's slice reused from L1 across blocks or
+// panels), software prefetch of the operand tiles into L1, of the next panel into L2 (at 16 rows slower
+// than the hardware streams: the prefetches hold line-fill buffers the L2 streamer does not need), of the
+// output and residual lines, and a 2 MiB row chunk (xp then spills L2).
 constexpr int64_t kAmxRows = 32;  // rows of x per block: two B tiles
 
 // xp for rows 16 mb .. 16 mb + 15 of x (all k blocks), see above: each 16 rows x 32 k slice of x, read as
@@ -366,18 +371,26 @@ struct XpPacker {
 // Storage for xp, kept by the calling thread between calls up to 32 MiB (4096 x 4096 rows of bf16): a fresh
 // allocation of this size is mapped and page-faulted in on every call (with the zeroing of a std::vector,
 // ~100 us at 512 x 1024, 10-20 % of a 512-row projection); pack_x writes every element, so no zeroing.
+// Aligned to a cache line: B tiles whose 64-byte rows straddle two lines (malloc's 16-byte alignment)
+// made the 512-row projections 10-20 % slower (measured: 1.22-1.27 vs 1.38-1.53 TF/s, one thread).
 uint32_t* amx_x_scratch(int64_t n) {
   constexpr int64_t kKeep = int64_t(8) << 20;  // uint32 elements
-  thread_local std::unique_ptr<uint32_t[]> kept;
+  // 64-byte aligned (a tile row is one cache line), rounded up to whole lines for aligned_alloc
+  auto alloc = [](int64_t count) {
+    const size_t bytes = (static_cast<size_t>(count) * sizeof(uint32_t) + 63) / 64 * 64;
+    return std::unique_ptr<uint32_t[], void (*)(void*)>(static_cast<uint32_t*>(std::aligned_alloc(64, bytes)),
+                                                        std::free);
+  };
+  thread_local std::unique_ptr<uint32_t[], void (*)(void*)> kept(nullptr, std::free);
   thread_local int64_t kept_n = 0;
-  thread_local std::unique_ptr<uint32_t[]> once;
+  thread_local std::unique_ptr<uint32_t[], void (*)(void*)> once(nullptr, std::free);
   once.reset();
   if (n > kKeep) {
-    once.reset(new uint32_t[n]);
+    once = alloc(n);
     return once.get();
   }
   if (n > kept_n) {
-    kept.reset(new uint32_t[n]);
+    kept = alloc(n);
     kept_n = n;
   }
   return kept.get();
