@@ -35,6 +35,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -359,7 +360,11 @@ struct XpPacker {
   // block q packed (by this thread, or waited for when the other one is at it)
   void need(int64_t q) {
     if (state[q].load(std::memory_order_acquire) == 2 || try_pack(q)) return;
-    while (state[q].load(std::memory_order_acquire) != 2) _mm_pause();
+    // the other thread is packing it (~3 us); yield now and then in case it was descheduled
+    for (int spins = 1; state[q].load(std::memory_order_acquire) != 2; ++spins) {
+      _mm_pause();
+      if (spins % 1024 == 0) std::this_thread::yield();
+    }
   }
   // pack one of the next two blocks from q if one is still to do
   void ahead(int64_t q) {
