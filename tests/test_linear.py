@@ -77,9 +77,12 @@ def test_strided_rows(dtype):
 
 
 # (m, n, k) fitting the AMX path (k % 32 == 0, n_out % 16 == 0, m >= 5): one block of rows and several
-# (a partial last B tile, a partial last block of 32), one 16-row panel tail (n % 32 == 16), more rows than
-# one pass over the weight takes (the row chunk is 512 rows at k = 1024, 176 at 2976)
-AMX_SHAPES = [(5, 32, 32), (16, 48, 64), (33, 96, 96), (64, 16, 1024), (200, 64, 2976), (600, 32, 1024)]
+# (a partial last B tile, a partial last block of 32; blocks of <= 16 rows run on one B tile: 5, 16, 33, 529),
+# one 16-row panel tail (n % 32 == 16), more rows than one pass over the weight takes (the row chunk is 512
+# rows at k = 1024, 176 at 2976, 160 at 2816), k steps not a power of two (2816: 88, 96: 3); every block's
+# epilogue runs deferred into the next block's k loop, across panels and row chunks
+AMX_SHAPES = [(5, 32, 32), (16, 48, 64), (17, 64, 2816), (31, 48, 128), (33, 96, 96), (64, 16, 1024),
+              (200, 64, 2976), (529, 48, 1024), (600, 32, 1024)]
 
 
 @pytest.mark.parametrize("m,n,k", AMX_SHAPES)

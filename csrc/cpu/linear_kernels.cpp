@@ -30,8 +30,12 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -173,12 +177,25 @@ void epilogue(const LinearParams& p, const float* tile, int64_t ld, int64_t j0, 
 //   xp block (mb, kb) = the 16 x 16 pairs tile[kk][j] = (x[16 mb + j][32 kb + 2 kk], x[..][.. + 1]),
 //   zero rows past m;
 //   for each panel of weight rows (two A tiles: 32 output columns, or with SwiGLU 16 gate + the 16
-//   matching up rows) and each block of 32 rows of x (two B tiles), four accumulator tiles run over k;
-//   they hold out^T, transposed into the fp32 tile of the shared epilogue (scale, bias, SwiGLU, alpha,
-//   residual: one rounding, no intermediate tensor).
+//   matching up rows) and each block of 32 rows of x (two B tiles; one where the block has at most 16
+//   rows, as a decode batch of <= 16 does: no multiplies of zero rows), four (two) accumulator tiles run
+//   over k; they hold out^T, transposed into the fp32 tile of the shared epilogue (scale, bias, SwiGLU,
+//   alpha, residual: one rounding, no intermediate tensor).
 //
 // Threads take contiguous runs of panels: each streams its own slab of W once; the panel (32 rows x k)
-// stays in L2 while the blocks of x pass, and xp (m x k bf16) is shared, read from L2 / L3.
+// stays in L2 while the blocks of x pass, and xp (m x k bf16) is shared, read from L2 / L3; a block of xp
+// is packed by the first thread that needs it (XpPacker), no barrier before the first multiply.
+// Every k step loads 4 KiB of tiles from L2 for four multiplies, so the tile unit is fed at about the rate
+// L2 can serve (the same loop with every operand from L1, measured: 40-65 % faster). Vector work is kept
+// off the tile unit's path: the epilogue of a block (four 16 x 16 transposes and the fp32 math, ~15 % of
+// the time at k = 1024 when it ran between blocks) and the packing of the next block of x run between the
+// two halves of a block's k loop, while its tile multiplies are queued.
+// Measured and not kept (1-2 threads, 512 x 1024 rows and the decode batch of 16): copying the weight
+// panel into contiguous tiles (its cost > the strided loads' cost), k slices of 4-16 steps with the
+// accumulators spilled to L1 between them (the weight's or x's slice reused from L1 across blocks or
+// panels), software prefetch of the operand tiles into L1, of the next panel into L2 (at 16 rows slower
+// than the hardware streams: the prefetches hold line-fill buffers the L2 streamer does not need), of the
+// output and residual lines, and a 2 MiB row chunk (xp then spills L2).
 constexpr int64_t kAmxRows = 32;  // rows of x per block: two B tiles
 
 // xp for rows 16 mb .. 16 mb + 15 of x (all k blocks), see above: each 16 rows x 32 k slice of x, read as
@@ -194,46 +211,6 @@ void amx_pack_x(const c10::BFloat16* x, int64_t xs, int64_t m, int64_t k, int64_
     }
     transpose16(rows, tile);
     for (int kk = 0; kk < 16; ++kk) _mm512_storeu_si512(blk + kb * 256 + kk * 16, _mm512_castps_si512(tile[kk]));
-  }
-}
-
-// The four (NA = 2) or two (NA = 1) accumulator tiles of one panel and one block of 32 rows of x, over
-// all of k: ct[a][b] (16 weight rows x 16 rows of x, fp32) from A tile a (weight rows wa[a]) and B tile b.
-// ``prefetch``: the weight comes from memory (the panel's first block): ask for the lines 4 steps ahead.
-template <int NA>
-__attribute__((target("amx-tile,amx-bf16"))) void amx_block(const c10::BFloat16* w0, const c10::BFloat16* w1,
-                                                             int64_t ws, const uint32_t* xb0, const uint32_t* xb1,
-                                                             int64_t nkb, bool prefetch, float* ct) {
-  const int64_t wbytes = ws * static_cast<int64_t>(sizeof(c10::BFloat16));
-  _tile_zero(0);
-  _tile_zero(1);
-  if constexpr (NA == 2) {
-    _tile_zero(2);
-    _tile_zero(3);
-  }
-  for (int64_t kb = 0; kb < nkb; ++kb) {
-    if (prefetch && kb + 4 < nkb) {
-      for (int r = 0; r < 16; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + r * ws + 32 * (kb + 4)), _MM_HINT_T0);
-        if constexpr (NA == 2) _mm_prefetch(reinterpret_cast<const char*>(w1 + r * ws + 32 * (kb + 4)), _MM_HINT_T0);
-      }
-    }
-    _tile_loadd(6, xb0 + kb * 256, 64);
-    _tile_loadd(7, xb1 + kb * 256, 64);
-    _tile_loadd(4, w0 + 32 * kb, wbytes);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    if constexpr (NA == 2) {
-      _tile_loadd(5, w1 + 32 * kb, wbytes);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  _tile_stored(0, ct, 64);
-  _tile_stored(1, ct + 256, 64);
-  if constexpr (NA == 2) {
-    _tile_stored(2, ct + 512, 64);
-    _tile_stored(3, ct + 768, 64);
   }
 }
 
@@ -297,44 +274,190 @@ void amx_epilogue(const LinearParams& p, const float* ct, bool two, int64_t j0, 
   });
 }
 
+// Accumulator tiles of one panel x one block of rows of x (tile numbers: C[a][b] = 2a + b, A tiles 4 + a,
+// B tiles 6 + b): NA A tiles (weight rows wa[a]: 16 each) times NB B tiles (16 rows of x each; NB = 1
+// where the block has at most 16 valid rows, as every block of a decode batch of <= 16: no multiplies of
+// zero rows).
+template <int NA, int NB>
+__attribute__((target("amx-tile,amx-bf16"))) void amx_zero() {
+  _tile_zero(0);
+  if constexpr (NB == 2) _tile_zero(1);
+  if constexpr (NA == 2) _tile_zero(2);
+  if constexpr (NA == 2 && NB == 2) _tile_zero(3);
+}
+
+// C += A B over the k steps kb0 .. kb1 (32 k each): the weight's A tiles straight from its rows (stride
+// ws elements), x's B tiles from its packed block (xb[b]: one 1 KiB tile per k step).
+template <int NA, int NB>
+__attribute__((target("amx-tile,amx-bf16"))) void amx_steps(const c10::BFloat16* w0, const c10::BFloat16* w1,
+                                                             int64_t ws, const uint32_t* xb0, const uint32_t* xb1,
+                                                             int64_t kb0, int64_t kb1) {
+  const int64_t wbytes = ws * static_cast<int64_t>(sizeof(c10::BFloat16));
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    _tile_loadd(6, xb0 + kb * 256, 64);
+    if constexpr (NB == 2) _tile_loadd(7, xb1 + kb * 256, 64);
+    _tile_loadd(4, w0 + 32 * kb, wbytes);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NB == 2) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (NA == 2) {
+      _tile_loadd(5, w1 + 32 * kb, wbytes);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NB == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+}
+
+// ct[(2a + b) * 256 ..] = C[a][b] (16 x 16 fp32, rows of 64 bytes), for the epilogue
+template <int NA, int NB>
+__attribute__((target("amx-tile"))) void amx_store(float* ct) {
+  _tile_stored(0, ct, 64);
+  if constexpr (NB == 2) _tile_stored(1, ct + 256, 64);
+  if constexpr (NA == 2) _tile_stored(2, ct + 512, 64);
+  if constexpr (NA == 2 && NB == 2) _tile_stored(3, ct + 768, 64);
+}
+
+// f(NA, NB) with the tile counts as constants
+template <typename F>
+void with_tiles(bool two_a, bool two_b, F&& f) {
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  if (two_a) {
+    if (two_b) f(I2{}, I2{});
+    else f(I2{}, I1{});
+  } else {
+    if (two_b) f(I1{}, I2{});
+    else f(I1{}, I1{});
+  }
+}
+
+// A block whose accumulators are stored and whose epilogue is still to run.
+struct AmxPending {
+  const float* ct;
+  bool two;
+  int64_t j0, i0, rows;
+  AmxPanel e;
+};
+
+// xp packed on demand, a pair of 16-row blocks (one block of 32 rows of x) at a time, by whichever thread
+// needs it first, or ahead of need in the deferred-work slot of a block's k loop (its transposes then run
+// while tile multiplies are queued, instead of before the first one: ~90 us of a 0.6-0.9 ms 512 x 1024 x
+// 1024 projection). state[q]: 0 to do, 1 being packed, 2 done (release / acquire: the tiles' bytes).
+struct XpPacker {
+  const c10::BFloat16* x;
+  int64_t xs, m, k;
+  uint32_t* xp;
+  std::atomic<uint8_t>* state;
+  int64_t pairs;
+
+  bool try_pack(int64_t q) {
+    uint8_t expected = 0;
+    if (!state[q].compare_exchange_strong(expected, 1, std::memory_order_acquire)) return false;
+    amx_pack_x(x, xs, m, k, 2 * q, xp);
+    amx_pack_x(x, xs, m, k, 2 * q + 1, xp);
+    state[q].store(2, std::memory_order_release);
+    return true;
+  }
+  // block q packed (by this thread, or waited for when the other one is at it)
+  void need(int64_t q) {
+    if (state[q].load(std::memory_order_acquire) == 2 || try_pack(q)) return;
+    // the other thread is packing it (~3 us); yield now and then in case it was descheduled
+    for (int spins = 1; state[q].load(std::memory_order_acquire) != 2; ++spins) {
+      _mm_pause();
+      if (spins % 1024 == 0) std::this_thread::yield();
+    }
+  }
+  // pack one of the next two blocks from q if one is still to do
+  void ahead(int64_t q) {
+    for (int64_t r = q; r < std::min(pairs, q + 2); ++r)
+      if (state[r].load(std::memory_order_relaxed) == 0 && try_pack(r)) return;
+  }
+};
+
+// Storage for xp, kept by the calling thread between calls up to 32 MiB (4096 x 4096 rows of bf16): a fresh
+// allocation of this size is mapped and page-faulted in on every call (with the zeroing of a std::vector,
+// ~100 us at 512 x 1024, 10-20 % of a 512-row projection); pack_x writes every element, so no zeroing.
+// Aligned to a cache line: B tiles whose 64-byte rows straddle two lines (malloc's 16-byte alignment)
+// made the 512-row projections 10-20 % slower (measured: 1.22-1.27 vs 1.38-1.53 TF/s, one thread).
+uint32_t* amx_x_scratch(int64_t n) {
+  constexpr int64_t kKeep = int64_t(8) << 20;  // uint32 elements
+  // 64-byte aligned (a tile row is one cache line), rounded up to whole lines for aligned_alloc
+  auto alloc = [](int64_t count) {
+    const size_t bytes = (static_cast<size_t>(count) * sizeof(uint32_t) + 63) / 64 * 64;
+    return std::unique_ptr<uint32_t[], void (*)(void*)>(static_cast<uint32_t*>(std::aligned_alloc(64, bytes)),
+                                                        std::free);
+  };
+  thread_local std::unique_ptr<uint32_t[], void (*)(void*)> kept(nullptr, std::free);
+  thread_local int64_t kept_n = 0;
+  thread_local std::unique_ptr<uint32_t[], void (*)(void*)> once(nullptr, std::free);
+  once.reset();
+  if (n > kKeep) {
+    once = alloc(n);
+    return once.get();
+  }
+  if (n > kept_n) {
+    kept = alloc(n);
+    kept_n = n;
+  }
+  return kept.get();
+}
+
 void linear_amx(const LinearParams& p) {
   using T = c10::BFloat16;
   const int64_t m = p.m, k = p.k, nkb = k / 32, n_out = p.swiglu ? p.n / 2 : p.n;
   const T* w = static_cast<const T*>(p.weight);
   const T* x = static_cast<const T*>(p.x);
   const int64_t m16 = (m + kAmxRows - 1) / kAmxRows * 2;  // blocks of 16 rows, padded to whole B-tile pairs
-  std::vector<uint32_t> xp(m16 * nkb * 256);
+  uint32_t* xp = amx_x_scratch(m16 * nkb * 256);
   // panels: 16 output columns with SwiGLU (gate + up rows), else 32 (the last one 16 when n_out % 32 == 16)
   // rows of x per pass over the weight: their xp (chunk x k bf16, ~1 MiB) stays in L2 while the panels pass
   const int64_t chunk = std::max<int64_t>(kAmxRows, (int64_t(1) << 19) / k / kAmxRows * kAmxRows);
   const int64_t cols = p.swiglu ? 16 : 32;
   const int64_t n_panels = (n_out + cols - 1) / cols;
-  const int threads = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), std::max(n_panels, m16)));
+  const int threads = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), n_panels));
+  const int64_t pairs = m16 / 2;
+  std::unique_ptr<std::atomic<uint8_t>[]> state(new std::atomic<uint8_t>[pairs]);
+  for (int64_t q = 0; q < pairs; ++q) state[q].store(0, std::memory_order_relaxed);
+  XpPacker packer{x, p.x_stride, m, k, xp, state.get(), pairs};
 #pragma omp parallel num_threads(threads)
   {
-#pragma omp for schedule(static)
-    for (int64_t mb = 0; mb < m16; ++mb) amx_pack_x(x, p.x_stride, m, k, mb, xp.data());
     amx_configure();
-    alignas(64) float ct[4 * 256];
+    alignas(64) float ct[2][4 * 256];  // two blocks' accumulators: the one being finished, the pending one
+    int cur = 0;
+    AmxPending pending{nullptr, false, 0, 0, 0, {}};
+    auto finish = [&]() {
+      if (pending.ct) amx_epilogue(p, pending.ct, pending.two, pending.j0, pending.i0, pending.rows, pending.e);
+      pending.ct = nullptr;
+    };
     for (int64_t c0 = 0; c0 < m; c0 += chunk) {
+      const int64_t c1 = std::min(m, c0 + chunk);
 #pragma omp for schedule(static) nowait
-    for (int64_t pi = 0; pi < n_panels; ++pi) {
-      const int64_t j0 = pi * cols, nb = std::min(cols, n_out - j0);
-      const T* w0 = w + j0 * p.w_stride;
-      const T* w1 = p.swiglu ? w + (n_out + j0) * p.w_stride : w0 + 16 * p.w_stride;
-      const bool two = p.swiglu || nb > 16;
-      const AmxPanel ep = amx_panel_vectors(p, j0, n_out);
-      for (int64_t i0 = c0; i0 < std::min(m, c0 + chunk); i0 += kAmxRows) {
-        const uint32_t* xb0 = xp.data() + (i0 / 16) * nkb * 256;
-        const uint32_t* xb1 = xb0 + nkb * 256;
-        if (two) amx_block<2>(w0, w1, p.w_stride, xb0, xb1, nkb, i0 == c0, ct);
-        else amx_block<1>(w0, w1, p.w_stride, xb0, xb1, nkb, i0 == c0, ct);
-        // ct[2a + b][r][j] = out^T: weight row 16a + r (SwiGLU: a = 0 gate, 1 up) x row 16b + j of the
-        // block -> tile[j'][16a + r] (32 columns per row of x: the epilogue's layout, up at +kBlock)
-        amx_epilogue(p, ct, two, j0, i0, std::min(kAmxRows, m - i0), ep);
+      for (int64_t pi = 0; pi < n_panels; ++pi) {
+        const int64_t j0 = pi * cols, nb = std::min(cols, n_out - j0);
+        const T* w0 = w + j0 * p.w_stride;
+        const T* w1 = p.swiglu ? w + (n_out + j0) * p.w_stride : w0 + 16 * p.w_stride;
+        const bool two = p.swiglu || nb > 16;
+        const AmxPanel ep = amx_panel_vectors(p, j0, n_out);
+        for (int64_t i0 = c0; i0 < c1; i0 += kAmxRows) {
+          const uint32_t* xb0 = xp + (i0 / 16) * nkb * 256;
+          const uint32_t* xb1 = xb0 + nkb * 256;
+          packer.need(i0 / kAmxRows);
+          // the previous block's epilogue (transposes, scale, activation, rounding: vector work) runs
+          // between the two halves of this block's k loop, in the shadow of its queued tile multiplies
+          with_tiles(two, c1 - i0 > 16, [&](auto NA, auto NB) {
+            amx_zero<NA(), NB()>();
+            amx_steps<NA(), NB()>(w0, w1, p.w_stride, xb0, xb1, 0, nkb / 2);
+            finish();
+            packer.ahead(i0 / kAmxRows + 1);
+            amx_steps<NA(), NB()>(w0, w1, p.w_stride, xb0, xb1, nkb / 2, nkb);
+            amx_store<NA(), NB()>(ct[cur]);
+          });
+          // ct[2a + b][r][j] = out^T: weight row 16a + r (SwiGLU: a = 0 gate, 1 up) x row 16b + j of the block
+          pending = AmxPending{ct[cur], two, j0, i0, std::min(kAmxRows, m - i0), ep};
+          cur ^= 1;
+        }
       }
     }
-    }
+    finish();
     amx_release();
   }
 }
