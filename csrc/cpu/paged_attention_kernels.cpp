@@ -601,9 +601,11 @@ void amx_pack_step(const PagedAttentionParams& p, const AmxLayout& L, int64_t se
 // One row block's state: 16 rows of q (bf16, zero rows past the sequence's queries), O (fp32), the
 // softmax statistics and each row's causal limit (it sees tokens [0, limit); 0 for absent rows).
 struct alignas(64) AmxBlock {
-  c10::BFloat16 q[16 * kAmxMaxHeadDim];
-  float o[16 * kAmxMaxHeadDim];
-  c10::BFloat16 p[16 * kAmxChunk];  // probabilities of the current chunk: the A operands of P V
+  const c10::BFloat16* qa;  // the A operand rows of Q: q itself (a full block: rows q_stride apart) or `q`
+  int64_t qa_bytes;         // their stride
+  alignas(64) c10::BFloat16 q[16 * kAmxMaxHeadDim];  // a partial block's rows, zero-padded to 16
+  alignas(64) float o[16 * kAmxMaxHeadDim];
+  alignas(64) c10::BFloat16 p[16 * kAmxChunk];  // probabilities of the current chunk: the A operands of P V
   float m[16], l[16];
   int32_t limit[16];
 };
@@ -670,88 +672,132 @@ __attribute__((target("avx512bf16"))) bool amx_softmax(AmxBlock& blk, const floa
   return _mm512_mask_cmp_ps_mask(seen, mn, mo, _CMP_GT_OQ) != 0;
 }
 
-// Attention of NB (1 or 2) row blocks over the packed K / V of their (sequence, kv head): tokens [0, n),
-// in chunks of kAmxChunk tokens (steps of 32: one k block of P V).
+// S = Q K^T of NB row blocks for `subs` steps of 32 tokens from step st0: tiles 0, 1 (block 0, token
+// halves 0 / 1), 2, 3 (block 1), stored as the layout amx_softmax reads.
 template <int NB>
-__attribute__((target("amx-tile,amx-bf16,avx512bf16"))) void amx_attend(AmxBlock* blk, const AmxLayout& L,
-                                                                       const uint32_t* kp, const uint32_t* vp,
-                                                                       int64_t n, float scale) {
-  alignas(64) float s[kAmxChunk / kAmxStep * 4 * 256];
-  alignas(64) float alpha[16];
-  const int64_t hd = L.hd, qbytes = hd * 2, obytes = hd * 4, pbytes = kAmxChunk * 2;
-  for (int64_t t0 = 0; t0 < n; t0 += kAmxChunk) {
-    const int subs = (int)std::min<int64_t>(kAmxChunk, n - t0 + kAmxStep - 1) / kAmxStep;
-    const int64_t st0 = t0 / kAmxStep;
-    // S = Q K^T per step u: tiles 0, 1 (block 0, token halves 0 / 1), 2, 3 (block 1)
-    for (int u = 0; u < subs; ++u) {
-      const uint32_t* k = kp + (st0 + u) * L.step_elems;
+__attribute__((target("amx-tile,amx-bf16"))) inline void amx_scores(const AmxBlock* blk, const AmxLayout& L,
+                                                                    const uint32_t* kp, int64_t st0, int subs,
+                                                                    float* s) {
+  for (int u = 0; u < subs; ++u) {
+    const uint32_t* k = kp + (st0 + u) * L.step_elems;
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (NB == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int64_t kb = 0; kb < L.nkb; ++kb) {
+      _tile_loadd(6, k + kb * 256, 64);
+      _tile_loadd(7, k + (L.nkb + kb) * 256, 64);
+      _tile_loadd(4, blk[0].qa + 32 * kb, blk[0].qa_bytes);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (NB == 2) {
+        _tile_loadd(5, blk[1].qa + 32 * kb, blk[1].qa_bytes);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    float* su = s + 1024 * u;
+    _tile_stored(0, su, 64);
+    _tile_stored(1, su + 256, 64);
+    if constexpr (NB == 2) {
+      _tile_stored(2, su + 512, 64);
+      _tile_stored(3, su + 768, 64);
+    }
+  }
+}
+
+// O += P V of NB row blocks for `subs` steps from step st0, two 16-column groups of head_dim at a time
+// (tiles 0-3: O, 4-5: P, 6-7: V); `first`: O starts at zero (it is never read before the first chunk).
+template <int NB>
+__attribute__((target("amx-tile,amx-bf16"))) inline void amx_pv(AmxBlock* blk, const AmxLayout& L,
+                                                                const uint32_t* vp, int64_t st0, int subs,
+                                                                bool first) {
+  const int64_t obytes = L.hd * 4, pbytes = kAmxChunk * 2;
+  for (int64_t cg = 0; cg < L.ncg; cg += 2) {
+    float* o0 = blk[0].o + 16 * cg;
+    float* o1 = blk[NB - 1].o + 16 * cg;
+    if (first) {
       _tile_zero(0);
       _tile_zero(1);
       if constexpr (NB == 2) {
         _tile_zero(2);
         _tile_zero(3);
       }
-      for (int64_t kb = 0; kb < L.nkb; ++kb) {
-        _tile_loadd(6, k + kb * 256, 64);
-        _tile_loadd(7, k + (L.nkb + kb) * 256, 64);
-        _tile_loadd(4, blk[0].q + 32 * kb, qbytes);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        if constexpr (NB == 2) {
-          _tile_loadd(5, blk[1].q + 32 * kb, qbytes);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-      }
-      float* su = s + 1024 * u;
-      _tile_stored(0, su, 64);
-      _tile_stored(1, su + 256, 64);
-      if constexpr (NB == 2) {
-        _tile_stored(2, su + 512, 64);
-        _tile_stored(3, su + 768, 64);
-      }
-    }
-    // online softmax; rescale O where a row's max grew
-    for (int b = 0; b < NB; ++b) {
-      if (amx_softmax(blk[b], s, b, subs, t0, scale, alpha)) {
-        for (int r = 0; r < 16; ++r) {
-          if (alpha[r] == 1.f) continue;
-          const __m512 a = _mm512_set1_ps(alpha[r]);
-          float* o = blk[b].o + r * hd;
-          for (int64_t c = 0; c < hd; c += 16) _mm512_store_ps(o + c, _mm512_mul_ps(a, _mm512_load_ps(o + c)));
-        }
-      }
-    }
-    // O += P V, two 16-column groups of head_dim at a time, over the chunk's steps
-    for (int64_t cg = 0; cg < L.ncg; cg += 2) {
-      float* o0 = blk[0].o + 16 * cg;
-      float* o1 = blk[NB - 1].o + 16 * cg;
+    } else {
       _tile_loadd(0, o0, obytes);
       _tile_loadd(1, o0 + 16, obytes);
       if constexpr (NB == 2) {
         _tile_loadd(2, o1, obytes);
         _tile_loadd(3, o1 + 16, obytes);
       }
-      for (int u = 0; u < subs; ++u) {
-        const uint32_t* v = vp + (st0 + u) * L.step_elems + cg * 256;
-        _tile_loadd(6, v, 64);
-        _tile_loadd(7, v + 256, 64);
-        _tile_loadd(4, blk[0].p + kAmxStep * u, pbytes);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        if constexpr (NB == 2) {
-          _tile_loadd(5, blk[1].p + kAmxStep * u, pbytes);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-      }
-      _tile_stored(0, o0, obytes);
-      _tile_stored(1, o0 + 16, obytes);
+    }
+    for (int u = 0; u < subs; ++u) {
+      const uint32_t* v = vp + (st0 + u) * L.step_elems + cg * 256;
+      _tile_loadd(6, v, 64);
+      _tile_loadd(7, v + 256, 64);
+      _tile_loadd(4, blk[0].p + kAmxStep * u, pbytes);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
       if constexpr (NB == 2) {
-        _tile_stored(2, o1, obytes);
-        _tile_stored(3, o1 + 16, obytes);
+        _tile_loadd(5, blk[1].p + kAmxStep * u, pbytes);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
       }
     }
+    _tile_stored(0, o0, obytes);
+    _tile_stored(1, o0 + 16, obytes);
+    if constexpr (NB == 2) {
+      _tile_stored(2, o1, obytes);
+      _tile_stored(3, o1 + 16, obytes);
+    }
+  }
+}
+
+// Attention of NB (1 or 2) row blocks over the packed K / V of their (sequence, kv head): tokens [0, n),
+// in chunks of kAmxChunk tokens (steps of 32: one k block of P V). The scores of the next chunk are
+// issued before the softmax of the current one (two score buffers), so that the matrix unit works on
+// them while the vector units run the softmax.
+template <int NB>
+__attribute__((target("amx-tile,amx-bf16,avx512bf16"))) void amx_attend(AmxBlock* blk, const AmxLayout& L,
+                                                                       const uint32_t* kp, const uint32_t* vp,
+                                                                       int64_t n, float scale) {
+  alignas(64) float s[2][kAmxChunk / kAmxStep * 4 * 256];
+  alignas(64) float alpha[16];
+  const int64_t hd = L.hd;
+  auto subs_at = [&](int64_t t0) { return (int)(std::min<int64_t>(kAmxChunk, n - t0 + kAmxStep - 1) / kAmxStep); };
+  amx_scores<NB>(blk, L, kp, 0, subs_at(0), s[0]);
+  for (int64_t t0 = 0, c = 0; t0 < n; t0 += kAmxChunk, ++c) {
+    const int subs = subs_at(t0);
+    const int64_t st0 = t0 / kAmxStep;
+    if (t0 + kAmxChunk < n) amx_scores<NB>(blk, L, kp, st0 + kAmxChunk / kAmxStep, subs_at(t0 + kAmxChunk), s[(c + 1) % 2]);
+    // online softmax; rescale O where a row's max grew
+    for (int b = 0; b < NB; ++b) {
+      if (amx_softmax(blk[b], s[c % 2], b, subs, t0, scale, alpha)) {
+        for (int r = 0; r < 16; ++r) {
+          if (alpha[r] == 1.f) continue;
+          const __m512 a = _mm512_set1_ps(alpha[r]);
+          float* o = blk[b].o + r * hd;
+          for (int64_t j = 0; j < hd; j += 16) _mm512_store_ps(o + j, _mm512_mul_ps(a, _mm512_load_ps(o + j)));
+        }
+      }
+    }
+    amx_pv<NB>(blk, L, vp, st0, subs, t0 == 0);
+  }
+}
+
+// out[token0 + r, head] = O_r / l_r in bf16 (vcvtneps2bf16: round to nearest even) for the block's first
+// `rows` rows; a row that saw no key (l = 0) gives 0.
+__attribute__((target("avx512bf16"))) void amx_write_rows(const PagedAttentionParams& p, const AmxBlock& blk,
+                                                          int64_t token0, int64_t rows, int64_t head) {
+  const int64_t hd = p.hd;
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 inv = _mm512_set1_ps(blk.l[r] > 0.f ? 1.f / blk.l[r] : 0.f);
+    auto* out = static_cast<c10::BFloat16*>(p.out) + ((token0 + r) * p.hq + head) * hd;
+    for (int64_t c = 0; c < hd; c += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(inv, _mm512_load_ps(blk.o + r * hd + c))));
   }
 }
 
@@ -808,23 +854,26 @@ void prefill_amx(const PagedAttentionParams& p) {
       for (int b = 0; b < NB; ++b) {
         const int64_t bi = 2 * pair + b, chunk = bi / G, g = bi % G, head = h * G + g;
         AmxBlock& k = blk[b];
+        const T* qrow = static_cast<const T*>(p.q) + (q0 + 16 * chunk) * p.q_stride + head * hd;
+        const bool full = 16 * chunk + 16 <= q_len && p.q_stride > 0;
+        k.qa = full ? qrow : k.q;
+        k.qa_bytes = full ? p.q_stride * 2 : hd * 2;
         for (int r = 0; r < 16; ++r) {
           const int64_t j = 16 * chunk + r;  // query j of the sequence, at position seq_len - q_len + j
           k.m[r] = kNegInf;
           k.l[r] = 0.f;
           k.limit[r] = j < q_len ? (int32_t)(seq_len - q_len + j + 1) : 0;
           max_limit = std::max<int64_t>(max_limit, k.limit[r]);
-          if (j < q_len) std::memcpy(k.q + r * hd, static_cast<const T*>(p.q) + (q0 + j) * p.q_stride + head * hd, hd * 2);
+          if (full) continue;
+          if (j < q_len) std::memcpy(k.q + r * hd, qrow + r * p.q_stride, hd * 2);
           else std::memset(k.q + r * hd, 0, hd * 2);
         }
-        std::memset(k.o, 0, sizeof(float) * 16 * hd);
       }
       if (NB == 2) amx_attend<2>(blk, L, kp + base(i, h), vp + base(i, h), max_limit, p.scale);
       else amx_attend<1>(blk, L, kp + base(i, h), vp + base(i, h), max_limit, p.scale);
       for (int b = 0; b < NB; ++b) {
         const int64_t bi = 2 * pair + b, chunk = bi / G, g = bi % G, head = h * G + g;
-        for (int r = 0; r < 16 && 16 * chunk + r < q_len; ++r)
-          write_normalized(p, q0 + 16 * chunk + r, head, blk[b].o + r * hd, blk[b].l[r]);
+        amx_write_rows(p, blk[b], q0 + 16 * chunk, std::min<int64_t>(16, q_len - 16 * chunk), head);
       }
     }
     std::free(blk);
