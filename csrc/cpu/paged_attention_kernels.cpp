@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "cpu/amx_tiles.h"
+#include "cpu/narrow_store.h"
 #include "cpu/paged_attention_params.h"
 
 namespace h1r::cpu::H1R_ISA {
@@ -787,8 +788,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512bf16"))) void amx_attend(AmxBlock
   }
 }
 
-// out[token0 + r, head] = O_r / l_r in bf16 (vcvtneps2bf16: round to nearest even) for the block's first
-// `rows` rows; a row that saw no key (l = 0) gives 0.
+// out[token0 + r, head] = O_r / l_r in bf16 for the block's first `rows` rows (vcvtneps2bf16 through
+// narrow_store.h's policy: the software rounding's bits); a row that saw no key (l = 0) gives 0.
 __attribute__((target("avx512bf16"))) void amx_write_rows(const PagedAttentionParams& p, const AmxBlock& blk,
                                                           int64_t token0, int64_t rows, int64_t head) {
   const int64_t hd = p.hd;
@@ -796,8 +797,7 @@ __attribute__((target("avx512bf16"))) void amx_write_rows(const PagedAttentionPa
     const __m512 inv = _mm512_set1_ps(blk.l[r] > 0.f ? 1.f / blk.l[r] : 0.f);
     auto* out = static_cast<c10::BFloat16*>(p.out) + ((token0 + r) * p.hq + head) * hd;
     for (int64_t c = 0; c < hd; c += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(inv, _mm512_load_ps(blk.o + r * hd + c))));
+      HwBf16Cvt::store(out + c, VF(_mm512_mul_ps(inv, _mm512_load_ps(blk.o + r * hd + c))), 16);
   }
 }
 
