@@ -251,9 +251,11 @@ def _paged_prefill_op(*args):
 def _paged_prefill_ok(x: torch.Tensor, head_dim: int) -> bool:
     """Whether the fused prefill from position 0 attends through ``h1r::paged_attention_prefill`` on the
     cache instead of SDPA: only where its kernel runs on AMX tiles (bf16 on CPU, head_dim % 32 == 0, <= 256).
-    Measured (2 threads, shared machine, 8 / 2 heads, head_dim 128, bf16): 512 tokens ~0.5-0.6 ms vs SDPA's
-    ~1.0, 16 x 128 tokens ~1.0 vs ~1.7 per layer; its fp32-vector kernel (fp32, or no AMX) is ~2-3x slower
-    than SDPA, so everything else keeps SDPA."""
+    Measured (op alone, 2 threads, shared machine, 8 / 2 heads, head_dim 128, bf16, min of 20): 512 tokens
+    0.44 ms vs SDPA's 0.79, 16 x 128 tokens 1.07 vs 1.31 per layer (both near the ~10 MB of q, K, V and
+    output that this machine moves at ~10 GB/s); whole 8-layer prefill (one process, interleaved, min of 8):
+    b1 x 512 106 -> 101 ms, b16 x 128 368 -> 370 ms (no measurable change). Its fp32-vector kernel (fp32,
+    or no AMX) is ~2-3x slower than SDPA, so everything else keeps SDPA."""
     from h1r_ops import _registry
 
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and head_dim % 32 == 0 and head_dim <= 256
