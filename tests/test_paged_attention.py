@@ -380,6 +380,8 @@ AMX_PREFILL_CASES = [  # (seq_lens, q_lens, block_size, hq, hk, hd)
     ([37, 0, 64], [29, 0, 64], 16, 6, 2, 96),       # G = 3 (pairs straddle chunks), hd 96, a padded row
     ([300], [1], 16, 8, 2, 128),                    # a single query over a long prefix
     ([50, 19], [50, 19], 8, 4, 2, 80),              # hd 80 (not a multiple of 32): the vector kernel
+    ([70, 300], [70, 41], 16, 4, 2, 256),           # hd 256 (the largest on tiles), chunks of 256 tokens
+    ([50], [50], 16, 2, 1, 32),                     # hd 32: one k block
 ]
 
 
