@@ -9,6 +9,12 @@ and prints the ratios, plus the KV bytes read per second against the machine's m
 
     python benchmarks/bench_paged_attention.py            # full grid, bf16
     python benchmarks/bench_paged_attention.py --quick    # two small cases
+    python benchmarks/bench_paged_attention.py --prefill --heads 8 --threads 2   # causal prefill
+
+--prefill times paged_attention_prefill (a whole prompt per sequence, causal) on the shuffled page pool
+and on one page per sequence (the fused model's cache layout) against SDPA (is_causal, enable_gqa) on the
+same K/V dense, interleaved round-robin, and prints the causal FLOP rate (QK^T + PV over the visible half).
+bf16 runs the AMX tile path where the CPU has it (H1R_CPU_NO_AMX=1 for the fp32-vector kernel).
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ def main():
     ap.add_argument("--no-ref", action="store_true", help="skip the eager reference")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: all)")
+    ap.add_argument("--prefill", action="store_true", help="causal prefill instead of decode")
     ap.add_argument("--stat", choices=["median", "min"], default="median",
                     help="statistic of the timings (min is steadier on a shared machine)")
     args = ap.parse_args()
@@ -68,6 +75,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     hq, hk, hd, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
+    if args.prefill:
+        return prefill_main(args, dtype, hq, hk, hd, bs)
     cases = [(1, 512), (16, 512)] if args.quick else [(1, 512), (1, 4096), (16, 512), (16, 4096), (64, 512),
                                                       (64, 4096), (1, 32768)]
 
@@ -121,6 +130,39 @@ def main():
     print("\nof memcpy: KV bytes read per second / the 1 GiB copy bandwidth measured at the start; of memcpy now:"
           "\n/ a 256 MiB copy measured just before the case (the machine is shared: the two differ under load);"
           "\nof read stream: the time of summing the same K/V pool (a pure read stream) / ours.")
+
+
+def prefill_main(args, dtype, hq, hk, hd, bs):
+    cases = [(1, 512), (16, 128)] if args.quick else [(1, 512), (16, 128), (4, 1024), (1, 4096)]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, h1r cpu isa {torch.ops.h1r.cpu_isa()}, "
+          f"{args.dtype}, hq={hq} hk={hk} hd={hd} block={bs}, prefill (causal)\n")
+    rows = []
+    for batch, context in cases:
+        _, kc, vc, bt, sl, kd, vd = make_case(batch, context, hq, hk, hd, bs, dtype)
+        q = torch.randn(batch, context, hq, hd).to(dtype)
+        qd = q.transpose(1, 2)
+        cu = torch.arange(0, batch * context + 1, context, dtype=torch.int32)
+        k1, v1 = kd.transpose(1, 2).contiguous(), vd.transpose(1, 2).contiguous()  # one page per sequence
+        t1 = torch.arange(batch, dtype=torch.int32).view(batch, 1)
+        scale = 1 / math.sqrt(hd)
+        fns = {
+            "paged": lambda: torch.ops.h1r.paged_attention_prefill(q.view(-1, hq, hd), kc, vc, bt, sl, cu, scale),
+            "one page": lambda: torch.ops.h1r.paged_attention_prefill(q.view(-1, hq, hd), k1, v1, t1, sl, cu, scale),
+            "sdpa": lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale, enable_gqa=True),
+        }
+        want = fns["sdpa"]().transpose(1, 2).reshape(-1, hq, hd).float()
+        for name in ("paged", "one page"):
+            torch.testing.assert_close(fns[name]().float(), want, atol=2e-2, rtol=0)
+        t = {k: timeit(fn, warmup=2, iters=args.iters, max_seconds=3.0, stat=args.stat) for k, fn in fns.items()}
+        t = {k: min(v, timeit(fns[k], warmup=0, iters=args.iters, max_seconds=3.0, stat=args.stat))
+             for k, v in t.items()}  # a second pass, interleaved with the others' first
+        flops = 4 * batch * hq * hd * context * (context + 1) / 2
+        rows.append([batch, context, t["paged"] * 1e3, t["one page"] * 1e3, t["sdpa"] * 1e3,
+                     t["sdpa"] / t["paged"], t["sdpa"] / t["one page"], flops / t["one page"] / 1e9])
+        print(f"  done batch {batch} context {context}", flush=True)
+    print()
+    print_table(rows, ["batch", "tokens", "paged ms", "one page ms", "sdpa ms", "sdpa/paged", "sdpa/one page",
+                       "GFLOP/s (one page)"])
 
 
 if __name__ == "__main__":

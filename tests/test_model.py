@@ -381,3 +381,45 @@ def test_greedy_tokens_equal_argmax_first_max(dtype):
         assert torch.equal(greedy_tokens(x[:, :vocab]), x.argmax(-1))
     wide = torch.randn(4, 64, generator=g).to(dtype)
     assert torch.equal(greedy_tokens(wide[:, ::2]), wide[:, ::2].argmax(-1))   # strided columns: argmax path
+
+
+@pytest.mark.parametrize("batch,length", [(1, 45), (3, 20)])
+def test_bf16_prefill_attends_through_paged_prefill(batch, length):
+    """The fused bf16 prefill from position 0 (head_dim % 32 == 0, AMX tiles) writes the cache and attends
+    through h1r::paged_attention_prefill on it (one page of max_len slots per sequence): its logits and the
+    decode steps after it match the module path (SDPA) up to bf16 rounding: max abs <= 0.04 max|logit|. The
+    two paths round activations to bf16 at different places: the fused path on SDPA differs from the module
+    path by 0.023-0.036 here (max|logit| 1.4-2.1, bf16's ulp at 2 is 0.016), the paged prefill by 0.024-0.037
+    (it also rounds P to bf16); both are ~0.03 from the fp32 model."""
+    from _engine_helpers import tiny_model
+
+    from h1r_ops.model import falcon_h1
+
+    m = tiny_model(5, head_dim=32).to(torch.bfloat16).fuse_projections()
+    if not falcon_h1._paged_prefill_ok(torch.zeros(1, dtype=torch.bfloat16), 32):
+        pytest.skip("the paged prefill runs on AMX tiles only")
+    torch.manual_seed(batch)
+    ids = torch.randint(3, 97, (batch, length))
+    calls = []
+    op = falcon_h1._paged_prefill_op
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return op(*args)
+
+    with torch.no_grad():
+        falcon_h1._paged_prefill_op = counting
+        try:
+            c1 = m.new_cache(batch, length + 8)
+            fused = [m.prefill(ids, c1)] + [m.step(ids[:, i], c1) for i in range(3)]
+        finally:
+            falcon_h1._paged_prefill_op = op
+        with _module_path(m):
+            c2 = m.new_cache(batch, length + 8)
+            ref = [m.prefill(ids, c2)] + [m.step(ids[:, i], c2) for i in range(3)]
+    assert calls == [(batch * length, 4, 32)] * m.config.num_hidden_layers
+    for a, b in zip(fused, ref):
+        a, b = a.float(), b.float()
+        assert (a - b).abs().max() <= 0.04 * b.abs().max()
+    for l1, l2 in zip(c1.layers, c2.layers):
+        torch.testing.assert_close(l1.key[:, :length], l2.key[:, :length], atol=0.08, rtol=0.05)

@@ -349,6 +349,7 @@ for dtype in (torch.float32, torch.bfloat16):
     t.test_prefill_matches_reference(([33, 1, 150], [33, 1, 70], 16, 12, 2, 128), dtype)
     t.test_prefill_matches_reference(([37], [37], 8, 2, 1, 72), dtype)
 t.test_reshape_and_cache_matches_reference(torch.float16)
+t.test_prefill_bf16_tiles_match_reference(t.AMX_PREFILL_CASES[4])
 print("ok")
 """
 
@@ -356,3 +357,103 @@ print("ok")
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_lower_isa_variants(isa):
     run_script(_ISA_SCRIPT.format(isa=isa), {"H1R_CPU_ISA": isa})
+
+
+# ---------------------------------------------------------------------------------------------------
+# bf16 prefill on AMX tiles (q and caches bf16, head_dim % 32 == 0, where the CPU has AMX; elsewhere and
+# under H1R_CPU_NO_AMX=1 these cases run the fp32-vector kernel and must pass all the same).
+#
+# Tolerance: AMX_TOL = 2e-2 max abs, the bf16 tolerance above, against the fp32 reference on the same bf16
+# inputs. The tile path rounds the probabilities P = exp(s - m) to bf16 before P V (as flash-attention does
+# for bf16 inputs: relative error <= 2^-9 per weight, so |err| <= 2^-9 max|v| ~ 8e-3 for |v| <= 4, far less
+# on average) and the output once to bf16 (2^-9 relative, ~4e-3 at |out| ~ 2); the scores and the softmax
+# statistics stay fp32.
+# ---------------------------------------------------------------------------------------------------
+AMX_TOL = 2e-2
+HAS_AMX = bool(torch.ops.h1r.linear_amx())
+
+AMX_PREFILL_CASES = [  # (seq_lens, q_lens, block_size, hq, hk, hd)
+    ([512], [512], 16, 8, 2, 128),                  # the model's shape (G = 4), several 128-token chunks
+    ([45, 1, 150, 33], [45, 1, 70, 20], 16, 2, 2, 64),  # G = 1, chunked prefill, q_len % 16 != 0
+    ([100, 7], [100, 7], 1, 4, 2, 128),             # G = 2, block_size 1
+    ([77, 200], [77, 130], 256, 8, 1, 64),          # G = 8, one large page per sequence
+    ([37, 0, 64], [29, 0, 64], 16, 6, 2, 96),       # G = 3 (pairs straddle chunks), hd 96, a padded row
+    ([300], [1], 16, 8, 2, 128),                    # a single query over a long prefix
+    ([50, 19], [50, 19], 8, 4, 2, 80),              # hd 80 (not a multiple of 32): the vector kernel
+    ([70, 300], [70, 41], 16, 4, 2, 256),           # hd 256 (the largest on tiles), chunks of 256 tokens
+    ([50], [50], 16, 2, 1, 32),                     # hd 32: one k block
+]
+
+
+def _prefill_case(case, seed=0):
+    seq_lens, q_lens, bs, hq, hk, hd = case
+    kc, vc, bt, _, _ = make_paged(seq_lens, bs, hk, hd, dtype=torch.bfloat16, seed=hd + seed)
+    g = torch.Generator().manual_seed(seed)
+    q = (2 * torch.randn(sum(q_lens), hq, hd, generator=g)).to(torch.bfloat16)  # peaked softmax rows too
+    cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    return q, kc, vc, bt, torch.tensor(seq_lens, dtype=torch.int32), cu
+
+
+@pytest.mark.parametrize("case", AMX_PREFILL_CASES, ids=str)
+def test_prefill_bf16_tiles_match_reference(case):
+    q, kc, vc, bt, sl, cu = _prefill_case(case)
+    out = paged_attention_prefill(q, kc, vc, bt, sl, cu)
+    want = paged_attention_prefill_ref(q.float(), kc.float(), vc.float(), bt, sl, cu)
+    assert out.dtype == torch.bfloat16 and not out.isnan().any()
+    err = (out.float() - want).abs().max().item()
+    assert err <= AMX_TOL, f"max abs error {err}"
+
+
+def test_prefill_bf16_tiles_row_views():
+    """q as a column slice of a wider buffer (the fused model's projection output) gives the bits of its
+    contiguous copy on the tile path too."""
+    q, kc, vc, bt, sl, cu = _prefill_case(AMX_PREFILL_CASES[1])
+    buf = torch.zeros(q.shape[0], q.shape[1] * q.shape[2] + 64, dtype=torch.bfloat16)
+    view = buf[:, 32 : 32 + q.shape[1] * q.shape[2]].view_as(q)
+    view.copy_(q)
+    a = torch.ops.h1r.paged_attention_prefill(view, kc, vc, bt, sl, cu, 0.1)
+    assert torch.equal(a, torch.ops.h1r.paged_attention_prefill(q, kc, vc, bt, sl, cu, 0.1))
+
+
+_NO_AMX_SCRIPT = r"""
+import torch, h1r_ops, tests.test_paged_attention as t
+assert not torch.ops.h1r.linear_amx()
+for case in t.AMX_PREFILL_CASES[:3]:
+    q, kc, vc, bt, sl, cu = t._prefill_case(case)
+    out = torch.ops.h1r.paged_attention_prefill(q, kc, vc, bt, sl, cu, 0.1)
+    # the fp32-vector kernel: a bf16 q is widened exactly, so it gives the bits of an fp32 q rounded once
+    want = torch.ops.h1r.paged_attention_prefill(q.float(), kc, vc, bt, sl, cu, 0.1).to(torch.bfloat16)
+    assert torch.equal(out, want), case
+    torch.save(out, "{path}/" + str(len(case[0])) + ".pt")
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="no AMX on this CPU (the vector kernel runs every case)")
+def test_prefill_bf16_tiles_taken_and_no_amx_reproduces_vector_path(tmp_path):
+    """H1R_CPU_NO_AMX=1 runs the fp32-vector kernel (its bits: those of an fp32 q rounded once); without it
+    the tile path runs: a slightly different result (P in bf16, another summation order), both within
+    AMX_TOL of the reference."""
+    run_script(_NO_AMX_SCRIPT.format(path=tmp_path), {"H1R_CPU_NO_AMX": "1"})
+    for case in AMX_PREFILL_CASES[:3]:
+        q, kc, vc, bt, sl, cu = _prefill_case(case)
+        tiles = torch.ops.h1r.paged_attention_prefill(q, kc, vc, bt, sl, cu, 0.1)
+        vector = torch.load(tmp_path / f"{len(case[0])}.pt")
+        assert not torch.equal(tiles, vector), "the tile path did not run"
+        want = paged_attention_prefill_ref(q.float(), kc.float(), vc.float(), bt, sl, cu, scale=0.1)
+        for out in (tiles, vector):
+            assert (out.float() - want).abs().max().item() <= AMX_TOL
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_prefill_bf16_tiles_threads(threads):
+    """Work items spread over any number of threads give the same bits (each item is computed alone)."""
+    q, kc, vc, bt, sl, cu = _prefill_case(AMX_PREFILL_CASES[3])
+    n = torch.get_num_threads()
+    try:
+        ref = torch.ops.h1r.paged_attention_prefill(q, kc, vc, bt, sl, cu, 0.1)
+        torch.set_num_threads(threads)
+        out = torch.ops.h1r.paged_attention_prefill(q, kc, vc, bt, sl, cu, 0.1)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(out, ref)

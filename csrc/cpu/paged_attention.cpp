@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/amx.h"
 #include "cpu/isa.h"
 #include "cpu/paged_attention_params.h"
 
@@ -129,6 +130,10 @@ at::Tensor paged_attention_prefill_cpu(const at::Tensor& q, const at::Tensor& ke
   }
   p.cu_seqlens_q = cu;
   const at::Tensor qr = query_rows(q, p);
+  // bf16 q and cache: S = Q K^T and P V on AMX tiles where the CPU has them (P rounded to bf16 by
+  // vcvtne2ps2bf16: AVX512-BF16 too, which every AMX CPU has; H1R_CPU_NO_AVX512_BF16 turns the path off)
+  p.amx = q.scalar_type() == at::kBFloat16 && key_cache.scalar_type() == at::kBFloat16 && p.hd % 32 == 0 &&
+          p.hd <= cpu::kAmxMaxHeadDim && cpu::amx_usable() && cpu::cpu_has_avx512_bf16();
   at::Tensor out = at::empty(q.sizes(), q.options());
   p.out = out.data_ptr();
   if (out.numel() > 0) H1R_CPU_DISPATCH(paged_attention_prefill_kernel, p);

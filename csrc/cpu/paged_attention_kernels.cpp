@@ -24,11 +24,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
 #include <vector>
 
+#include "cpu/amx_tiles.h"
+#include "cpu/narrow_store.h"
 #include "cpu/paged_attention_params.h"
 
 namespace h1r::cpu::H1R_ISA {
@@ -527,6 +530,364 @@ void prefill_impl(const PagedAttentionParams& p) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// ---------------------------------------------------------------------------------------------------
+// bf16 prefill on AMX tiles (flash-attention 2 on the CPU's matrix unit).
+//
+// 1. Pack: every (sequence, kv head) K and V, gathered through the block table once per call, in steps of
+//    32 tokens laid out as the B operands of the two products (tokens past seq_len are zeros):
+//      K^T tiles  (step, half, kb): B[kk][j] = (K[32 step + 16 half + j][32 kb + 2 kk], .. + 1)   (S = Q K^T)
+//      V tiles    (step, cg):       B[kk][c] = (V[32 step + 2 kk][16 cg + c], V[32 step + 2 kk + 1][..]) (P V)
+//    Each (query tile, step) pair reuses them, so no K or V row is transposed more than once.
+// 2. Attend: a work item is a pair of row blocks of one kv head; a row block is 16 consecutive queries of
+//    one query head g (its rows are q rows at one stride), blocks numbered (chunk of 16 queries) x G + g, so
+//    a pair holds two heads of the same queries (G >= 2) or 32 consecutive queries (G = 1). Per chunk of
+//    up to kAmxChunk tokens (steps of 32): the 2 x 2 score tiles S = Q K^T of each step accumulate over
+//    head_dim on the tiles (the next chunk's are issued before this chunk's softmax, so the matrix unit runs
+//    beside the vector units); the online softmax runs in fp32 vectors, row by row (scale, causal mask,
+//    running max m and sum l, in log2 units), and writes P = 2^(x - m) rounded to bf16 as the A operand of
+//    P V; the output accumulator O (fp32, 2 x 16 x hd, in memory) is rescaled by 2^(m_old - m_new) only
+//    when a row's max grew, then O += P V on the tiles over the chunk's steps, two 16-column groups at a
+//    time (8 tiles: 4 O, 2 P, 2 V; O loaded and stored once per chunk, zeroed tiles in the first). The
+//    statistics and O stay fp32; P is bf16 (as flash-attention does for bf16 inputs: 2^-9 relative per
+//    weight). Q's A tiles are read straight from q's rows (a partial block from a zero-padded copy).
+// ---------------------------------------------------------------------------------------------------
+constexpr int kAmxStep = 32;    // tokens per step: the k extent of one P V tile product
+// tokens per online-softmax update: O is loaded and stored once per chunk (1 thread, b1 x 512 / b16 x 128
+// tokens, 8 / 2 heads, hd 128: 64 -> 1.00 / 1.61 ms, 128 -> 0.88 / 1.57, 256 -> 0.80 / 1.48)
+constexpr int kAmxChunk = 256;
+
+struct AmxLayout {
+  int64_t hd, nkb, ncg, step_elems;  // step_elems: uint32 words of one step of K (or V) tiles (= 16 hd)
+};
+
+// K rows of one (sequence, kv head) step, read through the block table; nullptr past seq_len.
+inline void step_rows(const PagedAttentionParams& p, const c10::BFloat16* cache, int64_t seq, int64_t head,
+                      int64_t t0, int64_t seq_len, const c10::BFloat16* rows[kAmxStep]) {
+  const int32_t* table = p.block_tables + seq * p.max_blocks;
+  const int64_t bs = p.block_size, token_stride = p.hk * p.hd;
+  for (int j = 0; j < kAmxStep; ++j) {
+    const int64_t t = t0 + j;
+    rows[j] = t < seq_len ? cache + ((int64_t)table[t / bs] * bs + t % bs) * token_stride + head * p.hd : nullptr;
+  }
+}
+
+void amx_pack_step(const PagedAttentionParams& p, const AmxLayout& L, int64_t seq, int64_t head, int64_t step,
+                   int64_t seq_len, uint32_t* kp, uint32_t* vp) {
+  using T = c10::BFloat16;
+  const T* rows[kAmxStep];
+  // K^T: a 16 x 16 transpose of 32-bit words (bf16 pairs of head_dim) of 16 token rows
+  step_rows(p, static_cast<const T*>(p.key_cache), seq, head, step * kAmxStep, seq_len, rows);
+  for (int half = 0; half < 2; ++half)
+    for (int64_t kb = 0; kb < L.nkb; ++kb) {
+      __m512 r[16], t[16];
+      for (int j = 0; j < 16; ++j) {
+        const T* k = rows[16 * half + j];
+        r[j] = k ? _mm512_castsi512_ps(_mm512_loadu_si512(k + 32 * kb)) : _mm512_setzero_ps();
+      }
+      transpose16(r, t);
+      uint32_t* dst = kp + (half * L.nkb + kb) * 256;
+      for (int kk = 0; kk < 16; ++kk) _mm512_store_si512(dst + 16 * kk, _mm512_castps_si512(t[kk]));
+    }
+  // V: rows 2 kk and 2 kk + 1 interleaved element by element
+  step_rows(p, static_cast<const T*>(p.value_cache), seq, head, step * kAmxStep, seq_len, rows);
+  const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int kk = 0; kk < 16; ++kk) {
+    const T *a = rows[2 * kk], *b = rows[2 * kk + 1];
+    for (int64_t cg = 0; cg < L.ncg; ++cg) {
+      const __m256i va = a ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16 * cg)) : _mm256_setzero_si256();
+      const __m256i vb = b ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 * cg)) : _mm256_setzero_si256();
+      const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(va), vb, 1);
+      _mm512_store_si512(vp + cg * 256 + 16 * kk, _mm512_permutexvar_epi16(inter, ab));
+    }
+  }
+}
+
+// One row block's state: 16 rows of q (bf16, zero rows past the sequence's queries), O (fp32), the
+// softmax statistics and each row's causal limit (it sees tokens [0, limit); 0 for absent rows).
+struct alignas(64) AmxBlock {
+  const c10::BFloat16* qa;  // the A operand rows of Q: q itself (a full block: rows q_stride apart) or `q`
+  int64_t qa_bytes;         // their stride
+  alignas(64) c10::BFloat16 q[16 * kAmxMaxHeadDim];  // a partial block's rows, zero-padded to 16
+  alignas(64) float o[16 * kAmxMaxHeadDim];
+  alignas(64) c10::BFloat16 p[16 * kAmxChunk];  // probabilities of the current chunk: the A operands of P V
+  float m[16], l[16];
+  int32_t limit[16];
+};
+
+// 2^x in fp32 for x <= 0 (to ~3e-6 relative; x = -inf is the caller's to mask): 2^x = 2^n 2^f with
+// n = round(x), f in [-1/2, 1/2], 2^f by its degree-5 Taylor polynomial (P is rounded to bf16 right after).
+inline __m512 exp2_neg(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 y = _mm512_fmadd_ps(f, _mm512_set1_ps(1.3333558e-3f), _mm512_set1_ps(9.6181291e-3f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504109e-2f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.24022651f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.69314718f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(y, n);
+}
+
+// Online softmax of one block for the chunk of `subs` steps (32 tokens each) at token t0: s holds the
+// chunk's score tiles, (step u, block b, half) at s + 256 (4 u + 2 b + half), row r at + 16 r. Writes P
+// (rows of kAmxChunk bf16), updates m and l (m in units of log2: scores times scale log2(e), so that
+// P = 2^(x - m)); returns whether O must be rescaled (a row that had seen keys
+// got a larger max), with the factors in alpha.
+__attribute__((target("avx512bf16"))) bool amx_softmax(AmxBlock& blk, const float* s, int b, int subs, int64_t t0,
+                                                        float scale, float* alpha) {
+  constexpr int kVecs = kAmxChunk / 16;
+  alignas(64) float m_new[16], rowsum[16];
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf), vscale = _mm512_set1_ps(scale * 1.44269504f);
+  const int nv = 2 * subs;
+  for (int r = 0; r < 16; ++r) {
+    const int64_t n = std::clamp<int64_t>(blk.limit[r] - t0, 0, 16 * nv);  // visible tokens of the chunk
+    __m512 x[kVecs];
+    __mmask16 k[kVecs];
+    __m512 mx = neg_inf;
+    for (int u = 0; u < kVecs; ++u) {
+      if (u >= nv) break;
+      const int64_t c = std::clamp<int64_t>(n - 16 * u, 0, 16);
+      k[u] = (__mmask16)((1u << c) - 1);
+      x[u] = _mm512_mask_mul_ps(neg_inf, k[u], _mm512_load_ps(s + 256 * (4 * (u / 2) + 2 * b + u % 2) + 16 * r), vscale);
+      mx = _mm512_max_ps(mx, x[u]);
+    }
+    const float m = std::max(blk.m[r], _mm512_reduce_max_ps(mx));
+    m_new[r] = m;
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    c10::BFloat16* p = blk.p + kAmxChunk * r;
+    for (int u = 0; u < kVecs; u += 2) {
+      if (u >= nv) break;
+      // masked lanes (and whole rows that saw nothing yet, m = -inf) give exactly 0
+      const __m512 ea = _mm512_maskz_mov_ps(k[u], exp2_neg(_mm512_sub_ps(x[u], vm)));
+      const __m512 eb = _mm512_maskz_mov_ps(k[u + 1], exp2_neg(_mm512_sub_ps(x[u + 1], vm)));
+      sum = _mm512_add_ps(sum, _mm512_add_ps(ea, eb));
+      _mm512_store_si512(p + 16 * u, (__m512i)_mm512_cvtne2ps_pbh(eb, ea));
+    }
+    rowsum[r] = _mm512_reduce_add_ps(sum);
+  }
+  // alpha = 2^(m_old - m_new) for the 16 rows at once; 1 where m_old = -inf (l and O are still 0 there)
+  const __m512 mo = _mm512_loadu_ps(blk.m), mn = _mm512_load_ps(m_new);
+  const __mmask16 seen = _mm512_cmp_ps_mask(mo, neg_inf, _CMP_NEQ_OQ);
+  const __m512 al = _mm512_mask_mov_ps(_mm512_set1_ps(1.f), seen, exp2_neg(_mm512_sub_ps(mo, mn)));
+  _mm512_storeu_ps(blk.l, _mm512_fmadd_ps(_mm512_loadu_ps(blk.l), al, _mm512_load_ps(rowsum)));
+  _mm512_storeu_ps(blk.m, mn);
+  _mm512_storeu_ps(alpha, al);
+  // only rows with a finite old max that grew need O rescaled
+  return _mm512_mask_cmp_ps_mask(seen, mn, mo, _CMP_GT_OQ) != 0;
+}
+
+// S = Q K^T of NB row blocks for `subs` steps of 32 tokens from step st0: tiles 0, 1 (block 0, token
+// halves 0 / 1), 2, 3 (block 1), stored as the layout amx_softmax reads.
+template <int NB>
+__attribute__((target("amx-tile,amx-bf16"))) inline void amx_scores(const AmxBlock* blk, const AmxLayout& L,
+                                                                    const uint32_t* kp, int64_t st0, int subs,
+                                                                    float* s) {
+  for (int u = 0; u < subs; ++u) {
+    const uint32_t* k = kp + (st0 + u) * L.step_elems;
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (NB == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int64_t kb = 0; kb < L.nkb; ++kb) {
+      _tile_loadd(6, k + kb * 256, 64);
+      _tile_loadd(7, k + (L.nkb + kb) * 256, 64);
+      _tile_loadd(4, blk[0].qa + 32 * kb, blk[0].qa_bytes);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (NB == 2) {
+        _tile_loadd(5, blk[1].qa + 32 * kb, blk[1].qa_bytes);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    float* su = s + 1024 * u;
+    _tile_stored(0, su, 64);
+    _tile_stored(1, su + 256, 64);
+    if constexpr (NB == 2) {
+      _tile_stored(2, su + 512, 64);
+      _tile_stored(3, su + 768, 64);
+    }
+  }
+}
+
+// O += P V of NB row blocks for `subs` steps from step st0, two 16-column groups of head_dim at a time
+// (tiles 0-3: O, 4-5: P, 6-7: V); `first`: O starts at zero (it is never read before the first chunk).
+template <int NB>
+__attribute__((target("amx-tile,amx-bf16"))) inline void amx_pv(AmxBlock* blk, const AmxLayout& L,
+                                                                const uint32_t* vp, int64_t st0, int subs,
+                                                                bool first) {
+  const int64_t obytes = L.hd * 4, pbytes = kAmxChunk * 2;
+  for (int64_t cg = 0; cg < L.ncg; cg += 2) {
+    float* o0 = blk[0].o + 16 * cg;
+    float* o1 = blk[NB - 1].o + 16 * cg;
+    if (first) {
+      _tile_zero(0);
+      _tile_zero(1);
+      if constexpr (NB == 2) {
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+    } else {
+      _tile_loadd(0, o0, obytes);
+      _tile_loadd(1, o0 + 16, obytes);
+      if constexpr (NB == 2) {
+        _tile_loadd(2, o1, obytes);
+        _tile_loadd(3, o1 + 16, obytes);
+      }
+    }
+    for (int u = 0; u < subs; ++u) {
+      const uint32_t* v = vp + (st0 + u) * L.step_elems + cg * 256;
+      _tile_loadd(6, v, 64);
+      _tile_loadd(7, v + 256, 64);
+      _tile_loadd(4, blk[0].p + kAmxStep * u, pbytes);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (NB == 2) {
+        _tile_loadd(5, blk[1].p + kAmxStep * u, pbytes);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, o0, obytes);
+    _tile_stored(1, o0 + 16, obytes);
+    if constexpr (NB == 2) {
+      _tile_stored(2, o1, obytes);
+      _tile_stored(3, o1 + 16, obytes);
+    }
+  }
+}
+
+// Attention of NB (1 or 2) row blocks over the packed K / V of their (sequence, kv head): tokens [0, n),
+// in chunks of kAmxChunk tokens (steps of 32: one k block of P V). The scores of the next chunk are
+// issued before the softmax of the current one (two score buffers), so that the matrix unit works on
+// them while the vector units run the softmax.
+template <int NB>
+__attribute__((target("amx-tile,amx-bf16,avx512bf16"))) void amx_attend(AmxBlock* blk, const AmxLayout& L,
+                                                                       const uint32_t* kp, const uint32_t* vp,
+                                                                       int64_t n, float scale) {
+  alignas(64) float s[2][kAmxChunk / kAmxStep * 4 * 256];
+  alignas(64) float alpha[16];
+  const int64_t hd = L.hd;
+  auto subs_at = [&](int64_t t0) { return (int)(std::min<int64_t>(kAmxChunk, n - t0 + kAmxStep - 1) / kAmxStep); };
+  amx_scores<NB>(blk, L, kp, 0, subs_at(0), s[0]);
+  for (int64_t t0 = 0, c = 0; t0 < n; t0 += kAmxChunk, ++c) {
+    const int subs = subs_at(t0);
+    const int64_t st0 = t0 / kAmxStep;
+    if (t0 + kAmxChunk < n) amx_scores<NB>(blk, L, kp, st0 + kAmxChunk / kAmxStep, subs_at(t0 + kAmxChunk), s[(c + 1) % 2]);
+    // online softmax; rescale O where a row's max grew
+    for (int b = 0; b < NB; ++b) {
+      if (amx_softmax(blk[b], s[c % 2], b, subs, t0, scale, alpha)) {
+        for (int r = 0; r < 16; ++r) {
+          if (alpha[r] == 1.f) continue;
+          const __m512 a = _mm512_set1_ps(alpha[r]);
+          float* o = blk[b].o + r * hd;
+          for (int64_t j = 0; j < hd; j += 16) _mm512_store_ps(o + j, _mm512_mul_ps(a, _mm512_load_ps(o + j)));
+        }
+      }
+    }
+    amx_pv<NB>(blk, L, vp, st0, subs, t0 == 0);
+  }
+}
+
+// out[token0 + r, head] = O_r / l_r in bf16 for the block's first `rows` rows (vcvtneps2bf16 through
+// narrow_store.h's policy: the software rounding's bits); a row that saw no key (l = 0) gives 0.
+__attribute__((target("avx512bf16"))) void amx_write_rows(const PagedAttentionParams& p, const AmxBlock& blk,
+                                                          int64_t token0, int64_t rows, int64_t head) {
+  const int64_t hd = p.hd;
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 inv = _mm512_set1_ps(blk.l[r] > 0.f ? 1.f / blk.l[r] : 0.f);
+    auto* out = static_cast<c10::BFloat16*>(p.out) + ((token0 + r) * p.hq + head) * hd;
+    for (int64_t c = 0; c < hd; c += 16)
+      HwBf16Cvt::store(out + c, VF(_mm512_mul_ps(inv, _mm512_load_ps(blk.o + r * hd + c))), 16);
+  }
+}
+
+// Packed K / V of the whole call, kept by the calling thread between calls (no page faults per call) unless
+// it grew past kAmxKeepBytes.
+constexpr size_t kAmxKeepBytes = size_t(64) << 20;
+
+void prefill_amx(const PagedAttentionParams& p) {
+  using T = c10::BFloat16;
+  const int64_t B = p.batch, hk = p.hk, hd = p.hd;
+  const int G = (int)(p.hq / hk);
+  AmxLayout L{hd, hd / 32, hd / 16, 16 * hd};
+  // steps of 32 tokens per sequence, and the row-block pairs (work items per kv head)
+  std::vector<int64_t> step_off(B + 1, 0), pair_off(B + 1, 0);
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t q_len = p.cu_seqlens_q[i + 1] - p.cu_seqlens_q[i];
+    step_off[i + 1] = step_off[i] + (q_len > 0 ? (p.seq_lens[i] + kAmxStep - 1) / kAmxStep : 0);
+    pair_off[i + 1] = pair_off[i] + ((q_len + 15) / 16 * G + 1) / 2;
+  }
+  const int64_t total_steps = step_off[B] * hk, total_items = pair_off[B] * hk;
+  if (total_items == 0) return;
+  struct alignas(64) Line { uint32_t w[16]; };
+  static thread_local std::vector<Line> packed;  // 64-byte aligned: K steps, then V steps
+  const size_t words = (size_t)total_steps * L.step_elems;
+  packed.resize((words * 2 + 15) / 16);
+  uint32_t* kp = reinterpret_cast<uint32_t*>(packed.data());
+  uint32_t* vp = kp + words;
+  // packed (sequence i, head h) starts at step (step_off[i] hk + h steps_i)
+  auto base = [&](int64_t i, int64_t h) { return (step_off[i] * hk + h * (step_off[i + 1] - step_off[i])) * L.step_elems; };
+
+#pragma omp parallel if (total_items > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t x = 0; x < total_steps; ++x) {
+      const int64_t i = std::upper_bound(step_off.begin(), step_off.end(), x / hk) - step_off.begin() - 1;
+      const int64_t steps = step_off[i + 1] - step_off[i];
+      const int64_t h = (x - step_off[i] * hk) / steps, st = (x - step_off[i] * hk) % steps;
+      const int64_t off = base(i, h) + st * L.step_elems;
+      amx_pack_step(p, L, i, h, st, p.seq_lens[i], kp + off, vp + off);
+    }
+    amx_configure();
+    AmxBlock* blk = static_cast<AmxBlock*>(std::aligned_alloc(64, 2 * sizeof(AmxBlock)));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t x = 0; x < total_items; ++x) {
+      // the latest queries (longest causal range) first: dynamic scheduling evens out the tail
+      const int64_t item = total_items - 1 - x;
+      const int64_t i = std::upper_bound(pair_off.begin(), pair_off.end(), item / hk) - pair_off.begin() - 1;
+      const int64_t pairs = pair_off[i + 1] - pair_off[i];
+      const int64_t h = (item - pair_off[i] * hk) / pairs, pair = (item - pair_off[i] * hk) % pairs;
+      const int64_t q0 = p.cu_seqlens_q[i], q_len = p.cu_seqlens_q[i + 1] - q0, seq_len = p.seq_lens[i];
+      const int64_t nblocks = (q_len + 15) / 16 * G;
+      const int NB = 2 * pair + 1 < nblocks ? 2 : 1;
+      int64_t max_limit = 0;
+      for (int b = 0; b < NB; ++b) {
+        const int64_t bi = 2 * pair + b, chunk = bi / G, g = bi % G, head = h * G + g;
+        AmxBlock& k = blk[b];
+        const T* qrow = static_cast<const T*>(p.q) + (q0 + 16 * chunk) * p.q_stride + head * hd;
+        const bool full = 16 * chunk + 16 <= q_len && p.q_stride > 0;
+        k.qa = full ? qrow : k.q;
+        k.qa_bytes = full ? p.q_stride * 2 : hd * 2;
+        for (int r = 0; r < 16; ++r) {
+          const int64_t j = 16 * chunk + r;  // query j of the sequence, at position seq_len - q_len + j
+          k.m[r] = kNegInf;
+          k.l[r] = 0.f;
+          k.limit[r] = j < q_len ? (int32_t)(seq_len - q_len + j + 1) : 0;
+          max_limit = std::max<int64_t>(max_limit, k.limit[r]);
+          if (full) continue;
+          if (j < q_len) std::memcpy(k.q + r * hd, qrow + r * p.q_stride, hd * 2);
+          else std::memset(k.q + r * hd, 0, hd * 2);
+        }
+      }
+      if (NB == 2) amx_attend<2>(blk, L, kp + base(i, h), vp + base(i, h), max_limit, p.scale);
+      else amx_attend<1>(blk, L, kp + base(i, h), vp + base(i, h), max_limit, p.scale);
+      for (int b = 0; b < NB; ++b) {
+        const int64_t bi = 2 * pair + b, chunk = bi / G, g = bi % G, head = h * G + g;
+        amx_write_rows(p, blk[b], q0 + 16 * chunk, std::min<int64_t>(16, q_len - 16 * chunk), head);
+      }
+    }
+    std::free(blk);
+    amx_release();
+  }
+  if (words * 2 * sizeof(uint32_t) > kAmxKeepBytes) std::vector<Line>().swap(packed);
+}
+#endif
+
 template <template <typename> class Impl>
 void by_cache_dtype(const PagedAttentionParams& p) {
   switch (p.cache_dtype) {
@@ -548,7 +909,12 @@ struct Prefill {
 
 void paged_attention_decode_kernel(const PagedAttentionParams& p) { by_cache_dtype<Decode>(p); }
 
-void paged_attention_prefill_kernel(const PagedAttentionParams& p) { by_cache_dtype<Prefill>(p); }
+void paged_attention_prefill_kernel(const PagedAttentionParams& p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (p.amx) return prefill_amx(p);
+#endif
+  by_cache_dtype<Prefill>(p);
+}
 
 // Scatter token rows (row_bytes each; token t's key row at key + t * key_stride bytes, likewise value)
 // into the caches: row t goes to flat cache row slots[t] (= block * block_size + offset); negative slots

@@ -25,6 +25,11 @@ struct PagedAttentionParams {
   const int32_t* cu_seqlens_q;  // (batch + 1,) for prefill; nullptr for decode (one query per sequence)
   int64_t batch, max_blocks, num_blocks, block_size, hq, hk, hd;
   float scale;
+  // prefill only: run the bf16 tile path (q and caches bf16, hd % 32 == 0, hd <= kAmxMaxHeadDim, AMX usable;
+  // set by the glue, read by the avx512 build)
+  bool amx;
 };
+
+constexpr int64_t kAmxMaxHeadDim = 256;
 
 }  // namespace h1r::cpu
