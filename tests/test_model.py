@@ -383,6 +383,21 @@ def test_greedy_tokens_equal_argmax_first_max(dtype):
     assert torch.equal(greedy_tokens(wide[:, ::2]), wide[:, ::2].argmax(-1))   # strided columns: argmax path
 
 
+def test_paged_prefill_routing_respects_no_avx512_bf16():
+    """With H1R_CPU_NO_AVX512_BF16 set, the paged prefill's tile path is off (it rounds with that instruction
+    set) and its vector path is slower than SDPA: the model keeps SDPA (in a fresh process: the kernels read
+    the variable once)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from h1r_ops.model import falcon_h1; "
+            "print(falcon_h1._paged_prefill_ok(torch.zeros(1, dtype=torch.bfloat16), 32))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, H1R_CPU_NO_AVX512_BF16="1", PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize("batch,length", [(1, 45), (3, 20)])
 def test_bf16_prefill_attends_through_paged_prefill(batch, length):
     """The fused bf16 prefill from position 0 (head_dim % 32 == 0, AMX tiles) writes the cache and attends

@@ -33,6 +33,7 @@ Two paths compute the same function:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -258,7 +259,9 @@ def _paged_prefill_ok(x: torch.Tensor, head_dim: int) -> bool:
     or no AMX) is ~2-3x slower than SDPA, so everything else keeps SDPA."""
     from h1r_ops import _registry
 
+    # the kernel's tile path also rounds with AVX512-BF16 (every AMX CPU has it): off when that is turned off
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and head_dim % 32 == 0 and head_dim <= 256
+            and "H1R_CPU_NO_AVX512_BF16" not in os.environ
             and amx_rows() and _registry.has_kernel("paged_attention_prefill", "cpu"))
 
 
