@@ -373,33 +373,12 @@ struct XpPacker {
   }
 };
 
-// Storage for xp, kept by the calling thread between calls up to 32 MiB (4096 x 4096 rows of bf16): a fresh
-// allocation of this size is mapped and page-faulted in on every call (with the zeroing of a std::vector,
-// ~100 us at 512 x 1024, 10-20 % of a 512-row projection); pack_x writes every element, so no zeroing.
-// Aligned to a cache line: B tiles whose 64-byte rows straddle two lines (malloc's 16-byte alignment)
-// made the 512-row projections 10-20 % slower (measured: 1.22-1.27 vs 1.38-1.53 TF/s, one thread).
-uint32_t* amx_x_scratch(int64_t n) {
-  constexpr int64_t kKeep = int64_t(8) << 20;  // uint32 elements
-  // 64-byte aligned (a tile row is one cache line), rounded up to whole lines for aligned_alloc
-  auto alloc = [](int64_t count) {
-    const size_t bytes = (static_cast<size_t>(count) * sizeof(uint32_t) + 63) / 64 * 64;
-    return std::unique_ptr<uint32_t[], void (*)(void*)>(static_cast<uint32_t*>(std::aligned_alloc(64, bytes)),
-                                                        std::free);
-  };
-  thread_local std::unique_ptr<uint32_t[], void (*)(void*)> kept(nullptr, std::free);
-  thread_local int64_t kept_n = 0;
-  thread_local std::unique_ptr<uint32_t[], void (*)(void*)> once(nullptr, std::free);
-  once.reset();
-  if (n > kKeep) {
-    once = alloc(n);
-    return once.get();
-  }
-  if (n > kept_n) {
-    kept = alloc(n);
-    kept_n = n;
-  }
-  return kept.get();
-}
+// xp is kept by the calling thread between calls up to 32 MiB (4096 x 4096 rows of bf16; ThreadScratch:
+// pack_x writes every element, so no zeroing). Aligned to a cache line: B tiles whose 64-byte rows straddle
+// two lines (malloc's 16-byte alignment) made the 512-row projections 10-20 % slower (measured: 1.22-1.27
+// vs 1.38-1.53 TF/s, one thread).
+struct AmxXTag;
+constexpr size_t kAmxKeepXBytes = size_t(32) << 20;
 
 void linear_amx(const LinearParams& p) {
   using T = c10::BFloat16;
@@ -407,7 +386,8 @@ void linear_amx(const LinearParams& p) {
   const T* w = static_cast<const T*>(p.weight);
   const T* x = static_cast<const T*>(p.x);
   const int64_t m16 = (m + kAmxRows - 1) / kAmxRows * 2;  // blocks of 16 rows, padded to whole B-tile pairs
-  uint32_t* xp = amx_x_scratch(m16 * nkb * 256);
+  const ThreadScratch<uint32_t, AmxXTag> xp_buf(m16 * nkb * 256, kAmxKeepXBytes);
+  uint32_t* xp = xp_buf.data();
   // panels: 16 output columns with SwiGLU (gate + up rows), else 32 (the last one 16 when n_out % 32 == 16)
   // rows of x per pass over the weight: their xp (chunk x k bf16, ~1 MiB) stays in L2 while the panels pass
   const int64_t chunk = std::max<int64_t>(kAmxRows, (int64_t(1) << 19) / k / kAmxRows * kAmxRows);

@@ -806,8 +806,9 @@ __attribute__((target("avx512bf16"))) void amx_write_rows(const PagedAttentionPa
   }
 }
 
-// Packed K / V of the whole call, kept by the calling thread between calls (no page faults per call) unless
-// it grew past kAmxKeepBytes.
+// Packed K / V of the whole call, kept by the calling thread between calls (ThreadScratch: no page faults per
+// call) up to kAmxKeepBytes.
+struct AmxKVTag;
 constexpr size_t kAmxKeepBytes = size_t(64) << 20;
 
 void prefill_amx(const PagedAttentionParams& p) {
@@ -824,11 +825,9 @@ void prefill_amx(const PagedAttentionParams& p) {
   }
   const int64_t total_steps = step_off[B] * hk, total_items = pair_off[B] * hk;
   if (total_items == 0) return;
-  struct alignas(64) Line { uint32_t w[16]; };
-  static thread_local std::vector<Line> packed;  // 64-byte aligned: K steps, then V steps
   const size_t words = (size_t)total_steps * L.step_elems;
-  packed.resize((words * 2 + 15) / 16);
-  uint32_t* kp = reinterpret_cast<uint32_t*>(packed.data());
+  const ThreadScratch<uint32_t, AmxKVTag> packed(2 * words, kAmxKeepBytes);  // K steps, then V steps
+  uint32_t* kp = packed.data();
   uint32_t* vp = kp + words;
   // packed (sequence i, head h) starts at step (step_off[i] hk + h steps_i)
   auto base = [&](int64_t i, int64_t h) { return (step_off[i] * hk + h * (step_off[i + 1] - step_off[i])) * L.step_elems; };
@@ -884,7 +883,6 @@ void prefill_amx(const PagedAttentionParams& p) {
     std::free(blk);
     amx_release();
   }
-  if (words * 2 * sizeof(uint32_t) > kAmxKeepBytes) std::vector<Line>().swap(packed);
 }
 #endif
 
