@@ -229,11 +229,15 @@ def cpu_direct(name: str):
     return f
 
 
+def fused_op(name: str, device: torch.device):
+    """``torch.ops.h1r.<name>`` for the fused inference path: on CPU its kernel directly (:func:`cpu_direct`)."""
+    return cpu_direct(name) if device.type == "cpu" else getattr(torch.ops.h1r, name)
+
+
 def _paged_decode_op(*args):
     """``h1r::paged_attention_decode`` (q (b, heads, d) at any row stride, caches (pages, slots, kv, d),
-    tables, lens, scale) for the fused decode step: on CPU its kernel directly (the glue checks the tables)."""
-    return (cpu_direct if args[0].device.type == "cpu" else lambda n: getattr(torch.ops.h1r, n))(
-        "paged_attention_decode")(*args)
+    tables, lens, scale) for the fused decode step (:func:`fused_op`; the CPU glue checks the tables)."""
+    return fused_op("paged_attention_decode", args[0].device)(*args)
 
 
 def _paged_decode_ok(device: torch.device) -> bool:
@@ -244,9 +248,8 @@ def _paged_decode_ok(device: torch.device) -> bool:
 
 def _paged_prefill_op(*args):
     """``h1r::paged_attention_prefill`` (q (tokens, heads, d) at any row stride, caches, tables, lens,
-    cu_seqlens_q, scale) for the fused prefill: on CPU its kernel directly (the glue checks the tables)."""
-    return (cpu_direct if args[0].device.type == "cpu" else lambda n: getattr(torch.ops.h1r, n))(
-        "paged_attention_prefill")(*args)
+    cu_seqlens_q, scale) for the fused prefill (:func:`fused_op`; the CPU glue checks the tables)."""
+    return fused_op("paged_attention_prefill", args[0].device)(*args)
 
 
 def _paged_prefill_ok(x: torch.Tensor, head_dim: int) -> bool:
@@ -293,8 +296,7 @@ def row_kernel_op():
 
 def rms_norm_fused(x: torch.Tensor, ln: "RMSNorm") -> torch.Tensor:
     """The fused path's RMSNorm of x (n, d) by the module ``ln`` (on CPU its kernel called directly)."""
-    op = cpu_direct("rms_norm_fwd") if x.device.type == "cpu" else torch.ops.h1r.rms_norm_fwd
-    return op(x, ln.weight, ln.eps, None)[0]
+    return fused_op("rms_norm_fwd", x.device)(x, ln.weight, ln.eps, None)[0]
 
 
 def amx_rows() -> bool:
@@ -935,14 +937,13 @@ class FalconH1ForCausalLM(nn.Module):
         rope = self.rope_tables(max_pos, x.dtype)
         x = x.reshape(b * l, d)
         pages = None
-        if decode and _paged_decode_ok(x.device):  # the cache as one page per sequence (LayerCache)
-            pages = (torch.arange(b, dtype=torch.int32, device=x.device).view(b, 1),
-                     torch.full((b,), start + 1, dtype=torch.int32, device=x.device))
-        elif (cache is not None and not decode and mask is None
-              and _paged_prefill_ok(x, self.model.layers[0].self_attn.head_dim)):
-            pages = (torch.arange(b, dtype=torch.int32, device=x.device).view(b, 1),
-                     torch.full((b,), l, dtype=torch.int32, device=x.device),
-                     torch.arange(0, b * l + 1, l, dtype=torch.int32, device=x.device))
+        if (_paged_decode_ok(x.device) if decode else cache is not None and mask is None
+                and _paged_prefill_ok(x, self.model.layers[0].self_attn.head_dim)):
+            # the cache as one page per sequence (LayerCache): page i is sequence i, start + l tokens long
+            i32 = dict(dtype=torch.int32, device=x.device)
+            pages = (torch.arange(b, **i32).view(b, 1), torch.full((b,), start + l, **i32))
+            if not decode:
+                pages += (torch.arange(0, b * l + 1, l, **i32),)  # cu_seqlens_q: all l tokens are new
         for i, layer in enumerate(self.model.layers):
             x = layer.forward_fused(x, b, l, rope, pos, mask=mask, seq_idx=seq_idx,
                                     cache=None if cache is None else cache.layers[i], start=start, decode=decode,
